@@ -1,0 +1,142 @@
+"""The extractor registry: `create_extractor`, `list_extractors`, `register_extractor`.
+
+Specs name the library and the model the way users know them::
+
+    timm:<name>[.<tag>]                 timm.create_model(name, pretrained=...)
+    open_clip:<arch>[/<tag or file>]    the image tower of an open_clip model
+    hf:<repo id or local dir>           a transformers vision model (Dinov2Model, CLIPVisionModel, ...)
+    local-dir:<dir>                     a checkpoint this package wrote (config.json + model.safetensors)
+    <registered name>                   anything added with `register_extractor`
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+
+from .base import Extractor
+
+# backend prefix ("timm") or full name ("my-extractor") -> builder(name_after_prefix, **kwargs)
+_BUILDERS: dict[str, Callable[..., Extractor]] = {}
+_BACKENDS = ("timm", "open_clip", "hf", "local-dir")
+
+
+def register_extractor(name: str, builder: Callable[..., Extractor] | None = None):
+    """Register a builder under a backend prefix or a full extractor name (usable as a decorator).
+
+    A builder is called as ``builder(rest, layers=..., pretrained=..., checkpoint=..., **kwargs)``
+    where ``rest`` is what follows ``name:`` in the spec ("" for a full name).
+
+    >>> @register_extractor("my-tiny-vit")
+    ... def _build(rest, **kw):
+    ...     return create_extractor("timm:vit_small_patch16_224", embed_dim=32, depth=2, num_heads=2, **kw)
+    """
+
+    def _register(fn: Callable[..., Extractor]) -> Callable[..., Extractor]:
+        if name in _BUILDERS and _BUILDERS[name] is not fn:
+            raise ValueError(f"register_extractor: {name!r} is already registered")
+        _BUILDERS[name] = fn
+        return fn
+
+    return _register(builder) if builder is not None else _register
+
+
+def _load_backends() -> None:
+    # Imported lazily so that `import extractors` stays cheap; each module registers its prefix.
+    from . import local_dir, timm_backend  # noqa: F401
+
+
+def list_extractors(pattern: str = "*", backend: str | None = None) -> list[str]:
+    """Names `create_extractor` accepts.
+
+    With no backend: the registered full names and the backend prefixes (``"timm:"``, ...). With
+    ``backend="timm"`` or ``"open_clip"``: that library's model names, as specs.
+
+    >>> "timm:vit_small_patch14_dinov2.lvd142m" in list_extractors("*dinov2*", backend="timm")
+    True
+    """
+    _load_backends()
+    if backend == "timm":
+        import timm
+
+        names = [f"timm:{n}" for n in timm.list_models(pretrained=True)]
+    elif backend == "open_clip":
+        import open_clip
+
+        names = [f"open_clip:{arch}/{tag}" if tag else f"open_clip:{arch}" for arch, tag in open_clip.list_pretrained()]
+    elif backend is None:
+        names = [n for n in _BUILDERS if n not in _BACKENDS]
+        names += [f"{b}:" for b in _BACKENDS]
+    else:
+        raise ValueError(f"list_extractors: unknown backend {backend!r}; expected one of {_BACKENDS} or None")
+    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+
+
+def create_extractor(
+    spec: str,
+    layers: int | list[int] | tuple[int, ...] | None = None,
+    pretrained: bool = True,
+    checkpoint: str | None = None,
+    family: str | None = None,
+    **kwargs,
+) -> Extractor:
+    """Build an extractor from a spec.
+
+    Args:
+        spec: ``"backend:model"`` (see the module docstring) or a registered name.
+        layers: dense-map layers, as in timm's ``forward_intermediates``: an int n means the last n
+            blocks, a list means those block indices (negative counts from the end). Default: the
+            backend's choice (last block for ViTs, the stride 8/16/32 stages for CNNs).
+        pretrained: load weights (from ``checkpoint``, a local dir, the HF cache or the hub). With no
+            weights found this raises; random weights only with ``pretrained=False``.
+        checkpoint: a local weight file or directory that overrides where the weights come from.
+        family: characteristic family tag: "geometric", "morphological" or "semantic".
+        **kwargs: passed to the library's model constructor (e.g. ``embed_dim=32, depth=2``).
+
+    >>> ext = create_extractor("timm:vit_small_patch14_dinov2", pretrained=False,
+    ...                        embed_dim=32, depth=2, num_heads=2, img_size=28)
+    >>> ext.info.patch_size, ext.info.widths
+    (14, (32,))
+    """
+    _load_backends()
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"create_extractor: spec must be a non-empty string, got {spec!r}")
+    if spec in _BUILDERS:
+        prefix, rest = spec, ""
+    elif ":" in spec:
+        prefix, rest = spec.split(":", 1)
+        if prefix not in _BUILDERS:
+            raise ValueError(
+                f"create_extractor: unknown backend {prefix!r} in spec {spec!r}; known backends: "
+                f"{sorted(b for b in _BUILDERS if b in _BACKENDS)}, registered names: "
+                f"{sorted(b for b in _BUILDERS if b not in _BACKENDS)}"
+            )
+    else:
+        raise ValueError(
+            f"create_extractor: cannot place spec {spec!r}; expected 'timm:<model>', 'open_clip:<arch>[/<tag>]', "
+            f"'hf:<repo or dir>', 'local-dir:<dir>' or a registered name {sorted(b for b in _BUILDERS if b not in _BACKENDS)}"
+        )
+    if isinstance(layers, list):
+        layers = tuple(layers)
+    extractor = _BUILDERS[prefix](rest, layers=layers, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+    extractor.info = type(extractor.info)(**{**extractor.info.__dict__, "name": spec})
+    if family is not None:
+        extractor.set_family(family)
+    return extractor
+
+
+def resolve_layers(layers: int | tuple[int, ...] | None, num_blocks: int, default: tuple[int, ...]) -> tuple[int, ...]:
+    """timm's convention: int n -> the last n blocks; a sequence -> those indices (negatives wrap)."""
+    if layers is None:
+        return default
+    if isinstance(layers, int):
+        if not 1 <= layers <= num_blocks:
+            raise ValueError(f"layers={layers}: expected 1..{num_blocks} (the last n of {num_blocks} blocks)")
+        return tuple(range(num_blocks - layers, num_blocks))
+    out = []
+    for i in layers:
+        j = i + num_blocks if i < 0 else i
+        if not 0 <= j < num_blocks:
+            raise ValueError(f"layers={list(layers)}: index {i} is outside the {num_blocks} blocks")
+        out.append(j)
+    return tuple(out)
