@@ -1,0 +1,237 @@
+"""RouterConfig: nested dataclasses, JSON/YAML round-trip, strict keys.
+
+The model section of an experiment config *is* a RouterConfig, and a saved model's config.json is one
+too, so ``Router.from_config("configs/tiny.yaml")`` and ``Router.from_pretrained(dir)`` share this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from extractors.base import FAMILIES
+
+FORMAT_VERSION = 1
+FUSIONS = ("single", "mean", "concat", "gated")
+GRANULARITIES = ("task", "image", "token")
+TASK_TYPES = ("seg", "cls")
+
+
+@dataclass
+class ExtractorConfig:
+    spec: str  # "timm:<name>", "open_clip:<arch>/<tag>", "hf:<repo or dir>", "local-dir:<dir>", or a registered name
+    name: str = ""  # short name used in gates, logs and state-dict keys; default: derived from spec
+    layers: int | list[int] | None = None  # dense layers (int: last n blocks; list: indices); None: backend default
+    family: str | None = None  # characteristic family: geometric / morphological / semantic
+    pretrained: bool = True  # load weights; False gives random weights (tests, from-scratch baselines)
+    checkpoint: str | None = None  # local weight file or dir overriding where the weights come from
+    frozen: bool = True  # frozen extractors are not saved by save_pretrained (their spec rebuilds them)
+    unfreeze_last: int = 0  # blocks trained in phase 2 of fine-tuning (0: stays frozen)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the library's model constructor
+
+    def __post_init__(self):
+        if not self.name:
+            self.name = re.sub(r"[^0-9a-zA-Z_]+", "_", self.spec.split("/")[-1].split(":")[-1]).strip("_")
+        if not re.fullmatch(r"[0-9a-zA-Z_]+", self.name):
+            raise ValueError(f"extractors[].name {self.name!r}: use letters, digits and '_' only")
+        if self.family is not None and self.family not in FAMILIES:
+            raise ValueError(f"extractors[{self.name}].family: expected one of {FAMILIES}, got {self.family!r}")
+
+
+@dataclass
+class TaskConfig:
+    name: str  # task name used in `model(images, task=name)`
+    type: str  # "seg" (per-pixel classes) or "cls" (one class per image)
+    classes: list[str] = field(default_factory=list)  # class names; their count sets the head's outputs
+    description: str = ""  # free text; with gate.task_embedding = "text" it places the task for the gate
+    ignore_index: int | None = None  # mask value excluded from losses and metrics (seg only)
+
+    def __post_init__(self):
+        if self.type not in TASK_TYPES:
+            raise ValueError(f"tasks[{self.name}].type: expected one of {TASK_TYPES}, got {self.type!r}")
+        if not re.fullmatch(r"[0-9a-zA-Z_]+", self.name):
+            raise ValueError(f"tasks[].name {self.name!r}: use letters, digits and '_' only")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class GateConfig:
+    granularity: str = "image"  # task: one weight vector per task; image: task + content; token: per location
+    content: str = "pixels"  # what the gate looks at: "pixels" (a small conv stem, so top-k can skip
+    #                          extractors before running them) or "features" (the aligned extractor maps)
+    temperature: float = 1.0  # softmax temperature of the gate logits
+    top_k: int | None = None  # keep the k largest weights per row and renormalize; None keeps all
+    hidden: int = 64  # width of the gate MLP and of the task embedding
+    task_embedding: str = "learned"  # "learned" (one vector per task) or "text" (from description / class names)
+    text_encoder: str | None = None  # for "text": "hf:<sentence-transformers dir or repo>" or "open_clip:<arch>/<tag>"
+    load_balance_weight: float = 0.0  # weight of the load-balance auxiliary loss (Switch-style)
+    entropy_weight: float = 0.0  # weight of the gate-entropy auxiliary loss (>0 favours decisive gates)
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"gate.granularity: expected one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.content not in ("pixels", "features"):
+            raise ValueError(f"gate.content: expected 'pixels' or 'features', got {self.content!r}")
+        if self.task_embedding not in ("learned", "text"):
+            raise ValueError(f"gate.task_embedding: expected 'learned' or 'text', got {self.task_embedding!r}")
+        if self.task_embedding == "text" and not self.text_encoder:
+            raise ValueError("gate.text_encoder: required when gate.task_embedding is 'text'")
+        if self.temperature <= 0:
+            raise ValueError(f"gate.temperature: must be > 0, got {self.temperature}")
+
+
+@dataclass
+class HeadConfig:
+    seg_hidden: int = 128  # channels of the shared segmentation trunk
+    cls_pooling: str = "mean"  # "mean" or "attention" pooling of the fused map
+    cls_hidden: int = 256  # hidden width of the shared classification MLP
+    dropout: float = 0.0  # dropout before the per-task outputs
+
+
+@dataclass
+class RouterConfig:
+    extractors: list[ExtractorConfig]  # the specialist extractors, in gate order
+    tasks: list[TaskConfig]  # the tasks the shared heads serve
+    fusion: str = "gated"  # single / mean / concat / gated
+    single: str | None = None  # with fusion = "single": the extractor name to use
+    width: int = 128  # channels every extractor is projected to
+    stride: int = 16  # input pixels per cell of the common grid
+    gate: GateConfig = field(default_factory=GateConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    format_version: int = FORMAT_VERSION  # of this config layout; newer than the package reads is an error
+
+    def __post_init__(self):
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"format_version {self.format_version} is newer than this package reads ({FORMAT_VERSION}); "
+                "upgrade backbone-router"
+            )
+        if not self.extractors:
+            raise ValueError("extractors: at least one extractor is needed")
+        if not self.tasks:
+            raise ValueError("tasks: at least one task is needed")
+        for kind, items in (("extractors", self.extractors), ("tasks", self.tasks)):
+            names = [i.name for i in items]
+            if len(set(names)) != len(names):
+                raise ValueError(f"{kind}: names must be unique, got {names}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion: expected one of {FUSIONS}, got {self.fusion!r}")
+        names = [e.name for e in self.extractors]
+        if self.fusion == "single":
+            if self.single is None and len(names) == 1:
+                self.single = names[0]
+            if self.single not in names:
+                raise ValueError(f"single: with fusion 'single' name one of the extractors {names}, got {self.single!r}")
+        if self.gate.top_k is not None and not 1 <= self.gate.top_k <= len(names):
+            raise ValueError(f"gate.top_k: expected 1..{len(names)} (the number of extractors), got {self.gate.top_k}")
+
+    # ---- dict / file round trip ----------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "model") -> RouterConfig:
+        """Build from a plain dict; an unknown key or a wrong type is an error naming its path."""
+        return _from_dict(cls, data, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RouterConfig:
+        """Read a YAML/JSON file: either a RouterConfig or an experiment config with a `model:` section."""
+        path = Path(path)
+        data = load_yaml_or_json(path)
+        if "model" in data and "extractors" not in data:
+            return cls.from_dict(data["model"], where=f"{path}: model")
+        return cls.from_dict(data, where=str(path))
+
+    def save_json(self, path: str | Path) -> None:
+        from extractors.atomic import atomic_write_bytes
+
+        atomic_write_bytes(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+
+    def extractor(self, name: str) -> ExtractorConfig:
+        for e in self.extractors:
+            if e.name == name:
+                return e
+        raise KeyError(f"no extractor named {name!r}; extractors are {[e.name for e in self.extractors]}")
+
+    def task(self, name: str) -> TaskConfig:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"no task named {name!r}; tasks are {[t.name for t in self.tasks]}")
+
+
+def load_yaml_or_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _from_dict(cls, data: Any, where: str):
+    """Strict dataclass decoding, any depth: unknown keys and wrong types are errors naming the path."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _decode(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{where}: missing required key(s) {missing}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{where}: {e}") from e
+
+
+def _decode(tp, value, where: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _decode(arg, value, where)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise TypeError(f"{where}: {value!r} does not match {tp}")
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_decode(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise TypeError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"{where}: unsupported field type {tp}")
