@@ -1,0 +1,33 @@
+"""Shared segmentation / classification heads and their losses."""
+
+from heads.cls import ClsHead
+from heads.losses import (
+    LOSSES,
+    BinaryCrossEntropyLoss,
+    CombinedLoss,
+    CrossEntropyLoss,
+    DiceLoss,
+    FocalLoss,
+    LossTermConfig,
+    TotalVariationLoss,
+    TverskyLoss,
+    build_loss,
+    hard_negative_mask,
+)
+from heads.seg import SegHead
+
+__all__ = [
+    "SegHead",
+    "ClsHead",
+    "build_loss",
+    "LOSSES",
+    "LossTermConfig",
+    "CombinedLoss",
+    "CrossEntropyLoss",
+    "BinaryCrossEntropyLoss",
+    "DiceLoss",
+    "TverskyLoss",
+    "FocalLoss",
+    "TotalVariationLoss",
+    "hard_negative_mask",
+]
