@@ -2,7 +2,8 @@
 
 Pooling is either the spatial mean or attention pooling (one learned query attending over the h*w
 tokens, with no positional encoding, so it is invariant to permutations of the spatial positions).
-If the router's fused pooled vector is given it is concatenated to the pooled map before the MLP.
+If the router's fused pooled vector is given it is concatenated to the pooled map before the MLP
+(each part has its own LayerNorm; a missing vector contributes zeros, so one head serves both calls).
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ class ClsHead(nn.Module):
         pooling: "mean" (spatial average) or "attention" (a learned query over the h*w tokens).
         hidden: width of the shared MLP.
         dropout: dropout probability after the MLP's activation.
-        pooled_dim: width of the pooled vector passed to ``forward`` (usually D); None means ``forward``
-            takes no pooled vector. When set, the MLP input is [pooled map, pooled vector]
-            (D + pooled_dim channels) and ``forward`` requires ``pooled``.
+        pooled_dim: width of the optional pooled vector passed to ``forward``; None means in_dim.
+            The MLP computes Linear([LN(pooled map), LN(pooled vector)]) -> GELU -> Dropout; when
+            ``forward`` gets no pooled vector its normalized half is replaced by zeros.
         num_heads: attention heads of the attention pooling (must divide in_dim).
 
     Example:
-        >>> head = ClsHead(32, {"grade": 4}, pooling="attention", pooled_dim=32)
+        >>> head = ClsHead(32, {"grade": 4}, pooling="attention")
         >>> head(torch.randn(2, 32, 7, 7), "grade", pooled=torch.randn(2, 32)).shape
+        torch.Size([2, 4])
+        >>> head(torch.randn(2, 32, 7, 7), "grade").shape
         torch.Size([2, 4])
     """
 
@@ -54,7 +57,7 @@ class ClsHead(nn.Module):
         self.in_dim = in_dim
         self.pooling = pooling
         self.hidden = hidden
-        self.pooled_dim = pooled_dim
+        self.pooled_dim = in_dim if pooled_dim is None else pooled_dim
         if pooling == "attention":
             if in_dim % num_heads:
                 raise ValueError(f"ClsHead.num_heads: {num_heads} does not divide in_dim {in_dim}")
@@ -62,10 +65,10 @@ class ClsHead(nn.Module):
             nn.init.trunc_normal_(self.query, std=0.02)
             self.token_norm = nn.LayerNorm(in_dim)
             self.attn = nn.MultiheadAttention(in_dim, num_heads, batch_first=True)
-        mlp_in = in_dim + (pooled_dim or 0)
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(mlp_in), nn.Linear(mlp_in, hidden), nn.GELU(), nn.Dropout(dropout)
-        )
+        self.map_norm = nn.LayerNorm(in_dim)
+        self.pooled_norm = nn.LayerNorm(self.pooled_dim)
+        self.fc = nn.Linear(in_dim + self.pooled_dim, hidden)
+        self.mlp_out = nn.Sequential(nn.GELU(), nn.Dropout(dropout))
         self.outputs = nn.ModuleDict()
         for name, k in num_classes.items():
             self.add_task(name, k)
@@ -83,7 +86,7 @@ class ClsHead(nn.Module):
             )
         if num_classes < 2:
             raise ValueError(f"ClsHead.add_task({name!r}): need >= 2 classes, got {num_classes}")
-        ref = self.mlp[1].weight
+        ref = self.fc.weight
         self.outputs[name] = nn.Linear(self.hidden, num_classes).to(device=ref.device, dtype=ref.dtype)
 
     @torch.no_grad()
@@ -113,20 +116,15 @@ class ClsHead(nn.Module):
         return rearrange(out, "b 1 d -> b d")
 
     def forward(self, x: torch.Tensor, task: str, pooled: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits B x K for ``task``; ``pooled`` (B x pooled_dim) is required iff ``pooled_dim`` was set."""
+        """Logits B x K for ``task``; ``pooled`` is an optional B x pooled_dim vector (see the class doc)."""
         lin = self._output(task)
-        feats = self.pool(x)
-        if self.pooled_dim is None:
-            if pooled is not None:
-                raise ValueError(
-                    f"ClsHead: got a pooled vector of shape {tuple(pooled.shape)} but the head was built "
-                    "with pooled_dim=None; build it with pooled_dim=<its width> to use it"
-                )
+        feats = self.map_norm(self.pool(x))
+        if pooled is None:
+            vec = feats.new_zeros(feats.shape[0], self.pooled_dim)
+        elif pooled.shape != (x.shape[0], self.pooled_dim):
+            raise ValueError(
+                f"ClsHead: pooled vector has shape {tuple(pooled.shape)}, expected ({x.shape[0]}, {self.pooled_dim})"
+            )
         else:
-            if pooled is None or pooled.shape != (x.shape[0], self.pooled_dim):
-                got = None if pooled is None else tuple(pooled.shape)
-                raise ValueError(
-                    f"ClsHead: expected a pooled vector of shape ({x.shape[0]}, {self.pooled_dim}), got {got}"
-                )
-            feats = torch.cat([feats, pooled.to(feats.dtype)], dim=1)
-        return lin(self.mlp(feats))
+            vec = self.pooled_norm(pooled.to(feats.dtype))
+        return lin(self.mlp_out(self.fc(torch.cat([feats, vec], dim=1))))

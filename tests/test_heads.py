@@ -347,16 +347,25 @@ def test_attention_pooling_is_permutation_invariant_and_matches_reference():
 
 
 def test_cls_mean_pooling_with_pooled_vector_concatenates():
-    head = ClsHead(16, {"a": 3, "b": 2}, pooling="mean", hidden=8, pooled_dim=16).eval()
-    x, pooled = torch.randn(2, 16, 4, 4), torch.randn(2, 16)
-    out = head(x, "a", pooled=pooled)
-    ref = head.outputs["a"](head.mlp(torch.cat([x.mean(dim=(2, 3)), pooled], dim=1)))
-    torch.testing.assert_close(out, ref)
+    head = ClsHead(16, {"a": 3, "b": 2}, pooling="mean", hidden=8, pooled_dim=12).eval()
+    with torch.no_grad():  # non-trivial norm affine params so the reference is not accidentally the same
+        for p in (*head.map_norm.parameters(), *head.pooled_norm.parameters()):
+            p.normal_()
+    x, pooled = torch.randn(2, 16, 4, 4), torch.randn(2, 12)
+    mean = x.mean(dim=(2, 3))
+    ln = F.layer_norm
+    map_part = ln(mean, (16,), head.map_norm.weight, head.map_norm.bias, eps=1e-5)
+    vec_part = ln(pooled, (12,), head.pooled_norm.weight, head.pooled_norm.bias, eps=1e-5)
+    ref = head.outputs["a"](
+        F.gelu(F.linear(torch.cat([map_part, vec_part], 1), head.fc.weight, head.fc.bias))
+    )
+    torch.testing.assert_close(head(x, "a", pooled=pooled), ref)
+    # without the pooled vector its half of the linear input is zero
+    ref_none = head.outputs["a"](F.gelu(F.linear(map_part, head.fc.weight[:, :16], head.fc.bias)))
+    torch.testing.assert_close(head(x, "a"), ref_none)
     assert head(x, "b", pooled=pooled).shape == (2, 2)
-    with pytest.raises(ValueError, match=r"expected a pooled vector of shape \(2, 16\), got None"):
-        head(x, "a")
-    with pytest.raises(ValueError, match="pooled_dim=None"):
-        ClsHead(16, {"a": 3})(x, "a", pooled=pooled)
+    with pytest.raises(ValueError, match=r"pooled vector has shape \(2, 16\), expected \(2, 12\)"):
+        head(x, "a", pooled=torch.randn(2, 16))
 
 
 def test_cls_add_task_bias_init_and_gradients_reach_shared_mlp():
@@ -370,7 +379,7 @@ def test_cls_add_task_bias_init_and_gradients_reach_shared_mlp():
             logits = head(x, task)
             assert logits.shape == (4, head.num_classes[task])
             F.cross_entropy(logits, torch.randint(0, head.num_classes[task], (4,))).backward()
-            assert head.mlp[1].weight.grad.abs().sum() > 0
+            assert head.fc.weight.grad.abs().sum() > 0
             if pooling == "attention":
                 assert head.query.grad.abs().sum() > 0
     head.init_bias_from_prior("b", [1, 1, 2, 0, 4])
