@@ -1,0 +1,6 @@
+"""Router: align extractor maps to one grid and width, weigh them per task with a gate, fuse, predict."""
+
+from .config import ExtractorConfig, GateConfig, HeadConfig, RouterConfig, TaskConfig
+from .model import Router, RouterOutput
+
+__all__ = ["ExtractorConfig", "GateConfig", "HeadConfig", "Router", "RouterConfig", "RouterOutput", "TaskConfig"]

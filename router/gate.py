@@ -1,0 +1,108 @@
+"""The task-conditioned gate: how much each extractor counts, per task, per image or per location."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, reduce
+from torch import nn
+
+from .config import GateConfig
+
+
+def top_k_renormalize(weights: torch.Tensor, k: int, dim: int = 1) -> torch.Tensor:
+    """Keep the k largest weights along `dim` (ties: the lower index), zero the rest, renormalize to 1."""
+    idx = weights.topk(k, dim=dim).indices
+    kept = torch.zeros_like(weights).scatter(dim, idx, weights.gather(dim, idx))
+    return kept / kept.sum(dim=dim, keepdim=True)
+
+
+class PixelStem(nn.Module):
+    """A small conv stem that looks at the image itself, so the gate can decide before any extractor runs."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(32, hidden, 3, stride=2, padding=1),
+        )  # fmt: skip
+
+    def forward(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.net((images - 0.5) / 0.25), grid)
+
+
+class TaskGate(nn.Module):
+    """Softmax weights over E extractors, conditioned on the task and (for image/token) the content.
+
+    Granularity ``task``: one weight vector per task (B x E, equal rows). ``image``: task embedding plus
+    the pooled content (B x E). ``token``: task embedding plus the local content at every grid cell
+    (B x E x h x w). Content comes from a small pixel stem (``content="pixels"``) or from the aligned
+    extractor maps (``content="features"``).
+    """
+
+    def __init__(self, num_extractors: int, task_names: list[str], cfg: GateConfig, feature_width: int,
+                 text_embeddings: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.num_extractors = num_extractors
+        h = cfg.hidden
+        # Task embeddings: learned vectors, or frozen text embeddings projected by a learned layer.
+        self.task_vectors = nn.ParameterDict()
+        if cfg.task_embedding == "text":
+            if text_embeddings is None:
+                raise ValueError("TaskGate: gate.task_embedding is 'text' but no text embeddings were given")
+            self.text_proj = nn.Linear(next(iter(text_embeddings.values())).numel(), h)
+        for name in task_names:
+            self.add_task(name, None if text_embeddings is None else text_embeddings[name])
+        if cfg.granularity != "task":
+            self.content = PixelStem(h) if cfg.content == "pixels" else nn.Conv2d(feature_width, h, 1)
+        self.mlp = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, h), nn.GELU(), nn.Linear(h, num_extractors))
+
+    @property
+    def needs_features(self) -> bool:
+        """True when the gate reads the extractors' aligned maps, so every extractor must run first."""
+        return self.cfg.granularity != "task" and self.cfg.content == "features"
+
+    def add_task(self, name: str, text_embedding: torch.Tensor | None = None) -> None:
+        if self.cfg.task_embedding == "text":
+            if text_embedding is None:
+                raise ValueError(f"TaskGate.add_task({name!r}): a text embedding is needed with task_embedding='text'")
+            self.task_vectors[name] = nn.Parameter(text_embedding.detach().flatten().clone(), requires_grad=False)
+        else:
+            self.task_vectors[name] = nn.Parameter(torch.randn(self.cfg.hidden) * 0.02)
+
+    def task_vector(self, task: str) -> torch.Tensor:
+        v = self.task_vectors[task]
+        return self.text_proj(v) if self.cfg.task_embedding == "text" else v
+
+    def forward(self, task: str, batch: int, grid: tuple[int, int], images: torch.Tensor | None = None,
+                features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (weights, aux_loss): B x E (task / image) or B x E x h x w (token), and a scalar."""
+        t = self.task_vector(task)
+        if self.cfg.granularity == "task":
+            logits = self.mlp(t).expand(batch, -1)
+        else:
+            content = self.content(images, grid) if self.cfg.content == "pixels" else self.content(features)
+            if self.cfg.granularity == "image":
+                logits = self.mlp(reduce(content, "b c h w -> b c", "mean") + t)
+            else:
+                tokens = rearrange(content, "b c h w -> b h w c") + t
+                logits = rearrange(self.mlp(tokens), "b h w e -> b e h w")
+        weights = (logits / self.cfg.temperature).softmax(dim=1)
+        aux = self.aux_loss(weights)
+        if self.cfg.top_k is not None and self.cfg.top_k < self.num_extractors:
+            weights = top_k_renormalize(weights, self.cfg.top_k, dim=1)
+        return weights, aux
+
+    def aux_loss(self, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted load-balance (E * sum_e f_e * P_e, Switch Transformer) + mean gate entropy."""
+        rows = rearrange(weights, "b e ... -> (b ...) e")
+        loss = rows.new_zeros(())
+        if self.cfg.load_balance_weight:
+            routed = F.one_hot(rows.argmax(dim=1), self.num_extractors).float().mean(0)
+            loss = loss + self.cfg.load_balance_weight * self.num_extractors * (routed * rows.mean(0)).sum()
+        if self.cfg.entropy_weight:
+            entropy = -(rows * rows.clamp_min(1e-9).log()).sum(dim=1).mean()
+            loss = loss + self.cfg.entropy_weight * entropy
+        return loss

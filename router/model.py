@@ -1,0 +1,289 @@
+"""Router: extractors -> alignment -> task-conditioned gate -> fusion -> shared heads."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TypedDict
+
+import torch
+from einops import rearrange
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from extractors import Extractor, check_images, create_extractor
+from extractors.atomic import atomic_save_safetensors
+from heads import ClsHead, SegHead
+
+from .align import Aligner, grid_size
+from .config import RouterConfig, TaskConfig, load_yaml_or_json
+from .gate import TaskGate
+from .inputs import to_image_list
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+class RouterOutput(TypedDict, total=False):
+    seg: torch.Tensor  # B x K x H x W logits (segmentation tasks)
+    cls: torch.Tensor  # B x K logits (classification tasks)
+    gate: torch.Tensor  # B x E (task / image gates) or B x E x h x w (token gates)
+    gate_mean: torch.Tensor  # E: the gate averaged over the batch (and locations)
+    aux_loss: torch.Tensor  # scalar: weighted gate auxiliary losses
+    ran: torch.Tensor  # E booleans: which extractors were run for this batch
+
+
+def task_text(task: TaskConfig) -> str:
+    """The sentence a text encoder embeds for a task: its description, then its class names."""
+    classes = f"Classes: {', '.join(task.classes)}." if task.classes else ""
+    return " ".join(s for s in (task.description.strip(), classes) if s) or task.name
+
+
+class Router(nn.Module):
+    """Specialist extractors routed per task into shared segmentation and classification heads.
+
+    >>> model = Router.from_config("configs/tiny.yaml")
+    >>> out = model(torch.rand(2, 3, 97, 130), task="demo_seg")
+    >>> out["seg"].shape, out["gate"].shape
+    (torch.Size([2, 2, 97, 130]), torch.Size([2, 2]))
+    """
+
+    def __init__(self, config: RouterConfig, *, text_embeddings: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.config = config
+        self.extractors = nn.ModuleDict()
+        for ecfg in config.extractors:
+            ext = create_extractor(ecfg.spec, layers=ecfg.layers, pretrained=ecfg.pretrained,
+                                   checkpoint=ecfg.checkpoint, family=ecfg.family, **ecfg.kwargs)
+            self.extractors[ecfg.name] = ext.freeze() if ecfg.frozen else ext
+        self.aligners = nn.ModuleDict({n: Aligner(e.info, config.width) for n, e in self.extractors.items()})
+        n = len(self.extractors)
+        if config.fusion == "concat":
+            self.concat_proj = nn.Conv2d(n * config.width, config.width, 1)
+            self.concat_pooled_proj = nn.Linear(n * config.width, config.width)
+        if config.fusion == "gated":
+            if config.gate.task_embedding == "text" and text_embeddings is None:
+                text_embeddings = self.embed_task_texts(config.tasks)
+            self.gate = TaskGate(n, [t.name for t in config.tasks], config.gate, config.width, text_embeddings)
+        seg = {t.name: t.num_classes for t in config.tasks if t.type == "seg"}
+        cls = {t.name: t.num_classes for t in config.tasks if t.type == "cls"}
+        h = config.head
+        self.seg_head = SegHead(config.width, seg, hidden=h.seg_hidden, dropout=h.dropout)
+        self.cls_head = ClsHead(config.width, cls, pooling=h.cls_pooling, hidden=h.cls_hidden, dropout=h.dropout,
+                                pooled_dim=config.width)
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: str | os.PathLike | dict | RouterConfig) -> Router:
+        """From a RouterConfig, a dict, or a YAML/JSON file (a model section or a whole experiment config)."""
+        if isinstance(config, (str, os.PathLike)):
+            config = RouterConfig.from_file(config)
+        elif isinstance(config, dict):
+            config = RouterConfig.from_dict(config.get("model", config))
+        return cls(config)
+
+    @property
+    def extractor_names(self) -> list[str]:
+        return list(self.extractors.keys())
+
+    def _text_encoder(self):
+        from extractors.text import create_text_encoder
+
+        if not hasattr(self, "_text_encoder_cache"):
+            object.__setattr__(self, "_text_encoder_cache", create_text_encoder(self.config.gate.text_encoder))
+        return self._text_encoder_cache
+
+    @torch.no_grad()
+    def embed_task_texts(self, tasks: list[TaskConfig]) -> dict[str, torch.Tensor]:
+        """Text embeddings of each task's description and class names, with the configured text encoder."""
+        vectors = self._text_encoder().encode([task_text(t) for t in tasks])
+        return {t.name: v for t, v in zip(tasks, vectors)}
+
+    def add_task(self, task: TaskConfig) -> None:
+        """Add a task after training: new head outputs; with text task embeddings the gate routes it at once."""
+        if task.name in {t.name for t in self.config.tasks}:
+            raise ValueError(f"add_task: a task named {task.name!r} already exists")
+        (self.seg_head if task.type == "seg" else self.cls_head).add_task(task.name, task.num_classes)
+        if hasattr(self, "gate"):
+            text = self.embed_task_texts([task])[task.name] if self.config.gate.task_embedding == "text" else None
+            self.gate.add_task(task.name, text)
+        self.config.tasks.append(task)
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def _run_extractor(self, name: str, images: torch.Tensor, grid: tuple[int, int]):
+        ext: Extractor = self.extractors[name]
+        trainable = any(p.requires_grad for p in ext.parameters())
+        with nullcontext() if trainable else torch.no_grad():
+            out = ext(images)
+        return self.aligners[name](out["dense"], out["pooled"], grid)
+
+    def forward(self, images: torch.Tensor, task: str) -> RouterOutput:
+        images = check_images(images, "Router input")
+        try:
+            tcfg = self.config.task(task)
+        except KeyError as e:
+            raise KeyError(str(e)) from None
+        b, (h, w) = images.shape[0], images.shape[-2:]
+        grid = grid_size((h, w), self.config.stride)
+        names, n = self.extractor_names, len(self.extractors)
+        fusion = self.config.fusion
+        aux = images.new_zeros(())
+
+        # 1. Decide which extractors run. A gate that does not read features decides first, so that with
+        #    top-k at inference an extractor whose weight is zero for the whole batch never runs.
+        weights = None
+        if fusion == "gated" and not self.gate.needs_features:
+            weights, aux = self.gate(task, b, grid, images=images)
+        if fusion == "single":
+            active = [names.index(self.config.single)]
+        elif weights is not None and not self.training and self.config.gate.top_k is not None:
+            active = rearrange(weights, "b e ... -> e (b ...)").gt(0).any(dim=1).nonzero().flatten().tolist()
+        else:
+            active = list(range(n))
+
+        # 2. Run and align the active extractors.
+        maps, vecs = {}, {}
+        for i in active:
+            maps[i], vecs[i] = self._run_extractor(names[i], images, grid)
+
+        # 3. Fuse.
+        if fusion == "gated":
+            if weights is None:  # the gate reads the aligned features
+                weights, aux = self.gate(task, b, grid, features=torch.stack(list(maps.values())).mean(0))
+            w_img = weights if weights.ndim == 2 else weights.mean(dim=(2, 3))
+            wmap = weights[:, :, None, None, None] if weights.ndim == 2 else weights[:, :, None]  # -> B x 1 x (1|h) x (1|w)
+            fused = sum(wmap[:, i] * maps[i] for i in active)
+            pooled = sum(w_img[:, i, None] * vecs[i] for i in active)
+        elif fusion == "concat":
+            fused = self.concat_proj(torch.cat([maps[i] for i in range(n)], dim=1))
+            pooled = self.concat_pooled_proj(torch.cat([vecs[i] for i in range(n)], dim=1))
+        else:  # single / mean
+            fused = sum(maps.values()) / len(maps)
+            pooled = sum(vecs.values()) / len(vecs)
+        if weights is None:  # fixed weights for single / mean / concat, reported the same way
+            weights = torch.zeros(b, n, device=images.device)
+            weights[:, active] = 1.0 / len(active)
+
+        ran = torch.zeros(n, dtype=torch.bool)
+        ran[active] = True
+        out: RouterOutput = {"gate": weights, "gate_mean": rearrange(weights, "b e ... -> e (b ...)").mean(1),
+                             "aux_loss": aux, "ran": ran}
+        if tcfg.type == "seg":
+            out["seg"] = self.seg_head(fused, task, out_size=(h, w))
+        else:
+            out["cls"] = self.cls_head(fused, task, pooled=pooled)
+        return out
+
+    @torch.inference_mode()
+    def predict(self, images, task: str) -> list[torch.Tensor] | torch.Tensor:
+        """Predictions for PIL images, NumPy arrays or tensors of any size, one image at a time.
+
+        Segmentation tasks return a list of H x W class-index masks at each image's original size;
+        classification tasks return a tensor of class indices, one per image.
+
+        >>> masks = model.predict([Image.open("a.png"), np.zeros((97, 130), np.uint8)], task="demo_seg")
+        """
+        tcfg = self.config.task(task)
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            preds = []
+            for image in to_image_list(images):
+                out = self(image[None].to(device), task=task)
+                preds.append(out["seg"][0].argmax(0).cpu() if tcfg.type == "seg" else out["cls"][0].argmax().cpu())
+        finally:
+            self.train(was_training)
+        return preds if tcfg.type == "seg" else torch.stack(preds)
+
+    # ---- save / load -----------------------------------------------------------------------------
+    def saved_extractors(self) -> list[str]:
+        """Extractors whose weights a spec cannot rebuild: random, trainable, or unfrozen in training."""
+        out = []
+        for ecfg in self.config.extractors:
+            ext = self.extractors[ecfg.name]
+            trained = any(p.requires_grad for p in ext.parameters())
+            if not ecfg.pretrained or not ecfg.frozen or ecfg.unfreeze_last > 0 or trained:
+                out.append(ecfg.name)
+        return out
+
+    def save_pretrained(self, directory: str | os.PathLike, full: bool = False) -> Path:
+        """Write config.json + model.safetensors. By default, frozen pretrained extractors are left out.
+
+        >>> model.save_pretrained("runs/x/final"); Router.from_pretrained("runs/x/final")
+        """
+        directory = Path(directory)
+        saved = self.extractor_names if full else self.saved_extractors()
+        skip = tuple(f"extractors.{n}." for n in self.extractor_names if n not in saved)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+        metadata = {"format": "backbone-router", "saved_extractors": json.dumps(saved)}
+        atomic_save_safetensors(state, directory / WEIGHTS_NAME, metadata=metadata)
+        self.config.save_json(directory / CONFIG_NAME)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> Router:
+        """Rebuild from config.json, then load model.safetensors with strict key checks.
+
+        Unexpected keys are an error; missing keys are allowed only for frozen pretrained extractors,
+        which the extractor specs rebuild.
+        """
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not directory.is_dir():
+            raise FileNotFoundError(f"Router.from_pretrained: {directory} is not a directory")
+        config = RouterConfig.from_dict(load_yaml_or_json(config_path), where=str(config_path))
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"Router.from_pretrained: {weights_path} does not exist")
+        try:
+            with safe_open(str(weights_path), framework="pt", device=map_location) as f:
+                metadata = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
+        try:
+            saved = json.loads(metadata["saved_extractors"])
+        except (KeyError, json.JSONDecodeError) as e:
+            raise ValueError(f"{weights_path}: metadata 'saved_extractors' missing or not JSON; not a Router checkpoint") from e
+        unknown = set(saved) - {e.name for e in config.extractors}
+        if unknown:
+            raise ValueError(f"{weights_path}: saved_extractors {sorted(unknown)} are not in {config_path}")
+        # Extractors saved here need no weights from their spec (which may be unavailable offline).
+        load_cfg = RouterConfig.from_dict(config.to_dict())
+        for ecfg in load_cfg.extractors:
+            if ecfg.name in saved:
+                ecfg.pretrained = False
+        text = None
+        if config.fusion == "gated" and config.gate.task_embedding == "text":  # saved: no text encoder needed
+            keys = {t.name: f"gate.task_vectors.{t.name}" for t in config.tasks}
+            if missing := [k for k in keys.values() if k not in state]:
+                raise ValueError(f"{weights_path}: missing keys {missing} (the tasks' text embeddings)")
+            text = {name: state[k] for name, k in keys.items()}
+        model = cls(load_cfg, text_embeddings=text)
+        model.config = config
+        model.load_checked(state, saved, str(weights_path))
+        return model
+
+    def load_checked(self, state: dict[str, torch.Tensor], saved: list[str], source: str) -> None:
+        own = self.state_dict()
+        skip = tuple(f"extractors.{n}." for n in self.extractor_names if n not in saved)
+        expected = {k for k in own if not k.startswith(skip)}
+        unexpected = sorted(set(state) - set(own))
+        missing = sorted(expected - set(state))
+        mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                      for k in state if k in own and state[k].shape != own[k].shape]
+        problems = []
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected[:8]}")
+        if missing:
+            problems.append(f"missing keys {missing[:8]}")
+        if mismatched:
+            problems.append(f"shape mismatches {mismatched[:8]}")
+        if problems:
+            raise ValueError(f"{source}: does not fit the model in its config.json: " + "; ".join(problems))
+        self.load_state_dict(state, strict=False)
+
+    def extra_repr(self) -> str:
+        return f"fusion={self.config.fusion}, width={self.config.width}, stride={self.config.stride}"
+

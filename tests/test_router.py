@@ -1,0 +1,241 @@
+"""Router logic with values: gates, top-k skipping, single mode, alignment, gradients, save/load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from extractors.local_dir import save_extractor_dir
+from router import Router, RouterConfig, TaskConfig
+from router.gate import top_k_renormalize
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def make_config(fusion="gated", granularity="image", content="pixels", top_k=None, **extra) -> RouterConfig:
+    """Three tiny random extractors with patch 14, 16 and 32 (two ViTs and a CNN), two tasks."""
+    data = {
+        "extractors": [
+            {"spec": "timm:vit_small_patch14_dinov2", "name": "p14", "pretrained": False, "kwargs": {**TINY_VIT, "img_size": 28}},
+            {"spec": "timm:vit_small_patch16_224", "name": "p16", "pretrained": False, "kwargs": {**TINY_VIT, "img_size": 32}},
+            {"spec": "timm:resnet10t", "name": "cnn", "pretrained": False, "layers": [3, 4]},
+        ],
+        "tasks": [
+            {"name": "seg_a", "type": "seg", "classes": ["bg", "fg"]},
+            {"name": "cls_b", "type": "cls", "classes": ["x", "y", "z"]},
+        ],
+        "fusion": fusion,
+        "width": 16,
+        "stride": 16,
+        "gate": {"granularity": granularity, "content": content, "top_k": top_k, "hidden": 16},
+        "head": {"seg_hidden": 16, "cls_hidden": 16},
+        **extra,
+    }
+    return RouterConfig.from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(0)
+    return torch.rand(2, 3, 97, 130)
+
+
+@pytest.mark.parametrize("granularity", ["task", "image", "token"])
+@pytest.mark.parametrize("content", ["pixels", "features"])
+def test_gate_rows_sum_to_one_and_outputs_cover_the_input(granularity, content, images):
+    torch.manual_seed(0)
+    model = Router(make_config(granularity=granularity, content=content)).eval()
+    out = model(images, task="seg_a")
+    gate = out["gate"]
+    expected = (2, 3) if granularity != "token" else (2, 3, 7, 9)  # ceil(97/16), ceil(130/16)
+    assert tuple(gate.shape) == expected
+    torch.testing.assert_close(gate.sum(dim=1), torch.ones_like(gate.sum(dim=1)))
+    assert (gate >= 0).all()
+    assert out["seg"].shape == (2, 2, 97, 130)
+    torch.testing.assert_close(out["gate_mean"], gate.transpose(0, 1).reshape(3, -1).mean(1))
+    if granularity == "task":  # one weight vector per task: every image gets the same row
+        torch.testing.assert_close(gate[0], gate[1])
+    else:
+        assert not torch.allclose(gate[0], gate[1])
+
+
+def test_different_task_gives_different_gate(images):
+    torch.manual_seed(0)
+    model = Router(make_config(granularity="task")).eval()
+    a = model(images, task="seg_a")["gate"]
+    b = model(images, task="cls_b")["gate"]
+    assert not torch.allclose(a, b)
+
+
+def test_top_k_renormalize_values():
+    w = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    out = top_k_renormalize(w, 2)
+    torch.testing.assert_close(out, torch.tensor([[0.625, 0.375, 0.0], [0.0, 2 / 3, 1 / 3]]))
+
+
+@pytest.mark.parametrize("granularity", ["task", "image", "token"])
+def test_top1_at_inference_skips_extractors_with_zero_weight(granularity, images):
+    torch.manual_seed(0)
+    model = Router(make_config(granularity=granularity, top_k=1)).eval()
+    one = images[:1]
+    for ext in model.extractors.values():
+        ext.forward_calls = 0
+    out = model(one, task="seg_a")
+    gate = out["gate"]
+    used = gate.transpose(0, 1).reshape(3, -1).gt(0).any(dim=1)
+    calls = torch.tensor([ext.forward_calls for ext in model.extractors.values()])
+    assert torch.equal(calls.bool(), used) and torch.equal(out["ran"], used)
+    if granularity != "token":  # one image, top-1: exactly one extractor runs
+        assert calls.sum() == 1
+        assert sorted(gate[0].tolist()) == [0.0, 0.0, 1.0]
+
+
+def test_top_k_does_not_skip_in_training(images):
+    torch.manual_seed(0)
+    model = Router(make_config(granularity="task", top_k=1)).train()
+    out = model(images, task="seg_a")
+    assert out["ran"].all()
+    assert (out["gate"] > 0).sum(dim=1).eq(1).all()  # still only one weight per row
+
+
+def test_single_mode_equals_extractor_plus_head(images):
+    torch.manual_seed(0)
+    model = Router(make_config(fusion="single", single="p16")).eval()
+    with torch.no_grad():
+        out = model(images, task="seg_a")
+        ext = model.extractors["p16"](images)
+        fmap, vec = model.aligners["p16"](ext["dense"], ext["pooled"], (7, 9))
+        seg = model.seg_head(fmap, "seg_a", out_size=(97, 130))
+        cls = model.cls_head(fmap, "cls_b", pooled=vec)
+    torch.testing.assert_close(out["seg"], seg)
+    torch.testing.assert_close(model(images, task="cls_b")["cls"], cls)
+    assert out["ran"].tolist() == [False, True, False]
+    assert out["gate"][:, 1].eq(1).all()
+
+
+def test_alignment_of_patch_14_16_and_32(images):
+    model = Router(make_config()).eval()
+    with torch.no_grad():
+        for name, ext in model.extractors.items():
+            out = ext(images)
+            strides = ext.info.strides
+            for d, s in zip(out["dense"], strides):
+                assert tuple(d.shape[-2:]) == (-(-97 // s), -(-130 // s)), name
+            fmap, vec = model.aligners[name](out["dense"], out["pooled"], (7, 9))
+            assert fmap.shape == (2, 16, 7, 9) and vec.shape == (2, 16)
+    assert [e.info.patch_size for e in model.extractors.values()] == [14, 16, 32]
+
+
+@pytest.mark.parametrize("fusion", ["mean", "concat", "gated"])
+def test_gradients_reach_only_trainable_parts(fusion, images):
+    torch.manual_seed(0)
+    model = Router(make_config(fusion=fusion)).train()
+    model.extractors["p16"].unfreeze_last(1)
+    out = model(images, task="seg_a")
+    (out["seg"].mean() + model(images, task="cls_b")["cls"].mean()).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("extractors.p16.model.blocks.1.") or name.startswith("extractors.p16.model.norm."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        elif name.startswith("extractors."):
+            assert p.grad is None and not p.requires_grad, name
+        elif name.startswith("gate.task_vectors."):
+            assert p.grad is not None, name  # each task's vector gets gradient from its own batch
+        else:
+            assert p.grad is not None, name
+
+
+def test_save_load_round_trip_is_exact_and_strict(tmp_path, images):
+    torch.manual_seed(0)
+    # A frozen pretrained extractor (weights from a local-dir checkpoint) is not written; random ones are.
+    from extractors import create_extractor
+
+    src = create_extractor("timm:vit_small_patch16_224", pretrained=False, **TINY_VIT, img_size=32)
+    save_extractor_dir(src, tmp_path / "ssl", "vit_small_patch16_224", {**TINY_VIT, "img_size": 32})
+    cfg = make_config(granularity="token").to_dict()
+    cfg["extractors"][1] = {"spec": f"local-dir:{tmp_path / 'ssl'}", "name": "p16"}
+    model = Router(RouterConfig.from_dict(cfg)).eval()
+    model.save_pretrained(tmp_path / "m")
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert json.loads(f.metadata()["saved_extractors"]) == ["p14", "cnn"]
+    assert not any(k.startswith("extractors.p16.") for k in keys)
+    assert any(k.startswith("extractors.p14.") for k in keys)
+
+    loaded = Router.from_pretrained(tmp_path / "m").eval()
+    for task, key in (("seg_a", "seg"), ("cls_b", "cls")):
+        a, b = model(images, task=task), loaded(images, task=task)
+        assert torch.equal(a[key], b[key]) and torch.equal(a["gate"], b["gate"])
+    assert loaded.config == model.config
+
+    # full=True writes everything
+    model.save_pretrained(tmp_path / "full", full=True)
+    with safe_open(str(tmp_path / "full" / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(model.state_dict())
+
+
+def test_from_pretrained_rejects_unexpected_and_missing_keys(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = Router(make_config())
+    model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    state = load_file(str(path))
+    save_file({**state, "gate.bogus": torch.zeros(1)}, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=r"model.safetensors.*unexpected keys \['gate.bogus'\]"):
+        Router.from_pretrained(tmp_path / "m")
+    state.pop(next(k for k in state if k.startswith("seg_head.")))
+    save_file(state, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="missing keys"):
+        Router.from_pretrained(tmp_path / "m")
+
+
+def test_tiny_config_contract_on_odd_sizes_and_greyscale():
+    torch.manual_seed(0)
+    model = Router.from_config(REPO / "configs" / "tiny.yaml").eval()
+    grey = torch.rand(2, 1, 97, 130)
+    with torch.no_grad():
+        seg = model(grey, task="demo_seg")
+        cls = model(grey, task="demo_cls")
+        seg_rgb = model(grey.expand(-1, 3, -1, -1), task="demo_seg")
+    assert seg["seg"].shape == (2, 2, 97, 130) and cls["cls"].shape == (2, 3)
+    torch.testing.assert_close(seg["seg"], seg_rgb["seg"])  # C=1 is the same image as its 3-channel copy
+    assert torch.isfinite(seg["aux_loss"])
+    with pytest.raises(ValueError, match=r"C = 1.*got shape \(2, 2, 97, 130\)"):
+        model(torch.rand(2, 2, 97, 130), task="demo_seg")
+    with pytest.raises(KeyError, match="no task named 'nope'"):
+        model(grey, task="nope")
+
+
+def test_predict_returns_masks_at_original_size():
+    torch.manual_seed(0)
+    model = Router(make_config())
+    images = [
+        Image.fromarray(np.random.randint(0, 255, (61, 83, 3), dtype=np.uint8)),
+        np.random.randint(0, 255, (97, 130), dtype=np.uint8),
+        torch.rand(1, 45, 50),
+    ]
+    masks = model.predict(images, task="seg_a")
+    assert [tuple(m.shape) for m in masks] == [(61, 83), (97, 130), (45, 50)]
+    assert all(m.dtype == torch.int64 and m.max() <= 1 for m in masks)
+    labels = model.predict(images, task="cls_b")
+    assert labels.shape == (3,) and labels.max() <= 2
+    assert model.training  # predict restores the mode
+
+
+def test_new_task_added_after_training_gets_outputs_and_a_gate(images):
+    torch.manual_seed(0)
+    model = Router(make_config(granularity="task")).eval()
+    model.add_task(TaskConfig(name="seg_new", type="seg", classes=["a", "b", "c"]))
+    out = model(images, task="seg_new")
+    assert out["seg"].shape == (2, 3, 97, 130)
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_task(TaskConfig(name="seg_new", type="seg", classes=["a"]))
