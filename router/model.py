@@ -13,7 +13,7 @@ from einops import rearrange
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from extractors import Extractor, check_images, create_extractor
+from extractors import Extractor, ExtractorOutput, check_images, create_extractor
 from extractors.atomic import atomic_save_safetensors
 from heads import ClsHead, SegHead
 
@@ -111,14 +111,23 @@ class Router(nn.Module):
         self.config.tasks.append(task)
 
     # ---- forward ---------------------------------------------------------------------------------
-    def _run_extractor(self, name: str, images: torch.Tensor, grid: tuple[int, int]):
-        ext: Extractor = self.extractors[name]
-        trainable = any(p.requires_grad for p in ext.parameters())
-        with nullcontext() if trainable else torch.no_grad():
-            out = ext(images)
+    def _run_extractor(self, name: str, images: torch.Tensor, grid: tuple[int, int], features=None):
+        if features is not None and name in features:  # precomputed (frozen-feature cache)
+            out = features[name]
+        else:
+            ext: Extractor = self.extractors[name]
+            trainable = any(p.requires_grad for p in ext.parameters())
+            with nullcontext() if trainable else torch.no_grad():
+                out = ext(images)
         return self.aligners[name](out["dense"], out["pooled"], grid)
 
-    def forward(self, images: torch.Tensor, task: str) -> RouterOutput:
+    def forward(self, images: torch.Tensor, task: str,
+                features: dict[str, ExtractorOutput] | None = None) -> RouterOutput:
+        """Route `images` (B x C x H x W in [0, 1], C = 1 or 3) for one task.
+
+        `features` may hold precomputed outputs of some extractors (name -> {"dense", "pooled"}), e.g.
+        from a frozen-feature cache; those extractors are then not run.
+        """
         images = check_images(images, "Router input")
         try:
             tcfg = self.config.task(task)
@@ -145,7 +154,7 @@ class Router(nn.Module):
         # 2. Run and align the active extractors.
         maps, vecs = {}, {}
         for i in active:
-            maps[i], vecs[i] = self._run_extractor(names[i], images, grid)
+            maps[i], vecs[i] = self._run_extractor(names[i], images, grid, features)
 
         # 3. Fuse.
         if fusion == "gated":

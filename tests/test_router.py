@@ -239,3 +239,16 @@ def test_new_task_added_after_training_gets_outputs_and_a_gate(images):
     assert out["seg"].shape == (2, 3, 97, 130)
     with pytest.raises(ValueError, match="already exists"):
         model.add_task(TaskConfig(name="seg_new", type="seg", classes=["a"]))
+
+
+def test_precomputed_features_replace_the_extractor_forward(images):
+    torch.manual_seed(0)
+    model = Router(make_config()).eval()
+    with torch.no_grad():
+        cached = {n: e(images) for n, e in model.extractors.items()}
+        for ext in model.extractors.values():
+            ext.forward_calls = 0
+        a = model(images, task="seg_a", features=cached)
+        assert sum(e.forward_calls for e in model.extractors.values()) == 0
+        b = model(images, task="seg_a")
+    torch.testing.assert_close(a["seg"], b["seg"])
