@@ -43,7 +43,8 @@ def register_extractor(name: str, builder: Callable[..., Extractor] | None = Non
 
 def _load_backends() -> None:
     # Imported lazily so that `import extractors` stays cheap; each module registers its prefix.
-    from . import local_dir, timm_backend  # noqa: F401
+    # open_clip and transformers themselves are imported on first use of their backend.
+    from . import hf_backend, local_dir, open_clip_backend, timm_backend  # noqa: F401
 
 
 def list_extractors(pattern: str = "*", backend: str | None = None) -> list[str]:

@@ -1,0 +1,274 @@
+"""`open_clip:<arch>[/<tag or weight file>]`: the image tower of an open_clip model as an extractor.
+
+Spec rule: the text after the first ``/`` names the weights. It is a weight *file* when it ends with
+``.safetensors``, ``.pt``, ``.pth`` or ``.bin`` (``open_clip:ViT-B-32//abs/path/w.bin`` for an absolute
+path, ``open_clip:ViT-B-32/rel/w.bin`` for a relative one) and a pretrained *tag* otherwise
+(``open_clip:ViT-B-32/laion2b_s34b_b79k``). ``checkpoint=<file>`` overrides the weights of a tag while
+keeping the tag's preprocessing and QuickGELU setting; a file in the spec and ``checkpoint=`` together is
+an error. Tags are looked up in the HF cache only when ``HF_HUB_OFFLINE`` is set.
+
+Outputs: dense maps are the visual transformer's block outputs with the class token dropped and
+``ln_post`` applied to each (as timm's ``forward_intermediates(norm=True)``), NCHW at stride = patch.
+The pooled vector is the tower's projected image embedding (``ln_post`` on the class token, or the
+attentional pooler, then ``@ proj``): the vector ``CLIP.encode_image`` returns, before L2 normalization,
+so it lives in the same space as the text tower's ``encode_text``.
+
+Any H, W: the position embeddings are resampled to the input grid on the fly (open_clip's
+VisionTransformer has a fixed grid). Patch dropout is skipped (dense maps need every token).
+
+The whole CLIP model stays reachable as ``extractor.clip_model`` (not a registered submodule, so the
+text tower is neither trained, saved nor moved with the extractor); ``extractor.text_encoder()`` wraps
+it as an :class:`extractors.text.TextEncoder`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .base import Extractor, ExtractorInfo
+from .checkpoints import TORCH_SUFFIXES, load_state_dict_file, load_state_dict_strict
+from .factory import register_extractor, resolve_layers
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+_configs_added = False
+
+
+def import_open_clip():
+    """`open_clip`, imported on first use (slow) with this package's model configs registered."""
+    global _configs_added
+    import open_clip
+
+    if not _configs_added:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)  # tiny-vit-p16 and any other config shipped here
+        _configs_added = True
+    return open_clip
+
+
+def parse_open_clip_spec(rest: str) -> tuple[str, str | None, str | None]:
+    """``"<arch>[/<tag or file>]"`` -> (arch, tag, file); a file ends with a weight suffix."""
+    arch, _, weights = rest.partition("/")
+    if not arch:
+        raise ValueError(f"open_clip spec {rest!r}: needs an architecture, e.g. 'open_clip:ViT-B-32/laion2b_s34b_b79k'")
+    if not weights:
+        return arch, None, None
+    if weights.endswith(WEIGHT_SUFFIXES):
+        return arch, None, weights
+    return arch, weights, None
+
+
+@contextmanager
+def _quiet_random_init_warning():
+    # open_clip logs "Model initialized randomly" before we load the weights ourselves; drop that line.
+    class _Drop(logging.Filter):
+        def filter(self, record):
+            return "initialized randomly" not in record.getMessage()
+
+    root, drop = logging.getLogger(), _Drop()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def resolve_tag_file(arch: str, tag: str) -> str:
+    """Local path of an open_clip pretrained tag's weights (HF cache, ~/.cache/clip or the hub)."""
+    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+
+    open_clip = import_open_clip()
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        raise ValueError(
+            f"open_clip:{arch}/{tag}: unknown pretrained tag {tag!r} for {arch}; known tags: "
+            f"{open_clip.list_pretrained_tags_by_model(arch)}. A weight file must end with {WEIGHT_SUFFIXES}"
+        )
+    if cfg.get("file"):
+        return cfg["file"]
+    where = "the HF cache" if HF_HUB_OFFLINE else "the HF cache and the hub"
+    note = " (HF_HUB_OFFLINE is set, so not on the network)" if HF_HUB_OFFLINE else ""
+    if cfg.get("hf_hub"):
+        from open_clip.pretrained import download_pretrained_from_hf
+
+        repo, filename = os.path.split(cfg["hf_hub"])  # "org/repo/" means open_clip's default file name
+        filename = filename or None
+        try:
+            return download_pretrained_from_hf(repo, filename=filename)
+        except Exception as e:
+            raise RuntimeError(
+                f"open_clip:{arch}/{tag}: no weights found. Looked for hub repo {repo!r} "
+                f"(file {filename or 'open_clip_pytorch_model.bin / open_clip_model.safetensors'}) in {where} "
+                f"{HF_HUB_CACHE}{note}. Pass checkpoint=<weight file> or use 'open_clip:{arch}/<file.bin>', or "
+                f"pretrained=False for random weights. Cause: {type(e).__name__}: {e}"
+            ) from e
+    url = cfg.get("url", "")
+    cached = Path("~/.cache/clip").expanduser() / os.path.basename(url)
+    if cached.is_file():
+        return str(cached)
+    if HF_HUB_OFFLINE:
+        raise RuntimeError(
+            f"open_clip:{arch}/{tag}: no weights found. Looked for {cached} (the open_clip download cache for "
+            f"{url}); HF_HUB_OFFLINE is set, so not on the network. Pass checkpoint=<weight file>."
+        )
+    from open_clip.pretrained import download_pretrained_from_url
+
+    return download_pretrained_from_url(url)
+
+
+def load_open_clip_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """open_clip's `load_checkpoint`, but reading the file safely and checking every key strictly."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    source = str(path)
+    sd = load_state_dict_file(path)
+    if next(iter(sd), "").startswith("module."):  # saved from DistributedDataParallel
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    sd = convert_state_dict(model, sd)  # third-party layouts (MobileCLIP) -> open_clip
+    if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
+        sd = convert_to_custom_text_state_dict(sd)
+    for key in ("logit_scale", "logit_bias"):
+        ref = getattr(model, key, None)
+        if key in sd and ref is not None and sd[key].ndim != ref.ndim:
+            sd[key] = sd[key].reshape(ref.shape)
+    if "logit_bias" not in sd and getattr(model, "logit_bias", None) is not None and "logit_scale" in sd:
+        sd["logit_bias"] = torch.zeros_like(sd["logit_scale"])
+    sd.pop("text.transformer.embeddings.position_ids", None)
+    resize_pos_embed(sd, model)
+    resize_text_pos_embed(sd, model)
+    load_state_dict_strict(model, sd, source)
+
+
+def create_open_clip_model(arch: str, tag: str | None, weights: str | None, pretrained: bool, **kwargs) -> nn.Module:
+    """An open_clip CLIP model with weights from `weights` (a file), the tag, or random if not pretrained."""
+    open_clip = import_open_clip()
+    if open_clip.get_model_config(arch) is None:
+        raise ValueError(
+            f"open_clip: unknown architecture {arch!r}; known: {open_clip.list_models()} (model configs in "
+            f"open_clip and {MODEL_CONFIG_DIR}). 'hf-hub:' and 'local-dir:' open_clip models are not supported: "
+            "use the architecture name with a weight file"
+        )
+    tag_cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
+    if tag and not tag_cfg:
+        raise ValueError(
+            f"open_clip:{arch}/{tag}: unknown pretrained tag {tag!r}; known tags: "
+            f"{open_clip.list_pretrained_tags_by_model(arch)}. A weight file must end with {WEIGHT_SUFFIXES}"
+        )
+    if pretrained and weights is None and tag is None:
+        raise ValueError(
+            f"open_clip:{arch}: pretrained=True needs weights: a tag ('open_clip:{arch}/<tag>', known: "
+            f"{open_clip.list_pretrained_tags_by_model(arch)}), a file (checkpoint=<file>), or pretrained=False"
+        )
+    if pretrained and weights is None:
+        weights = resolve_tag_file(arch, tag)
+    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+    with _quiet_random_init_warning():
+        model = open_clip.create_model(
+            arch, pretrained=None, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+            force_preprocess_cfg=preprocess or None, **kwargs,
+        )
+    if pretrained:
+        load_open_clip_weights(model, weights)
+    return model.eval()
+
+
+class OpenClipExtractor(Extractor):
+    """The visual transformer of an open_clip model; `clip_model` keeps the text tower reachable."""
+
+    def __init__(self, clip_model: nn.Module, layers, arch: str):
+        open_clip = import_open_clip()
+        from open_clip.transformer import VisionTransformer
+
+        visual = clip_model.visual
+        if not isinstance(visual, VisionTransformer):
+            raise ValueError(
+                f"open_clip:{arch}: the image tower is a {type(visual).__name__}; only open_clip's "
+                "VisionTransformer is supported (use the timm backend for timm or ResNet towers)"
+            )
+        num_blocks = len(visual.transformer.resblocks)
+        layers = resolve_layers(layers, num_blocks, default=(num_blocks - 1,))
+        patch = visual.patch_size[0]
+        if visual.patch_size[0] != visual.patch_size[1]:
+            raise ValueError(f"open_clip:{arch}: non-square patches {visual.patch_size} are not supported")
+        cfg = getattr(visual, "preprocess_cfg", {})
+        width = visual.transformer.width
+        info = ExtractorInfo(
+            name="open_clip",
+            width=visual.output_dim,
+            widths=(width,) * len(layers),
+            strides=(patch,) * len(layers),
+            patch_size=patch,
+            layers=layers,
+            mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+            std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+            input_size=int(visual.image_size[0]),
+        )
+        super().__init__(info)
+        self.visual = visual
+        self.arch = arch
+        object.__setattr__(self, "clip_model", clip_model)  # reachable, but not a submodule
+
+    def _embeds(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """open_clip's `VisionTransformer._embeds` with position embeddings resampled to the input grid."""
+        from timm.layers import resample_abs_pos_embed
+
+        v = self.visual
+        x = v.conv1(x)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1)
+        pos = v.positional_embedding
+        if grid != tuple(v.grid_size):
+            pos = resample_abs_pos_embed(pos[None], new_size=grid, old_size=v.grid_size, num_prefix_tokens=1)[0]
+        x = x + pos.to(x.dtype)
+        return v.ln_pre(x), grid
+
+    def forward_features(self, x):
+        v = self.visual
+        tokens, (gh, gw) = self._embeds(x)
+        tokens, intermediates = v.transformer.forward_intermediates(tokens, indices=list(self.info.layers))
+        norm = v.ln_post if v.attn_pool is None else nn.Identity()  # ln_post has the pooler's width otherwise
+        dense = [
+            norm(t[:, 1:]).transpose(1, 2).reshape(t.shape[0], -1, gh, gw) for t in intermediates
+        ]
+        pooled, _ = v._pool(tokens)
+        if v.proj is not None:
+            pooled = pooled @ v.proj
+        return dense, pooled
+
+    def block_modules(self):
+        return list(self.visual.transformer.resblocks)
+
+    def final_modules(self):
+        return [m for m in (self.visual.attn_pool, self.visual.attn_pool_contrastive, self.visual.ln_post) if m is not None]
+
+    def unfreeze_last(self, n: int) -> OpenClipExtractor:
+        """As `Extractor.unfreeze_last`; the output projection `visual.proj` trains with the last block."""
+        super().unfreeze_last(n)
+        if n > 0 and isinstance(self.visual.proj, nn.Parameter):
+            self.visual.proj.requires_grad_(True)
+        return self
+
+    def text_encoder(self):
+        """The CLIP text tower of this model as a frozen `extractors.text.TextEncoder`."""
+        from .text import OpenClipTextEncoder
+
+        return OpenClipTextEncoder(self.clip_model, import_open_clip().get_tokenizer(self.arch), name=f"open_clip:{self.arch}")
+
+
+@register_extractor("open_clip")
+def _build_open_clip(rest: str, layers=None, pretrained=True, checkpoint=None, **kwargs) -> OpenClipExtractor:
+    arch, tag, weight_file = parse_open_clip_spec(rest)
+    if weight_file is not None and checkpoint is not None:
+        raise ValueError(
+            f"open_clip:{rest}: a weight file in the spec ({weight_file}) and checkpoint={checkpoint!r}; give one"
+        )
+    model = create_open_clip_model(arch, tag, checkpoint or weight_file, pretrained, **kwargs)
+    return OpenClipExtractor(model, layers, arch)

