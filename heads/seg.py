@@ -12,19 +12,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from timm.layers import LayerNorm2d
 from torch import nn
-
-
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of a B x C x H x W map, at every position (as in ConvNeXt)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rearrange(self.norm(rearrange(x, "b c h w -> b h w c")), "b h w c -> b c h w")
 
 
 def prior_logits(prior: float | Sequence[float], num_classes: int, where: str = "prior") -> torch.Tensor:
