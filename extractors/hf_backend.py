@@ -132,6 +132,18 @@ def create_hf_vision_model(source: str, pretrained: bool, checkpoint: str | None
     return model.eval(), _read_preprocessor_config(path, local_only)
 
 
+def _find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: `encoder.layer(s)` or, in newer transformers, `layer(s)` on the model."""
+    for path in ("encoder.layer", "encoder.layers", "layers", "layer"):
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, nn.ModuleList):
+            return list(blocks)
+    raise ValueError(f"{type(model).__name__}: found no transformer blocks at encoder.layer(s) or layer(s)")
+
+
 class HFExtractor(Extractor):
     """Wraps a transformers ViT-style vision model (see the module docstring for the outputs)."""
 
@@ -141,7 +153,7 @@ class HFExtractor(Extractor):
         _, (mean, std), num_cls = MODEL_TYPES[model_type]
         self.num_prefix = num_cls + int(getattr(config, "num_register_tokens", 0) or 0)
         inner = getattr(model, "vision_model", model)  # CLIP / SigLIP keep the tower one level down
-        self.blocks = list(inner.encoder.layers if hasattr(inner.encoder, "layers") else inner.encoder.layer)
+        self.blocks = _find_blocks(inner)
         num_blocks = len(self.blocks)
         layers = resolve_layers(layers, num_blocks, default=(num_blocks - 1,))
         patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]

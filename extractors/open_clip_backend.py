@@ -233,10 +233,12 @@ class OpenClipExtractor(Extractor):
     def forward_features(self, x):
         v = self.visual
         tokens, (gh, gw) = self._embeds(x)
-        tokens, intermediates = v.transformer.forward_intermediates(tokens, indices=list(self.info.layers))
+        taken = sorted(set(self.info.layers))  # open_clip returns the blocks in forward order
+        tokens, intermediates = v.transformer.forward_intermediates(tokens, indices=taken)
+        by_block = dict(zip(taken, intermediates))
         norm = v.ln_post if v.attn_pool is None else nn.Identity()  # ln_post has the pooler's width otherwise
         dense = [
-            norm(t[:, 1:]).transpose(1, 2).reshape(t.shape[0], -1, gh, gw) for t in intermediates
+            norm(by_block[i][:, 1:]).transpose(1, 2).reshape(x.shape[0], -1, gh, gw) for i in self.info.layers
         ]
         pooled, _ = v._pool(tokens)
         if v.proj is not None:
@@ -247,7 +249,8 @@ class OpenClipExtractor(Extractor):
         return list(self.visual.transformer.resblocks)
 
     def final_modules(self):
-        return [m for m in (self.visual.attn_pool, self.visual.attn_pool_contrastive, self.visual.ln_post) if m is not None]
+        v = self.visual
+        return [m for m in (v.attn_pool, getattr(v, "attn_pool_contrastive", None), v.ln_post) if m is not None]
 
     def unfreeze_last(self, n: int) -> OpenClipExtractor:
         """As `Extractor.unfreeze_last`; the output projection `visual.proj` trains with the last block."""
