@@ -1,0 +1,182 @@
+"""Per-task evaluation metrics on torchmetrics, plus gate weights.
+
+Segmentation: a ``MulticlassStatScores`` (average=None, ignore_index honoured) accumulates per-class
+tp / fp / tn / fn over every pixel; IoU, Dice (= pixel F1), precision and recall per class follow from it.
+Classes absent from both predictions and targets are NaN per class and left out of the means (mIoU, ...).
+Binary seg adds a sweep over thresholds 0.1..0.9 on the foreground probability (precision, recall, IoU,
+false-positive rate) and the predicted vs true foreground fraction.
+
+Classification: accuracy (micro), balanced accuracy (``MulticlassAccuracy(average="macro")``: the mean
+per-class recall over classes present in the targets) and macro F1.
+
+>>> m = SegMetrics(["background", "defect"], ignore_index=None)
+>>> m.update(torch.tensor([[[0, 1], [1, 1]]]), torch.tensor([[[0, 1], [0, 1]]]), torch.tensor([[[.1, .9], [.6, .8]]]))
+>>> round(m.compute()["fg_iou"], 3)
+0.667
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassStatScores
+
+THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den with NaN where den == 0."""
+    num, den = num.double(), den.double()
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, float("nan")))
+
+
+def _floats(t: torch.Tensor) -> list[float]:
+    return [float(v) for v in t.detach().cpu().tolist()]
+
+
+def _nanmean(t: torch.Tensor) -> float:
+    t = t[~torch.isnan(t)]
+    return float(t.mean()) if t.numel() else float("nan")
+
+
+class ThresholdSweep(Metric):
+    """tp / fp / fn / tn of ``prob >= threshold`` for each threshold, over non-ignored pixels."""
+
+    full_state_update = False
+
+    def __init__(self, thresholds: tuple[float, ...] = THRESHOLDS, ignore_index: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.ignore_index = ignore_index
+        self.register_buffer("thresholds", torch.tensor(thresholds, dtype=torch.float32), persistent=False)
+        for name in ("tp", "fp", "fn", "tn"):
+            self.add_state(name, default=torch.zeros(len(thresholds), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, prob: torch.Tensor, target: torch.Tensor) -> None:
+        if prob.shape != target.shape:
+            raise ValueError(f"ThresholdSweep: prob {tuple(prob.shape)} and target {tuple(target.shape)} differ")
+        valid = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        p, t = prob[valid].float(), target[valid] == 1
+        pred = p[None, :] >= self.thresholds.to(p.device)[:, None]  # T x N
+        self.tp += (pred & t).sum(1)
+        self.fp += (pred & ~t).sum(1)
+        self.fn += (~pred & t).sum(1)
+        self.tn += (~pred & ~t).sum(1)
+
+    def compute(self) -> dict[str, list[float]]:
+        return {
+            "thresholds": [round(v, 4) for v in _floats(self.thresholds)],
+            "precision": _floats(_ratio(self.tp, self.tp + self.fp)),
+            "recall": _floats(_ratio(self.tp, self.tp + self.fn)),
+            "iou": _floats(_ratio(self.tp, self.tp + self.fp + self.fn)),
+            "fpr": _floats(_ratio(self.fp, self.fp + self.tn)),
+        }
+
+
+class SegMetrics:
+    """IoU / Dice / precision / recall per class and their means; binary tasks add the threshold sweep."""
+
+    def __init__(self, classes: list[str], ignore_index: int | None, device: torch.device | str = "cpu"):
+        self.classes, self.ignore_index = list(classes), ignore_index
+        k = len(classes)
+        # sync_on_compute=False: evaluation gathers predictions first, so every update already sees all data.
+        self.stats = MulticlassStatScores(
+            num_classes=k, average=None, multidim_average="global", ignore_index=ignore_index, sync_on_compute=False
+        ).to(device)
+        self.sweep = ThresholdSweep(ignore_index=ignore_index, sync_on_compute=False).to(device) if k == 2 else None
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, fg_prob: torch.Tensor | None = None) -> None:
+        """pred, target: B x H x W class indices; fg_prob: B x H x W foreground probability (binary)."""
+        if pred.shape != target.shape:
+            raise ValueError(f"SegMetrics: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        self.stats.update(pred, target)
+        if self.sweep is not None and fg_prob is not None:
+            self.sweep.update(fg_prob, target)
+
+    def compute(self) -> dict[str, Any]:
+        tp, fp, tn, fn, _ = self.stats.compute().T
+        iou, dice = _ratio(tp, tp + fp + fn), _ratio(2 * tp, 2 * tp + fp + fn)
+        precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+        out: dict[str, Any] = {
+            "mIoU": _nanmean(iou), "mDice": _nanmean(dice),
+            "mPrecision": _nanmean(precision), "mRecall": _nanmean(recall),
+            "pixel_accuracy": float(tp.sum() / (tp.sum() + fn.sum()).clamp_min(1)),
+            "iou": dict(zip(self.classes, _floats(iou))),
+            "dice": dict(zip(self.classes, _floats(dice))),
+        }
+        if len(self.classes) == 2:  # the foreground class, and how much of it there is
+            out.update(fg_iou=float(iou[1]), fg_dice=float(dice[1]), fg_precision=float(precision[1]),
+                       fg_recall=float(recall[1]))
+            total = (tp + fn).sum().clamp_min(1)
+            out["fg_fraction_true"] = float((tp[1] + fn[1]) / total)
+            out["fg_fraction_pred"] = float((tp[1] + fp[1]) / total)
+            if self.sweep is not None and int(self.sweep.tp.sum() + self.sweep.fp.sum() + self.sweep.fn.sum() + self.sweep.tn.sum()):
+                out["sweep"] = self.sweep.compute()
+        return out
+
+    def headline(self, result: dict[str, Any]) -> dict[str, float]:
+        """The few numbers for the progress log and summary."""
+        keys = ("fg_iou", "fg_dice", "mIoU") if len(self.classes) == 2 else ("mIoU", "mDice", "pixel_accuracy")
+        return {k: result[k] for k in keys}
+
+
+class ClsMetrics:
+    """Accuracy, balanced accuracy (macro recall) and macro F1."""
+
+    def __init__(self, classes: list[str], device: torch.device | str = "cpu"):
+        k = len(classes)
+        kw = {"num_classes": k, "sync_on_compute": False}
+        self.metrics = {
+            "accuracy": MulticlassAccuracy(average="micro", **kw).to(device),
+            "balanced_accuracy": MulticlassAccuracy(average="macro", **kw).to(device),
+            "macro_f1": MulticlassF1Score(average="macro", **kw).to(device),
+        }
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, fg_prob: torch.Tensor | None = None) -> None:
+        for m in self.metrics.values():
+            m.update(pred, target)
+
+    def compute(self) -> dict[str, float]:
+        return {k: float(m.compute()) for k, m in self.metrics.items()}
+
+    def headline(self, result: dict[str, Any]) -> dict[str, float]:
+        return {k: result[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+
+
+class GateMeter:
+    """Mean gate weight per extractor over the evaluated images (token gates averaged over locations)."""
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def update(self, per_image: torch.Tensor) -> None:
+        """per_image: B x E weights."""
+        s = per_image.detach().double().sum(0).cpu()
+        self.total = s if self.total is None else self.total + s
+        self.count += per_image.shape[0]
+
+    def compute(self) -> dict[str, float] | None:
+        if self.total is None or self.count == 0:
+            return None
+        return dict(zip(self.names, _floats(self.total / self.count)))
+
+
+def task_metrics(task_type: str, classes: list[str], ignore_index: int | None, device="cpu") -> SegMetrics | ClsMetrics:
+    if task_type == "seg":
+        return SegMetrics(classes, ignore_index, device)
+    return ClsMetrics(classes, device)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN / inf -> None, recursively (metrics.jsonl is strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
