@@ -1,0 +1,206 @@
+"""PretrainConfig: the strict, nested config of `train/pretrain.py` (MAE, SMIR, DINO).
+
+A YAML file holds the sections below; ``key=value`` overrides on the command line address them by
+dotted path (``train.max_steps=20``, ``data.datasets=[mtd]``). Unknown keys are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from extractors.base import FAMILIES
+from router.config import _from_dict, load_yaml_or_json
+
+METHODS = ("mae", "smir", "dino")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DATA_ENV = "BACKBONE_ROUTER_DATA"
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # folder of dataset folders; None: $BACKBONE_ROUTER_DATA, else <repo>/../shared/data
+    datasets: list[str] = field(default_factory=lambda: ["mtd", "cfd", "camvid", "flowers12"])  # pool members
+    splits: list[str] = field(default_factory=lambda: ["train"])  # splits.csv values taken into the pool
+    image_size: int = 96  # side of the (global) training crops
+    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])  # RandomResizedCrop area range
+    hflip: bool = True  # random horizontal flips
+    preload_short_side: int | None = 160  # decode once, resize the short side to this, keep in memory; None: lazy
+    max_images: int | None = None  # keep only this many pool images (a seeded random subset); None keeps all
+    num_workers: int = 0  # DataLoader workers
+
+    def __post_init__(self):
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
+        if not self.datasets:
+            raise ValueError("data.datasets: name at least one dataset folder")
+
+    def resolved_root(self) -> Path:
+        """`root`, else $BACKBONE_ROUTER_DATA, else ../shared/data relative to the repository root."""
+        if self.root:
+            return Path(self.root).expanduser()
+        if os.environ.get(DATA_ENV):
+            return Path(os.environ[DATA_ENV]).expanduser()
+        return REPO_ROOT.parent / "shared" / "data"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_small_patch16_224"  # timm ViT architecture (the saved extractor's model_name)
+    kwargs: dict[str, Any] = field(  # timm.create_model kwargs: the size of the ViT
+        default_factory=lambda: {"img_size": 96, "embed_dim": 192, "depth": 6, "num_heads": 3}
+    )
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # normalization saved with the weights
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    family: str = "morphological"  # family tag of the saved extractor
+    layers: list[int] | None = None  # dense layers of the saved extractor; None: the last block
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family: expected one of {FAMILIES}, got {self.family!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"model.mean / model.std: expected 3 values each, got {self.mean} / {self.std}")
+
+
+@dataclass
+class DecoderConfig:
+    dim: int = 128  # width of the MAE/SMIR decoder
+    depth: int = 2  # transformer blocks of the decoder
+    num_heads: int = 4  # attention heads of the decoder
+
+
+@dataclass
+class MAEConfig:
+    mask_ratio: float = 0.75  # fraction of patches masked (random)
+    norm_pix_loss: bool = True  # regress per-patch normalized pixels (MAE paper default)
+
+    def __post_init__(self):
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mae.mask_ratio: expected 0 < ratio < 1, got {self.mask_ratio}")
+
+
+@dataclass
+class SMIRConfig:
+    partitions: int = 10  # P: the pool is split into P parts trained in order; part 0 uses random masks
+    num_masks: int = 5  # K: random masks per image used to score patches for the selective mask
+    mask_ratio: float = 0.5  # fraction of patches masked (random in part 0, highest-loss afterwards)
+    ms_ssim_weight: float = 1.0  # weight of (1 - MS-SSIM) in the training loss
+    l1_weight: float = 1.0  # weight of the L1 on masked patches in the training loss
+    ssim_kernel: int = 11  # Gaussian window of SSIM / MS-SSIM
+    ms_ssim_scales: int | None = None  # MS-SSIM scales; None: as many (<= 5) as the crop size allows
+
+    def __post_init__(self):
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"smir.mask_ratio: expected 0 < ratio < 1, got {self.mask_ratio}")
+        if self.partitions < 1 or self.num_masks < 1:
+            raise ValueError(f"smir.partitions and smir.num_masks must be >= 1, got {self.partitions}, {self.num_masks}")
+
+
+@dataclass
+class DINOConfig:
+    out_dim: int = 1024  # prototypes of the projection head
+    hidden_dim: int = 512  # hidden width of the head MLP
+    bottleneck_dim: int = 128  # width before the weight-normed last layer
+    head_layers: int = 3  # linear layers of the head MLP
+    norm_last_layer: bool = True  # freeze the weight-norm gain of the last layer at 1
+    local_crops: int = 4  # N local views besides the 2 global ones
+    local_size: int = 48  # side of the local views
+    global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])  # crop area range of global views
+    local_scale: list[float] = field(default_factory=lambda: [0.1, 0.4])  # crop area range of local views
+    student_temp: float = 0.1  # softmax temperature of the student
+    warmup_teacher_temp: float = 0.04  # teacher temperature at step 0
+    teacher_temp: float = 0.07  # teacher temperature after the warm-up
+    teacher_temp_warmup_steps: int = 300  # linear warm-up of the teacher temperature
+    momentum: float = 0.996  # EMA momentum of the teacher at step 0 (cosine schedule to momentum_end)
+    momentum_end: float = 1.0
+    center_momentum: float = 0.9  # EMA momentum of the center of teacher outputs
+
+    def __post_init__(self):
+        if self.student_temp <= 0 or self.teacher_temp <= 0 or self.warmup_teacher_temp <= 0:
+            raise ValueError("dino: temperatures must be > 0")
+        if not 0 <= self.momentum <= self.momentum_end <= 1:
+            raise ValueError(f"dino: expected 0 <= momentum <= momentum_end <= 1, got {self.momentum}, {self.momentum_end}")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1500  # optimizer steps
+    batch_size: int = 64  # images per process per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    lr: float = 1.5e-3  # peak learning rate (AdamW)
+    min_lr: float = 1e-5  # end of the cosine schedule
+    warmup_steps: int = 100  # linear warm-up of the learning rate
+    weight_decay: float = 0.05  # on 2-D+ parameters only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    clip_grad_norm: float | None = 3.0  # max gradient norm; None: no clipping
+    mixed_precision: str = "no"  # accelerate mixed precision: no / fp16 / bf16
+    log_every: int = 10  # steps between metrics.jsonl lines
+    tensorboard: bool = False  # also write TensorBoard scalars under <output>/tb
+    seed: int = 0  # seeds torch, the pool subset and the SMIR partitions
+    cpu_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default (1 is faster on a busy CPU)
+
+
+@dataclass
+class PretrainConfig:
+    method: str  # mae / smir / dino
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)  # MAE and SMIR
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    smir: SMIRConfig = field(default_factory=SMIRConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> PretrainConfig:
+        """Strict decoding: an unknown key or a wrong type is an error naming its dotted path."""
+        return _from_dict(cls, data, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``a.b.c=value`` entries (values parsed as YAML) in a nested dict; returns a new dict.
+
+    >>> apply_overrides({"train": {"max_steps": 10}}, ["train.max_steps=2"])
+    {'train': {'max_steps': 2}}
+    """
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key.path=value, e.g. train.max_steps=20")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> PretrainConfig:
+    """Read a YAML/JSON pretraining config and apply ``key=value`` overrides.
+
+    >>> cfg = load_pretrain_config("configs/pretrain_mae.yaml", ["train.max_steps=2"])
+    >>> cfg.method, cfg.train.max_steps
+    ('mae', 2)
+    """
+    path = Path(path)
+    data = apply_overrides(load_yaml_or_json(path), list(overrides))
+    return PretrainConfig.from_dict(data, where=str(path))
