@@ -21,8 +21,9 @@ import torch  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def shared_weights_dir() -> Path:
-    """Real weight files: $BACKBONE_ROUTER_WEIGHTS, else <repo root>/../shared/weights."""
+@pytest.fixture(scope="session")
+def shared_weights() -> Path:
+    """The real weight files: $BACKBONE_ROUTER_WEIGHTS, else <repo root>/../shared/weights (may not exist)."""
     return Path(os.environ.get("BACKBONE_ROUTER_WEIGHTS", REPO_ROOT.parent / "shared" / "weights"))
 
 
