@@ -129,10 +129,7 @@ class Router(nn.Module):
         from a frozen-feature cache; those extractors are then not run.
         """
         images = check_images(images, "Router input")
-        try:
-            tcfg = self.config.task(task)
-        except KeyError as e:
-            raise KeyError(str(e)) from None
+        tcfg = self.config.task(task)
         b, (h, w) = images.shape[0], images.shape[-2:]
         grid = grid_size((h, w), self.config.stride)
         names, n = self.extractor_names, len(self.extractors)

@@ -211,7 +211,7 @@ def test_tiny_config_contract_on_odd_sizes_and_greyscale():
     assert torch.isfinite(seg["aux_loss"])
     with pytest.raises(ValueError, match=r"C = 1.*got shape \(2, 2, 97, 130\)"):
         model(torch.rand(2, 2, 97, 130), task="demo_seg")
-    with pytest.raises(KeyError, match="no task named 'nope'"):
+    with pytest.raises(KeyError, match=r"no task named .*nope"):
         model(grey, task="nope")
 
 
