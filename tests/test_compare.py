@@ -1,0 +1,183 @@
+"""The comparison end to end on tiny random extractors and synthetic data, its config, and its report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from train import compare
+from train.report import aggregate, gains, plot_gate_heatmap, results_markdown, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "compare_tiny.yaml"
+
+
+def run(out: Path, cache: Path, *extra: str) -> dict:
+    argv = ["--config", str(TINY), "--output-dir", str(out), f"compare.cache_dir={cache}",
+            "compare.variants=[concat, gated_token]", "compare.seeds=[0, 1]", *extra]
+    assert compare.main(argv) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The same comparison twice on one cache: the second one must run no extractor forward."""
+    root = tmp_path_factory.mktemp("cmp")
+    first = run(root / "a", root / "cache")
+    second = run(root / "b", root / "cache")
+    return root, first, second
+
+
+def test_report_files_and_contents(two_runs):
+    root, summary, _ = two_runs
+    out = root / "a"
+    for name in ("results.csv", "results.json", "results.md", "gates.json", "sweeps.json", "summary.json",
+                 "gate_heatmaps.json", "bars.png", "gate_heatmap_gated_token.png", "sweep_shape_seg.png", "config.yaml"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for png in out.glob("*.png"):
+        with Image.open(png) as im:
+            assert im.size[0] > 200 and im.size[1] > 100
+
+    rows = json.loads((out / "results.json").read_text())
+    with (out / "results.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows) and set(csv_rows[0]) == {"variant", "seed", "task", "metric", "value"}
+    # 2 variants x 2 seeds x 2 tasks, every headline metric present and in [0, 1].
+    keys = {(r["variant"], r["seed"], r["task"]) for r in rows}
+    assert keys == {(v, s, t) for v in ("concat", "gated_token") for s in (0, 1) for t in ("shape_seg", "shape_cls")}
+    for r in rows:
+        if r["metric"] in ("fg_iou", "mIoU", "accuracy", "balanced_accuracy", "macro_f1"):
+            assert r["value"] is not None and 0.0 <= r["value"] <= 1.0, r
+    assert float(csv_rows[0]["value"]) == pytest.approx(rows[0]["value"])
+
+    # results.md: the per-task mean ± std over seeds of the primary metric, as computed from the rows.
+    md = (out / "results.md").read_text()
+    for v in ("concat", "gated_token"):
+        vals = [r["value"] for r in rows if r["variant"] == v and r["task"] == "shape_cls" and r["metric"] == "balanced_accuracy"]
+        cell = f"{100 * np.mean(vals):.1f} ± {100 * np.std(vals, ddof=1):.1f}"
+        assert cell in md, (cell, md)
+    assert "Best routed variant (by task mean): **gated_token**" in md
+    assert summary["meta"]["budget"]["max_steps"] == 12 and summary["meta"]["seeds"] == [0, 1]
+
+    # Threshold sweep of the binary seg task: 9 thresholds, recall falls as the threshold rises.
+    sweeps = json.loads((out / "sweeps.json").read_text())
+    assert {(s["variant"], s["seed"]) for s in sweeps} == {(v, s) for v in ("concat", "gated_token") for s in (0, 1)}
+    for s in sweeps:
+        assert s["task"] == "shape_seg" and len(s["thresholds"]) == 9
+        assert all(a >= b for a, b in zip(s["recall"], s["recall"][1:]))
+
+
+def test_heatmap_values_equal_logged_gate_means(two_runs):
+    root, _, _ = two_runs
+    out = root / "a"
+    gates = json.loads((out / "gates.json").read_text())
+    heat = json.loads((out / "gate_heatmaps.json").read_text())["gated_token"]
+    assert heat["extractors"] == ["vit14", "vit16"] and heat["families"] == ["geometric", "semantic"]
+    for i, task in enumerate(heat["tasks"]):
+        for j, ext in enumerate(heat["extractors"]):
+            logged = [g["weight"] for g in gates if (g["variant"], g["task"], g["extractor"]) == ("gated_token", task, ext)]
+            assert len(logged) == 2  # one per seed
+            assert heat["matrix"][i][j] == pytest.approx(np.mean(logged), abs=1e-12)
+        assert sum(heat["matrix"][i]) == pytest.approx(1.0, abs=1e-6)  # softmax weights
+    m = plot_gate_heatmap(gates, "gated_token", heat["tasks"], heat["extractors"], {"vit14": "geometric"},
+                          out / "again.png")
+    np.testing.assert_allclose(m, np.asarray(heat["matrix"]), rtol=0, atol=1e-12)
+
+
+def test_second_comparison_runs_no_extractor_forward(two_runs):
+    root, first, second = two_runs
+    assert first["meta"]["cache"]["misses"] > 0
+    assert all(n > 0 for n in first["meta"]["cache"]["extractor_forward_calls"].values())
+    assert second["meta"]["cache"]["misses"] == 0
+    assert second["meta"]["cache"]["hits"] == first["meta"]["cache"]["misses"] + first["meta"]["cache"]["hits"]
+    assert second["meta"]["cache"]["extractor_forward_calls"] == {"vit14": 0, "vit16": 0}
+    # Same data, seeds and cached features: the same results, value for value.
+    a = json.loads((root / "a" / "results.json").read_text())
+    b = json.loads((root / "b" / "results.json").read_text())
+    assert a == b
+
+
+def test_frozen_features_count_forward_calls(tmp_path):
+    """frozen_features through the cache: one forward per batch on a miss, none on a hit."""
+    import torch
+
+    from extractors import create_extractor
+    from train.feature_cache import FeatureCache
+
+    torch.manual_seed(0)
+    ext = create_extractor("timm:vit_small_patch16_224", pretrained=False, embed_dim=32, depth=2, num_heads=2,
+                           img_size=32).freeze()
+    images = [(torch.rand(5, 3, 32, 32) * 255).to(torch.uint8) for _ in range(2)]
+    views = compare.ViewSet([f"d/{i}#x" for i in range(5)], ["eval:32", "train:32"], images, [torch.zeros(5)] * 2)
+    cache = FeatureCache(tmp_path)
+    a = compare.frozen_features({"e": ext}, views, cache, 2, torch.float32, "cpu")
+    assert ext.forward_calls == 6  # 2 views x ceil(5 / 2) batches
+    b = compare.frozen_features({"e": ext}, views, FeatureCache(tmp_path), 2, torch.float32, "cpu")
+    assert ext.forward_calls == 6
+    assert all(torch.equal(x["e"]["pooled"], y["e"]["pooled"]) for x, y in zip(a, b))
+    assert a[0]["e"]["pooled"].shape == (5, 32) and not torch.equal(a[0]["e"]["pooled"], a[1]["e"]["pooled"])
+
+
+def test_unfrozen_variant_bypasses_the_cache(tmp_path):
+    summary = run(tmp_path / "out", tmp_path / "cache", "compare.seeds=[0]", "train.max_steps=3",
+                  'compare.variants=[gated_task, {name: gated_ft, base: gated_task, model: {"extractors.1.frozen": false}}]')
+    assert summary["meta"]["cache"]["live"] == {"gated_ft": ["vit16"]}
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["variant"] for r in rows} == {"gated_task", "gated_ft"}
+
+
+# ---- config --------------------------------------------------------------------------------------------
+def test_variants_expand_and_errors_name_the_key():
+    cfg, cmp = compare.load_configs(TINY, ["compare.variants=[single, mean, gated_token_top1]"])
+    variants = compare.expand_variants(cmp, cfg.model)
+    assert [v.name for v in variants] == ["single_vit14", "single_vit16", "mean", "gated_token_top1"]
+    assert [v.kind for v in variants] == ["single", "single", "mean", "routed"]
+    assert variants[1].model.fusion == "single" and variants[1].model.single == "vit16"
+    assert variants[3].model.gate.granularity == "token" and variants[3].model.gate.top_k == 1
+    with pytest.raises(ValueError, match=r"compare.variants\[0\]: unknown variant 'gated_pixel'"):
+        compare.expand_variants(compare.load_configs(TINY, ["compare.variants=[gated_pixel]"])[1], cfg.model)
+    with pytest.raises(ValueError, match="unknown key 'compare.seed'"):
+        compare.load_configs(TINY, ["compare.seed=3"])
+    with pytest.raises(ValueError, match="compare.views: must be >= 1"):
+        compare.load_configs(TINY, ["compare.views=0"])
+
+
+# ---- report values -------------------------------------------------------------------------------------
+def test_gains_and_table_values(tmp_path):
+    values = {  # variant -> task -> per-seed values
+        "single_a": {"t1": [0.50, 0.52], "t2": [0.70, 0.70]},
+        "single_b": {"t1": [0.60, 0.60], "t2": [0.60, 0.62]},
+        "concat": {"t1": [0.58, 0.60], "t2": [0.69, 0.71]},
+        "gated_task": {"t1": [0.62, 0.62], "t2": [0.72, 0.72]},
+        "gated_image": {"t1": [0.64, 0.64], "t2": [0.60, 0.60]},
+    }
+    rows = [{"variant": v, "seed": s, "task": t, "metric": "m", "value": x}
+            for v, per in values.items() for t, xs in per.items() for s, x in enumerate(xs)]
+    meta = {"tasks": ["t1", "t2"], "primary": {"t1": "m", "t2": "m"}, "variants": list(values),
+            "kinds": {"single_a": "single", "single_b": "single", "concat": "concat", "gated_task": "routed",
+                      "gated_image": "routed"},
+            "extractors": ["a", "b"], "families": {"a": "semantic", "b": "morphological"}, "seeds": [0, 1]}
+    agg = aggregate(rows)
+    g = gains(agg, meta)
+    assert g["best_routed"] == "gated_task"  # task mean 67.0 vs 62.0
+    assert g["per_task"]["t1"]["best_single"] == "single_b" and g["per_task"]["t2"]["best_single"] == "single_a"
+    assert g["per_task"]["t1"]["vs_best_single"] == pytest.approx(2.0)
+    assert g["per_task"]["t2"]["vs_best_single"] == pytest.approx(2.0)
+    assert g["per_task"]["t1"]["vs_concat"] == pytest.approx(3.0) and g["per_task"]["t2"]["vs_concat"] == pytest.approx(2.0)
+    assert g["vs_concat_avg"] == pytest.approx(2.5)
+    assert g["routed_ge_best_single_every_task"] is True and g["routed_ge_concat_plus_1_avg"] is True
+    md = results_markdown(agg, meta, g)
+    assert "| gated_image | routed | **64.0 ± 0.0** | 60.0 ± 0.0 | 62.0 |" in md
+    assert "| gated_task | routed | 62.0 ± 0.0 | **72.0 ± 0.0** | **67.0** |" in md
+    assert "| single_a | single | 51.0 ± 1.4 | 70.0 ± 0.0 | 60.5 |" in md
+    assert "| **average** | | | +2.0 | | +2.5 |" in md
+    paths = write_report(tmp_path, rows, [], [], meta)
+    assert paths["sweeps_png"] == {} and set(paths["heatmaps"]) == {"gated_task", "gated_image"}
+    heat = json.loads(paths["heatmap_values"].read_text())
+    assert all(math.isnan(x) if x is not None else True for row in heat["gated_task"]["matrix"] for x in row)

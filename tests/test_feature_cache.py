@@ -1,0 +1,135 @@
+"""FeatureCache: hits, misses and invalidation with values, counted with Extractor.forward_calls."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from extractors import create_extractor
+from train.feature_cache import FeatureCache, weights_hash
+
+TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32}
+
+
+def tiny(seed: int = 0, layers=None):
+    torch.manual_seed(seed)
+    return create_extractor("timm:vit_small_patch16_224", pretrained=False, layers=layers, **TINY_VIT).freeze().eval()
+
+
+@pytest.fixture
+def images():
+    return torch.rand(3, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+
+
+def test_miss_then_hit_without_forward(tmp_path, images):
+    ext = tiny()
+    cache = FeatureCache(tmp_path)
+    first = cache.get_or_compute(ext, ["a", "b", "c"], images, view=0, transform="eval:32x48")
+    assert (cache.misses, cache.hits, ext.forward_calls) == (3, 0, 1)
+    with torch.no_grad():
+        direct = ext(images)
+    assert ext.forward_calls == 2
+    for got, want in zip(first["dense"] + [first["pooled"]], direct["dense"] + [direct["pooled"]]):
+        assert got.dtype == torch.float32 and torch.equal(got, want)  # float32 storage: exact
+
+    calls = ext.forward_calls
+    again = FeatureCache(tmp_path).get_or_compute(ext, ["c", "a"], None, view=0, transform="eval:32x48")  # new instance
+    assert ext.forward_calls == calls  # read from disk, no forward
+    assert torch.equal(again["pooled"], first["pooled"][[2, 0]])
+    assert torch.equal(again["dense"][0], first["dense"][0][[2, 0]])
+
+
+def test_partial_batch_computes_only_the_misses(tmp_path, images):
+    ext = tiny()
+    cache = FeatureCache(tmp_path)
+    cache.get_or_compute(ext, ["a"], images[:1], view=0, transform="t")
+    out = cache.get_or_compute(ext, ["a", "b", "c"], images, view=0, transform="t")
+    assert cache.stats() == {"hits": 1, "misses": 3} and ext.forward_calls == 2
+    with torch.no_grad():
+        want = ext(images)["pooled"]
+    assert torch.equal(out["pooled"], want)
+    assert cache.count(ext) == 3
+
+
+def test_invalidation(tmp_path, images):
+    ext = tiny()
+    cache = FeatureCache(tmp_path)
+    ids = ["a", "b", "c"]
+    base = cache.get_or_compute(ext, ids, images, view=1, transform="train:32")
+    key = cache.extractor_key(ext)
+
+    # Same everything: a hit, no forward.
+    cache.reset_stats()
+    calls = ext.forward_calls
+    cache.get_or_compute(ext, ids, images, view=1, transform="train:32")
+    assert cache.stats() == {"hits": 3, "misses": 0} and ext.forward_calls == calls
+
+    # Another view or transform of the same image ids: misses.
+    for view, transform in ((2, "train:32"), (1, "train:48")):
+        cache.reset_stats()
+        cache.get_or_compute(ext, ids, images, view=view, transform=transform)
+        assert cache.stats() == {"hits": 0, "misses": 3}
+
+    # Changed weights (in place, as an optimizer would): a new key, misses, new values.
+    with torch.no_grad():
+        ext.model.blocks[-1].mlp.fc2.bias.add_(0.5)
+    assert cache.extractor_key(ext) != key
+    cache.reset_stats()
+    changed = cache.get_or_compute(ext, ids, images, view=1, transform="train:32")
+    assert cache.stats() == {"hits": 0, "misses": 3}
+    assert not torch.equal(changed["dense"][0], base["dense"][0])
+    with torch.no_grad():  # and back: the old entries are found again
+        ext.model.blocks[-1].mlp.fc2.bias.sub_(0.5)
+    cache.reset_stats()
+    cache.get_or_compute(ext, ids, images, view=1, transform="train:32")
+    assert cache.extractor_key(ext) == key and cache.stats() == {"hits": 3, "misses": 0}
+
+    # Changed preprocessing: normalization, or other layers: misses.
+    other_mean = tiny()
+    other_mean.info = dataclasses.replace(other_mean.info, mean=(0.4, 0.4, 0.4))
+    other_mean._mean.fill_(0.4)
+    other_layers = tiny(layers=[0, 1])
+    for other in (other_mean, other_layers):
+        assert weights_hash(other) == weights_hash(ext)
+        cache.reset_stats()
+        cache.get_or_compute(other, ids, images, view=1, transform="train:32")
+        assert cache.stats() == {"hits": 0, "misses": 3}
+
+    # Same weights in another object: a hit.
+    twin = tiny()
+    cache.reset_stats()
+    cache.get_or_compute(twin, ids, images, view=1, transform="train:32")
+    assert cache.stats() == {"hits": 3, "misses": 0} and twin.forward_calls == 0
+
+
+def test_half_storage_returns_the_stored_values(tmp_path, images):
+    ext = tiny()
+    cache = FeatureCache(tmp_path, dtype=torch.float16)
+    miss = cache.get_or_compute(ext, ["a", "b", "c"], images, view=0, transform="t")
+    hit = FeatureCache(tmp_path, dtype=torch.float16).get_or_compute(ext, ["a", "b", "c"], None, view=0, transform="t")
+    assert torch.equal(miss["pooled"], hit["pooled"]) and miss["pooled"].dtype == torch.float32
+    with torch.no_grad():
+        exact = ext(images)["pooled"]
+    assert torch.allclose(miss["pooled"], exact, atol=1e-2, rtol=1e-2) and not torch.equal(miss["pooled"], exact)
+    # The storage dtype is part of the key: a float32 cache on the same root does not read half values.
+    full = FeatureCache(tmp_path)
+    full.get_or_compute(ext, ["a"], images[:1], view=0, transform="t")
+    assert full.misses == 1
+
+
+def test_errors_name_the_problem(tmp_path, images):
+    ext = tiny()
+    cache = FeatureCache(tmp_path)
+    with pytest.raises(ValueError, match="'zz'.*not cached"):
+        cache.get_or_compute(ext, ["zz"], None, view=0, transform="t")
+    with pytest.raises(ValueError, match="2 image ids but images of shape"):
+        cache.get_or_compute(ext, ["a", "b"], images, view=0, transform="t")
+    trainable = tiny().unfreeze()
+    with pytest.raises(ValueError, match="trainable"):
+        cache.get_or_compute(trainable, ["a"], images[:1], view=0, transform="t")
+    cache.get_or_compute(ext, ["small"], torch.rand(1, 3, 16, 16), view=0, transform="t")
+    with pytest.raises(ValueError, match="different shapes"):
+        cache.get_or_compute(ext, ["small", "a"], torch.cat([torch.rand(1, 3, 32, 48), images[:1]]), view=0,
+                             transform="t")

@@ -1,0 +1,552 @@
+"""Single versus routed extractors: every fusion variant on the same frozen features, data and budget.
+
+    accelerate launch train/compare.py --config configs/compare_shared.yaml --output-dir runs/cmp
+    accelerate launch train/compare.py --config configs/compare_tiny.yaml --output-dir runs/cmp_tiny \\
+        compare.seeds=[0,1] train.max_steps=50
+
+One config names the extractors and tasks (``model:``), the datasets (``data:``), the budget (``train:``,
+the same steps, lr and batch for every variant) and the comparison (``compare:``): the variants, the seeds,
+the number of precomputed views and the feature cache. Variants:
+
+- ``single``: one variant per extractor (``single_<name>``), the Router with ``fusion: single``;
+- ``mean``, ``concat``: fixed fusions of all extractors;
+- ``gated_<task|image|token>[_top<k>]``: the task-conditioned gate at that granularity (top-k optional);
+- ``{name: ..., base: <one of the above>, model: {dotted.key: value}}``: a base variant with model-section
+  overrides (e.g. ``gate.temperature: 2`` or ``extractors.0.frozen: false``; an unfrozen extractor runs live,
+  outside the cache).
+
+Following dinov2 ``eval/linear.py``, the frozen extractors run once per image and view (through
+:class:`train.feature_cache.FeatureCache` on disk, so a second comparison runs none), and for each seed all
+variants are trained side by side on the very same batches. Augmentation is a fixed set of V views per
+training image (view 0: the eval transform; views 1..V-1: seeded random resized crops, flips and jitter,
+the mask or label travelling with its view); each training batch uses one view.
+
+The output dir gets results.csv / results.json (rows variant, seed, task, metric, value), gates.json,
+sweeps.json, summary.json, results.md and the plots of :mod:`train.report`, plus config.yaml (resolved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    # Run as a script, Python puts train/ first on sys.path, where train/ssl/ would shadow the standard
+    # library's `ssl`. Import from the repository root instead (as train/finetune.py does).
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from extractors import Extractor, create_extractor
+from extractors.atomic import atomic_write_bytes
+from heads.losses import build_loss
+from router import Router, RouterConfig
+from router.config import _from_dict, load_yaml_or_json
+from train.config import ExperimentConfig, TrainConfig, apply_override
+from train.data import (
+    TaskData,
+    TaskDataset,
+    TaskSchedule,
+    foreground_prior,
+    load_experiment_data,
+    resolve_data_root,
+)
+from train.feature_cache import FeatureCache
+from train.finetune import lr_factor
+from train.metrics import GateMeter, json_safe, task_metrics
+from train.report import write_report
+from train.synthetic import write_synthetic_dataset
+
+VARIANT_RE = re.compile(r"^(single|mean|concat|gated_(task|image|token)(_top(\d+))?)$")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------------
+# config
+@dataclass
+class CompareConfig:
+    variants: list[Any]  # "single" | "mean" | "concat" | "gated_<task|image|token>[_top<k>]" | {name, base, model}
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # every variant is trained once per seed
+    views: int = 2  # precomputed views per training image: 0 = eval transform, 1..V-1 = seeded augmentations
+    view_seed: int = 0  # seed of the augmented views (a change makes new views: cache misses)
+    cache_dir: str | None = "runs/feature_cache"  # FeatureCache root shared by runs; null: no disk cache
+    cache_dtype: str = "float16"  # storage dtype of cached (and in-memory) features: float32 / float16 / bfloat16
+    feature_batch_size: int = 32  # images per extractor forward when filling the cache
+    max_train_items: int | None = None  # per task: a fixed-seed subset of the training items; null: all
+    metrics: dict[str, str] = field(default_factory=dict)  # task -> primary metric; default by task type
+    threads: int | None = None  # torch.set_num_threads; null: leave as is (OMP_NUM_THREADS)
+
+    def __post_init__(self):
+        if not self.variants:
+            raise ValueError("compare.variants: at least one variant is needed")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"compare.seeds: expected distinct seeds, got {self.seeds}")
+        if self.views < 1:
+            raise ValueError(f"compare.views: must be >= 1 (view 0 is the eval transform), got {self.views}")
+        if self.cache_dtype not in DTYPES:
+            raise ValueError(f"compare.cache_dtype: expected one of {sorted(DTYPES)}, got {self.cache_dtype!r}")
+        if self.feature_batch_size < 1:
+            raise ValueError(f"compare.feature_batch_size: must be >= 1, got {self.feature_batch_size}")
+
+
+@dataclass
+class Variant:
+    name: str  # unique name in tables and plots, e.g. "single_mnv2" or "gated_token_top2"
+    kind: str  # "single", "mean", "concat" or "routed"
+    model: RouterConfig  # the model section this variant trains
+
+
+def load_configs(path: str | Path, overrides: list[str] | None = None) -> tuple[ExperimentConfig, CompareConfig]:
+    """The experiment (model/data/train) and compare sections of one file, with dotted overrides.
+
+    >>> cfg, cmp = load_configs("configs/compare_tiny.yaml", ["compare.seeds=[0, 1]", "train.max_steps=20"])
+    >>> cmp.seeds, cfg.train.max_steps
+    ([0, 1], 20)
+    """
+    path = Path(path)
+    data = load_yaml_or_json(path)
+    if "compare" not in data:
+        raise ValueError(f"{path}: missing the 'compare' section (variants, seeds, views, cache_dir)")
+    raw_compare = data.pop("compare")
+    compare_over = [o for o in overrides or [] if o.split("=", 1)[0].strip().startswith("compare.")]
+    other = [o for o in overrides or [] if o not in compare_over]
+    cfg = ExperimentConfig.from_dict(data, other, where=str(path))
+    cmp = _from_dict(CompareConfig, raw_compare, f"{path}: compare")
+    if compare_over:
+        full = {"compare": dataclasses.asdict(cmp)}
+        for item in compare_over:
+            apply_override(full, item)
+        cmp = _from_dict(CompareConfig, full["compare"], f"{path}: compare (with overrides)")
+    return cfg, cmp
+
+
+def expand_variants(cmp: CompareConfig, model: RouterConfig) -> list[Variant]:
+    """The variants of the config as full model sections; names are unique."""
+    out: list[Variant] = []
+    for i, spec in enumerate(cmp.variants):
+        where = f"compare.variants[{i}]"
+        if isinstance(spec, str):
+            out += _base_variants(spec, model, where)
+            continue
+        if not isinstance(spec, dict) or set(spec) - {"name", "base", "model"} or not {"name", "base"} <= set(spec):
+            raise ValueError(f"{where}: expected a variant name or {{name, base, model}}, got {spec!r}")
+        (base,) = _base_variants(spec["base"], model, where) if spec["base"] != "single" else (None,)
+        if base is None:
+            raise ValueError(f"{where}.base: 'single' expands to several variants; name one, e.g. single_<extractor>")
+        tree = base.model.to_dict()
+        for key, value in (spec.get("model") or {}).items():
+            apply_override(tree, f"{key}={json.dumps(value)}")
+        out.append(Variant(str(spec["name"]), base.kind, RouterConfig.from_dict(tree, where=f"{where}.model")))
+    names = [v.name for v in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"compare.variants: names must be unique, got {names}")
+    return out
+
+
+def _base_variants(name: str, model: RouterConfig, where: str) -> list[Variant]:
+    single = re.fullmatch(r"single_(\w+)", name)
+    if single and single.group(1) in [e.name for e in model.extractors]:
+        cfg = copy.deepcopy(model)
+        cfg.fusion, cfg.single = "single", single.group(1)
+        return [Variant(name, "single", RouterConfig.from_dict(cfg.to_dict(), where=where))]
+    m = VARIANT_RE.match(name)
+    if not m:
+        raise ValueError(
+            f"{where}: unknown variant {name!r}; expected single, single_<extractor>, mean, concat or "
+            "gated_<task|image|token>[_top<k>]"
+        )
+    if m.group(1) == "single":
+        return [v for e in model.extractors for v in _base_variants(f"single_{e.name}", model, where)]
+    cfg = copy.deepcopy(model)
+    if m.group(1) in ("mean", "concat"):
+        cfg.fusion = m.group(1)
+        kind = m.group(1)
+    else:
+        cfg.fusion, kind = "gated", "routed"
+        cfg.gate.granularity = m.group(2)
+        cfg.gate.top_k = int(m.group(4)) if m.group(4) else None
+    return [Variant(name, kind, RouterConfig.from_dict(cfg.to_dict(), where=where))]
+
+
+def primary_metric(task_type: str, num_classes: int) -> str:
+    """Default headline metric: defect IoU for binary seg, mIoU otherwise, balanced accuracy for cls."""
+    if task_type == "seg":
+        return "fg_iou" if num_classes == 2 else "mIoU"
+    return "balanced_accuracy"
+
+
+# ----------------------------------------------------------------------------------------------------
+# views: fixed images (uint8) and targets per task, split and view
+@dataclass
+class ViewSet:
+    """One task split as V fixed views: ``images[v]`` N x C x H x W uint8, ``targets[v]`` N x H x W or N."""
+
+    ids: list[str]  # image ids for the cache: <dataset>/<stem>#<content hash>
+    transforms: list[str]  # per view: what made it (part of the cache key)
+    images: list[torch.Tensor]
+    targets: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def image_id(td: TaskData, item) -> str:
+    """<dataset>/<stem>#<hash of the file's bytes>: an edited image file gets a new id (a cache miss)."""
+    return f"{td.folder.name}/{item.stem}#{hashlib.blake2b(item.image.read_bytes(), digest_size=8).hexdigest()}"
+
+
+def view_seed(base: int, image: str, view: int) -> int:
+    """The augmentation seed of one image's view: fixed by (view seed, <dataset>/<stem>, view)."""
+    return int(np.random.SeedSequence([base, zlib.crc32(image.split("#")[0].encode()), view]).generate_state(1)[0])
+
+
+def build_views(td: TaskData, split: str, cfg: ExperimentConfig, cmp: CompareConfig, n_views: int,
+                subset: list[int] | None = None) -> ViewSet:
+    ds = TaskDataset(td, split, cfg.data)
+    items = list(range(len(ds))) if subset is None else subset
+    d = cfg.data
+    eval_tf = f"eval:{ds.eval_size},c={td.channels}"
+    train_tf = (f"train:{ds.image_size},scale={d.crop_scale},ratio={d.crop_ratio},hflip={d.hflip},vflip={d.vflip},"
+                f"jitter={d.color_jitter},c={td.channels},seed={cmp.view_seed}")
+    ids = [image_id(td, ds.items[i]) for i in items]
+    images, targets = [], []
+    for v in range(n_views):
+        ims, tgs = [], []
+        for i, iid in zip(items, ids):
+            sample = ds[i] if v == 0 else ds[(i, view_seed(cmp.view_seed, iid, v))]
+            ims.append(sample["image"].mul(255).round_().to(torch.uint8))
+            t = sample["target"]
+            tgs.append(t.to(torch.int16) if t.ndim else t)
+        images.append(torch.stack(ims))
+        targets.append(torch.stack(tgs))
+    return ViewSet(ids, [eval_tf] + [train_tf] * (n_views - 1), images, targets)
+
+
+def subset_indices(n: int, limit: int | None, seed: int = 0) -> list[int] | None:
+    if limit is None or limit >= n:
+        return None
+    return sorted(np.random.default_rng([seed, 0x5B5E7]).permutation(n)[:limit].tolist())
+
+
+# ----------------------------------------------------------------------------------------------------
+# frozen features: through the cache, held in memory in the storage dtype
+def frozen_features(extractors: dict[str, Extractor], views: ViewSet, cache: FeatureCache | None, batch: int,
+                    store: torch.dtype, device, progress: tqdm | None = None) -> list[dict[str, dict]]:
+    """Per view: name -> {"dense": [N x D x h x w], "pooled": N x D} in `store` dtype (CPU)."""
+    out = []
+    for v in range(len(views.images)):
+        per_ext = {}
+        for name, ext in extractors.items():
+            dense, pooled = [], []
+            for lo in range(0, len(views), batch):
+                x = views.images[v][lo : lo + batch].to(device).float().div_(255)
+                if cache is not None:
+                    o = cache.get_or_compute(ext, views.ids[lo : lo + batch], x, view=v, transform=views.transforms[v])
+                else:
+                    with torch.no_grad():
+                        o = ext(x)
+                dense.append([d.to("cpu", store) for d in o["dense"]])
+                pooled.append(o["pooled"].to("cpu", store))
+                if progress is not None:
+                    progress.update(x.shape[0])
+            per_ext[name] = {"dense": [torch.cat([d[i] for d in dense]) for i in range(len(dense[0]))],
+                             "pooled": torch.cat(pooled)}
+        out.append(per_ext)
+    return out
+
+
+def gather_features(feats: dict[str, dict], idx: torch.Tensor, device) -> dict[str, dict]:
+    return {n: {"dense": [d[idx].to(device).float() for d in f["dense"]], "pooled": f["pooled"][idx].to(device).float()}
+            for n, f in feats.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# models and optimisation
+def build_router(variant: Variant, shared: dict[str, Extractor], seed: int, priors: dict[str, float]) -> Router:
+    """The variant's Router with the shared frozen extractors (unfrozen ones: a private copy), seeded init."""
+    light = RouterConfig.from_dict(variant.model.to_dict())
+    for e in light.extractors:  # the real weights come from `shared`; do not load them again
+        e.pretrained = False
+    set_seed(seed)
+    model = Router(light)
+    model.config = variant.model
+    for ecfg in variant.model.extractors:
+        ext = shared[ecfg.name]
+        if not ecfg.frozen:
+            ext = copy.deepcopy(ext).unfreeze()
+        model.extractors[ecfg.name] = ext
+    with torch.no_grad():
+        for task, p in priors.items():
+            model.seg_head.init_bias_from_prior(task, p)
+    return model
+
+
+def make_optimizer(model: Router, t: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on 2-D+ tensors (nanoGPT); unfrozen extractors at phase2_lr_scale x lr."""
+    groups = []
+    for is_ext in (False, True):
+        params = [p for k, p in model.named_parameters() if p.requires_grad and k.startswith("extractors.") == is_ext]
+        lr = t.lr * (t.phase2_lr_scale if is_ext else 1.0)
+        for ps, wd in (([p for p in params if p.ndim >= 2], t.weight_decay), ([p for p in params if p.ndim < 2], 0.0)):
+            if ps:
+                groups.append({"params": ps, "weight_decay": wd, "lr": lr, "base_lr": lr})
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
+
+
+def batch_view(seed: int, step: int, n_views: int) -> int:
+    """The view one training micro-batch uses (a pure function of the seed and the micro-batch index)."""
+    return int(np.random.SeedSequence([seed, step, 0x71E3]).generate_state(1)[0] % n_views)
+
+
+def scalar_metrics(result: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="experiment YAML with model / data / train / compare sections")
+    p.add_argument("--output-dir", default=None, help="run folder (default: runs/<config name>)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200 compare.seeds=[0,1]")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg, cmp = load_configs(args.config, args.overrides)
+    output_dir = Path(args.output_dir or Path("runs") / Path(args.config).stem)
+    t = cfg.train
+    if cmp.threads:
+        torch.set_num_threads(cmp.threads)
+
+    # ------------------------------------------------------------------------------------------------
+    # accelerator: seeds are split across processes (each trains every variant for its seeds)
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=multi_cpu or None)
+    main_process, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    device, say = accelerator.device, accelerator.print
+    timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------------
+    # data and views
+    t0 = time.perf_counter()
+    if cfg.data.synthetic is not None:
+        if main_process:
+            s = cfg.data.synthetic
+            write_synthetic_dataset(output_dir / "data", s.name, s.n_train, s.n_val, s.size, s.ignore_border, s.seed)
+        accelerator.wait_for_everyone()
+    root = resolve_data_root(cfg.data, output_dir)
+    tasks = load_experiment_data(cfg, root)
+    task_names = list(tasks)
+    variants = expand_variants(cmp, cfg.model)  # after the tasks got their classes from meta.json
+    primary = {n: cmp.metrics.get(n) or primary_metric(td.task.type, td.task.num_classes) for n, td in tasks.items()}
+    if unknown := sorted(set(cmp.metrics) - set(task_names)):
+        raise ValueError(f"compare.metrics: unknown task(s) {unknown}; tasks are {task_names}")
+    if main_process:
+        resolved = {**cfg.to_dict(), "compare": dataclasses.asdict(cmp)}
+        atomic_write_bytes(output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
+    views: dict[str, dict[str, ViewSet]] = {}
+    for n, td in tasks.items():
+        sub = subset_indices(len(td.train), cmp.max_train_items)
+        views[n] = {"train": build_views(td, "train", cfg, cmp, cmp.views, sub),
+                    "val": build_views(td, "val", cfg, cmp, 1)}
+        say(f"  {n}: {td.folder.name} ({td.task.type}, {td.task.num_classes} classes) train {len(views[n]['train'])} "
+            f"x {cmp.views} views / val {len(views[n]['val'])}; primary metric {primary[n]}")
+    timings["views_s"] = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------------------------
+    # extractors (built once, shared by all variants) and their frozen features
+    t0 = time.perf_counter()
+    shared: dict[str, Extractor] = {}
+    set_seed(0)  # extractors with random weights (pretrained: false) get the same weights in every run
+    for e in cfg.model.extractors:
+        ext = create_extractor(e.spec, layers=e.layers, pretrained=e.pretrained, checkpoint=e.checkpoint,
+                               family=e.family, **e.kwargs)
+        shared[e.name] = ext.freeze().eval().to(device)
+    families = {n: ext.info.family for n, ext in shared.items()}
+    timings["extractors_load_s"] = time.perf_counter() - t0
+    # Extractors frozen in the model section are cached; a variant that unfreezes one runs it live.
+    cached = [e.name for e in cfg.model.extractors if e.frozen]
+    live = {v.name: [e.name for e in v.model.extractors if not e.frozen] for v in variants}
+    store = DTYPES[cmp.cache_dtype]
+    cache = FeatureCache(cmp.cache_dir, dtype=store) if cmp.cache_dir else None
+    calls_before = {n: e.forward_calls for n, e in shared.items()}
+    t0 = time.perf_counter()
+    memo: dict[tuple, list] = {}  # tasks on the same images (MTD seg + cls) share one copy in memory
+    feats: dict[str, dict[str, list]] = {}
+    total = sum(len(vs) * len(vs.images) for s in views.values() for vs in s.values()) * len(cached)
+    with tqdm(total=total, desc="features", unit="img", disable=not accelerator.is_local_main_process,
+              dynamic_ncols=True) as bar:
+        if not main_process:  # the main process fills the cache first; the others then read it
+            accelerator.wait_for_everyone()
+        for n in task_names:
+            feats[n] = {}
+            for split, vs in views[n].items():
+                key = (tuple(vs.ids), tuple(vs.transforms))
+                if key not in memo:
+                    memo[key] = frozen_features({k: shared[k] for k in cached}, vs, cache,
+                                                cmp.feature_batch_size, store, device, bar)
+                else:
+                    bar.update(len(vs) * len(vs.images) * len(cached))
+                feats[n][split] = memo[key]
+        if main_process:
+            accelerator.wait_for_everyone()
+    timings["features_s"] = time.perf_counter() - t0
+    forward_calls = {n: e.forward_calls - calls_before[n] for n, e in shared.items()}
+    cache_stats = cache.stats() if cache is not None else {"hits": 0, "misses": 0}
+    say(f"features in {timings['features_s']:.1f}s: cache {cmp.cache_dir} {cache_stats}, extractor forward calls "
+        f"{forward_calls}" + "".join(f"; {k} runs {x} live (unfrozen, not cached)" for k, x in live.items() if x))
+
+    # ------------------------------------------------------------------------------------------------
+    # losses and priors (the same for every variant)
+    loss_fns = {n: build_loss(t.loss[n]) for n in task_names}
+    ignore = {n: tasks[n].task.ignore_index for n in task_names}
+    priors = ({n: foreground_prior(td) for n, td in tasks.items() if td.task.type == "seg" and td.task.num_classes == 2}
+              if t.prior_init else {})
+    weights = [tasks[n].source.weight for n in task_names]
+    if t.grad_accum_steps != 1 and main_process:
+        say(f"note: train.grad_accum_steps={t.grad_accum_steps}: each optimizer step accumulates that many batches")
+
+    @torch.no_grad()
+    def evaluate(model: Router, live_names: list[str]) -> tuple[dict, dict, dict]:
+        """Per task: all metrics, the mean gate per extractor, and the threshold sweep (binary seg)."""
+        model.eval()
+        results, gates, sweeps = {}, {}, {}
+        for n in task_names:
+            tcfg, vs = tasks[n].task, views[n]["val"]
+            meter = task_metrics(tcfg.type, tcfg.classes, tcfg.ignore_index, device)
+            meter_g = GateMeter(model.extractor_names)
+            for lo in range(0, len(vs), t.eval_batch_size):
+                idx = torch.arange(lo, min(lo + t.eval_batch_size, len(vs)))
+                images = vs.images[0][idx].to(device).float().div_(255)
+                target = vs.targets[0][idx].to(device).long()
+                own = {k: f for k, f in gather_features(feats[n]["val"][0], idx, device).items() if k not in live_names}
+                out = model(images, task=n, features=own)
+                logits = out[tcfg.type].float()
+                fg = F.softmax(logits, 1)[:, 1] if tcfg.type == "seg" and tcfg.num_classes == 2 else None
+                meter.update(logits.argmax(1), target, fg)
+                g = out["gate"].float()
+                meter_g.update(g if g.ndim == 2 else g.mean(dim=(2, 3)))
+            r = meter.compute()
+            results[n], gates[n] = scalar_metrics(r), meter_g.compute()
+            if "sweep" in r:
+                sweeps[n] = r["sweep"]
+        model.train()
+        return results, gates, sweeps
+
+    # ------------------------------------------------------------------------------------------------
+    # training: per seed, every variant on the same batches
+    my_seeds = cmp.seeds[rank::world]
+    rows, gate_rows, sweep_rows = [], [], []
+    train_time = {v.name: 0.0 for v in variants}
+    A = t.grad_accum_steps
+    for seed in my_seeds:
+        models = {v.name: build_router(v, shared, seed, priors).to(device) for v in variants}
+        opts = {k: make_optimizer(m, t) for k, m in models.items()}
+        for m in models.values():
+            m.train()
+        schedule = TaskSchedule([len(views[n]["train"]) for n in task_names], weights, t.batch_size, seed)
+        bar = tqdm(range(t.max_steps), desc=f"seed {seed}", disable=not accelerator.is_local_main_process,
+                   dynamic_ncols=True)
+        for step in bar:
+            for opt in opts.values():
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * lr_factor(step, cfg)
+            for micro in range(A):
+                i = step * A + micro
+                ti, keys = schedule.batch(i)
+                n = task_names[ti]
+                v, vs = batch_view(seed, i, cmp.views), views[n]["train"]
+                idx = torch.tensor([k for k, _ in keys])
+                images = vs.images[v][idx].to(device).float().div_(255)
+                target = vs.targets[v][idx].to(device).long()
+                features = gather_features(feats[n]["train"][v], idx, device)
+                for name, model in models.items():
+                    tick = time.perf_counter()
+                    own = {k: f for k, f in features.items() if k not in live[name]}
+                    out = model(images, task=n, features=own)
+                    loss = loss_fns[n](out[tasks[n].task.type].float(), target, ignore_index=ignore[n])["loss"]
+                    loss = (t.loss_weights[n] * loss + t.aux_loss_weight * out["aux_loss"]) / A
+                    if not torch.isfinite(loss):
+                        raise RuntimeError(f"variant {name}, seed {seed}: non-finite loss at step {step} (task {n!r})")
+                    loss.backward()
+                    train_time[name] += time.perf_counter() - tick
+            for name, model in models.items():
+                tick = time.perf_counter()
+                if t.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], t.grad_clip)
+                opts[name].step()
+                opts[name].zero_grad(set_to_none=True)
+                train_time[name] += time.perf_counter() - tick
+        bar.close()
+        for name, model in models.items():
+            results, gates, sweeps = evaluate(model, live[name])
+            for n, r in results.items():
+                rows += [{"variant": name, "seed": seed, "task": n, "metric": k, "value": v} for k, v in r.items()]
+                gate_rows += [{"variant": name, "seed": seed, "task": n, "extractor": e, "family": families[e],
+                               "weight": w} for e, w in (gates[n] or {}).items()]
+            for n, s in sweeps.items():
+                sweep_rows.append({"variant": name, "seed": seed, "task": n, **s})
+            say(f"seed {seed} {name:<22} " + "  ".join(f"{n} {primary[n]} {results[n][primary[n]]:.4f}" for n in task_names))
+        del models, opts
+
+    # ------------------------------------------------------------------------------------------------
+    # gather the processes' rows, then the report
+    part = output_dir / f".rows-{rank}.json"
+    atomic_write_bytes(part, json.dumps(json_safe({"rows": rows, "gates": gate_rows, "sweeps": sweep_rows,
+                                                   "train_s": train_time})).encode())
+    accelerator.wait_for_everyone()
+    if main_process:
+        rows, gate_rows, sweep_rows, train_s = [], [], [], {v.name: 0.0 for v in variants}
+        for r in range(world):
+            p = output_dir / f".rows-{r}.json"
+            got = json.loads(p.read_text())
+            rows += got["rows"]
+            gate_rows += got["gates"]
+            sweep_rows += got["sweeps"]
+            for k, s in got["train_s"].items():
+                train_s[k] += s
+            p.unlink()
+        meta = {
+            "tasks": task_names, "task_types": {n: tasks[n].task.type for n in task_names}, "primary": primary,
+            "variants": [v.name for v in variants], "kinds": {v.name: v.kind for v in variants},
+            "extractors": list(shared), "families": families, "seeds": cmp.seeds,
+            "budget": {"max_steps": t.max_steps, "batch_size": t.batch_size, "lr": t.lr, "views": cmp.views,
+                       "image_size": cfg.data.image_size, "eval_size": cfg.data.eval_size,
+                       "train_items": {n: len(views[n]["train"]) for n in task_names},
+                       "val_items": {n: len(views[n]["val"]) for n in task_names}},
+            "cache": {"dir": cmp.cache_dir, **cache_stats, "extractor_forward_calls": forward_calls,
+                      "live": {k: x for k, x in live.items() if x}},
+            "timings_s": {**timings, "train_per_variant": train_s},
+            "command": " ".join(["accelerate launch train/compare.py", "--config", str(args.config), "--output-dir",
+                                 str(output_dir), *args.overrides]),
+        }
+        paths = write_report(output_dir, rows, gate_rows, sweep_rows, meta)
+        say(f"\nreport: {paths['md']}\n" + Path(paths["md"]).read_text())
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

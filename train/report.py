@@ -1,0 +1,335 @@
+"""Tables and plots of a comparison: results.csv / .json, results.md, bars, gate heatmaps, threshold sweeps.
+
+Input is what ``train/compare.py`` logs: metric rows ``{variant, seed, task, metric, value}``, gate rows
+``{variant, seed, task, extractor, family, weight}`` (the mean gate weight over the val images), sweep rows
+``{variant, seed, task, thresholds, precision, recall, iou, fpr}`` and a ``meta`` dict (tasks, primary metric
+per task, variants and their kinds, extractors and their families, budget, timings). Every figure is computed
+from those rows, so the report can be rebuilt from a finished run::
+
+    python train/report.py runs/cmp
+
+>>> rows = [{"variant": v, "seed": s, "task": "t", "metric": "acc", "value": x}
+...         for v, s, x in [("single_a", 0, .5), ("single_a", 1, .7), ("gated_task", 0, .8), ("gated_task", 1, .8)]]
+>>> agg = aggregate(rows)
+>>> round(agg[("single_a", "t", "acc")]["mean"], 3), round(agg[("single_a", "t", "acc")]["std"], 4)
+(0.6, 0.1414)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: import from the repository root, not train/ (see compare.py)
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from extractors.atomic import atomic_write_bytes  # noqa: E402
+
+ROW_KEYS = ("variant", "seed", "task", "metric", "value")
+KIND_COLOURS = {"single": "#8c8c8c", "mean": "#6a9fd4", "concat": "#2b5d9c", "routed": "#d9622b"}
+
+
+# ---- aggregation -------------------------------------------------------------------------------------
+def aggregate(rows: list[dict]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(variant, task, metric) -> {"mean", "std" (sample, 0 for one seed), "n", "values"}; None/NaN skipped."""
+    groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        v = r["value"]
+        if v is not None and math.isfinite(float(v)):
+            groups[(r["variant"], r["task"], r["metric"])].append(float(v))
+    out = {}
+    for key, vals in groups.items():
+        a = np.asarray(vals, dtype=np.float64)
+        out[key] = {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(a),
+                    "values": vals}
+    return out
+
+
+def primary_table(agg: dict, meta: dict) -> dict[str, dict[str, dict[str, Any] | None]]:
+    """variant -> task -> the aggregate of the task's primary metric (None when missing)."""
+    return {v: {t: agg.get((v, t, meta["primary"][t])) for t in meta["tasks"]} for v in meta["variants"]}
+
+
+def task_average(table: dict, variant: str, tasks: list[str]) -> float | None:
+    """Mean over tasks of the variant's primary-metric means (None if a task is missing)."""
+    vals = [table[variant][t]["mean"] for t in tasks if table[variant][t] is not None]
+    return float(np.mean(vals)) if len(vals) == len(tasks) else None
+
+
+def gains(agg: dict, meta: dict) -> dict[str, Any]:
+    """The best routed variant (highest task average) against the best single per task and against concat.
+
+    Gains are in points (metric x 100). The best routed variant is one variant for all tasks (chosen by its
+    average over tasks, not per task); the best single is the best single-extractor variant of each task.
+    """
+    table, tasks, kinds = primary_table(agg, meta), meta["tasks"], meta["kinds"]
+    routed = [v for v in meta["variants"] if kinds[v] == "routed" and task_average(table, v, tasks) is not None]
+    singles = [v for v in meta["variants"] if kinds[v] == "single"]
+    concat = next((v for v in meta["variants"] if kinds[v] == "concat"), None)
+    out: dict[str, Any] = {"best_routed": None, "per_task": {}, "vs_best_single_avg": None, "vs_concat_avg": None,
+                           "routed_ge_best_single_every_task": None, "routed_ge_concat_plus_1_avg": None}
+    if not routed:
+        return out
+    best = max(routed, key=lambda v: task_average(table, v, tasks))
+    out["best_routed"] = best
+    d_single, d_concat = [], []
+    for t in tasks:
+        mine = table[best][t]["mean"]
+        cands = [(table[s][t]["mean"], s) for s in singles if table[s][t] is not None]
+        entry: dict[str, Any] = {"routed": 100 * mine}
+        if cands:
+            value, name = max(cands)
+            entry.update(best_single=name, best_single_value=100 * value, vs_best_single=100 * (mine - value))
+            d_single.append(100 * (mine - value))
+        if concat is not None and table[concat][t] is not None:
+            entry.update(concat_value=100 * table[concat][t]["mean"], vs_concat=100 * (mine - table[concat][t]["mean"]))
+            d_concat.append(entry["vs_concat"])
+        out["per_task"][t] = entry
+    if len(d_single) == len(tasks):
+        out["vs_best_single_avg"] = float(np.mean(d_single))
+        out["routed_ge_best_single_every_task"] = bool(min(d_single) >= 0)
+    if len(d_concat) == len(tasks):
+        out["vs_concat_avg"] = float(np.mean(d_concat))
+        out["routed_ge_concat_plus_1_avg"] = bool(out["vs_concat_avg"] >= 1.0)
+    return out
+
+
+# ---- tables --------------------------------------------------------------------------------------------
+def write_rows(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
+    """results.csv and results.json: one row per (variant, seed, task, metric)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=ROW_KEYS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r[k] for k in ROW_KEYS})
+    csv_path, json_path = out_dir / "results.csv", out_dir / "results.json"
+    atomic_write_bytes(csv_path, buf.getvalue().encode())
+    atomic_write_bytes(json_path, (json.dumps([{k: r[k] for k in ROW_KEYS} for r in rows], indent=1) + "\n").encode())
+    return csv_path, json_path
+
+
+def _fmt(a: dict | None) -> str:
+    return "n/a" if a is None else f"{100 * a['mean']:.1f} ± {100 * a['std']:.1f}"
+
+
+def results_markdown(agg: dict, meta: dict, gain: dict) -> str:
+    """Per task mean ± std over seeds (points), best per column in bold, then the gains of the best routed."""
+    tasks, variants = meta["tasks"], meta["variants"]
+    table = primary_table(agg, meta)
+    avgs = {v: task_average(table, v, tasks) for v in variants}
+    best = {t: max((table[v][t]["mean"] for v in variants if table[v][t] is not None), default=None) for t in tasks}
+    best_avg = max((a for a in avgs.values() if a is not None), default=None)
+    seeds = meta.get("seeds", [])
+    lines = [f"Primary metric per task, x100, mean ± std over {len(seeds)} seed(s) {seeds}; best per column in bold.",
+             "", "| variant | kind | " + " | ".join(f"{t} ({meta['primary'][t]})" for t in tasks) + " | task mean |",
+             "|---|---|" + "---|" * (len(tasks) + 1)]
+    for v in variants:
+        cells = []
+        for t in tasks:
+            a = table[v][t]
+            s = _fmt(a)
+            cells.append(f"**{s}**" if a is not None and best[t] is not None and a["mean"] == best[t] else s)
+        avg = "n/a" if avgs[v] is None else f"{100 * avgs[v]:.1f}"
+        if avgs[v] is not None and avgs[v] == best_avg:
+            avg = f"**{avg}**"
+        lines.append(f"| {v} | {meta['kinds'][v]} | " + " | ".join(cells) + f" | {avg} |")
+    lines.append("")
+    if gain["best_routed"] is None:
+        lines.append("No routed (gated) variant in this comparison: no gains to report.")
+        return "\n".join(lines) + "\n"
+    lines += [f"Best routed variant (by task mean): **{gain['best_routed']}**.", "",
+              "| task | routed | best single | routed - best single | concat | routed - concat |", "|---|---|---|---|---|---|"]
+    for t in tasks:
+        e = gain["per_task"][t]
+        bs = f"{e['best_single_value']:.1f} ({e['best_single']})" if "best_single" in e else "n/a"
+        ds = f"{e['vs_best_single']:+.1f}" if "vs_best_single" in e else "n/a"
+        cc = f"{e['concat_value']:.1f}" if "concat_value" in e else "n/a"
+        dc = f"{e['vs_concat']:+.1f}" if "vs_concat" in e else "n/a"
+        lines.append(f"| {t} | {e['routed']:.1f} | {bs} | {ds} | {cc} | {dc} |")
+    avg_s = "n/a" if gain["vs_best_single_avg"] is None else f"{gain['vs_best_single_avg']:+.1f}"
+    avg_c = "n/a" if gain["vs_concat_avg"] is None else f"{gain['vs_concat_avg']:+.1f}"
+    lines += [f"| **average** | | | {avg_s} | | {avg_c} |", "",
+              f"- routed >= best single on every task: {gain['routed_ge_best_single_every_task']}",
+              f"- routed >= concat + 1 point on average: {gain['routed_ge_concat_plus_1_avg']}"]
+    return "\n".join(lines) + "\n"
+
+
+# ---- plots ---------------------------------------------------------------------------------------------
+def plot_bars(agg: dict, meta: dict, path: Path) -> Path:
+    """One panel per task: the primary metric of each variant, mean with std error bars over seeds."""
+    tasks, variants = meta["tasks"], meta["variants"]
+    table = primary_table(agg, meta)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.0, 0.45 * len(variants) + 1.5) * len(tasks), 4.2),
+                             squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        means = [100 * table[v][t]["mean"] if table[v][t] else np.nan for v in variants]
+        stds = [100 * table[v][t]["std"] if table[v][t] else 0.0 for v in variants]
+        colours = [KIND_COLOURS.get(meta["kinds"][v], "#444444") for v in variants]
+        ax.bar(range(len(variants)), means, yerr=stds, color=colours, capsize=3)
+        ax.set_xticks(range(len(variants)), variants, rotation=60, ha="right", fontsize=8)
+        ax.set_title(f"{t}", fontsize=10)
+        ax.set_ylabel(f"{meta['primary'][t]} x100")
+        finite = [m for m in means if np.isfinite(m)]
+        if finite:
+            lo = min(m - s for m, s in zip(means, stds) if np.isfinite(m))
+            hi = max(m + s for m, s in zip(means, stds) if np.isfinite(m))
+            pad = max(1.0, 0.15 * (hi - lo))
+            ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad) if hi + pad > lo else hi + 1)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"mean ± std over seeds {meta.get('seeds', [])}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def gate_matrix(gate_rows: list[dict], variant: str, tasks: list[str], extractors: list[str]) -> np.ndarray:
+    """tasks x extractors: the logged mean gate weight, averaged over seeds (NaN where nothing was logged)."""
+    acc: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in gate_rows:
+        if r["variant"] == variant and r["weight"] is not None:
+            acc[(r["task"], r["extractor"])].append(float(r["weight"]))
+    m = np.full((len(tasks), len(extractors)), np.nan)
+    for i, t in enumerate(tasks):
+        for j, e in enumerate(extractors):
+            if acc.get((t, e)):
+                m[i, j] = float(np.mean(acc[(t, e)]))
+    return m
+
+
+def plot_gate_heatmap(gate_rows: list[dict], variant: str, tasks: list[str], extractors: list[str],
+                      families: dict[str, str], path: Path) -> np.ndarray:
+    """Heatmap of :func:`gate_matrix` with each extractor labelled by its family; returns the matrix shown."""
+    m = gate_matrix(gate_rows, variant, tasks, extractors)
+    fig, ax = plt.subplots(figsize=(1.6 * len(extractors) + 2.5, 0.6 * len(tasks) + 1.8))
+    im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(len(extractors)), [f"{e}\n({families.get(e, '?')})" for e in extractors], fontsize=8)
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+    for i in range(len(tasks)):
+        for j in range(len(extractors)):
+            if np.isfinite(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="black" if m[i, j] > 0.6 else "white")
+    ax.set_title(f"mean gate weight: {variant}", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return m
+
+
+def sweep_curves(sweep_rows: list[dict], task: str, variant: str) -> dict[str, np.ndarray] | None:
+    """Mean over seeds of the precision / recall / IoU curves of one variant on one binary seg task."""
+    mine = [r for r in sweep_rows if r["task"] == task and r["variant"] == variant]
+    if not mine:
+        return None
+    out = {"thresholds": np.asarray(mine[0]["thresholds"], dtype=np.float64)}
+    for k in ("precision", "recall", "iou"):
+        a = np.asarray([[np.nan if x is None else x for x in r[k]] for r in mine], dtype=np.float64)
+        with warnings.catch_warnings():  # a threshold no seed predicts anything at: NaN precision, kept NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[k] = np.nanmean(a, axis=0)
+    return out
+
+
+def plot_sweeps(sweep_rows: list[dict], task: str, variants: list[str], kinds: dict[str, str], path: Path) -> Path:
+    """Precision, recall and foreground IoU against the threshold, one line per variant (mean over seeds)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    cmap = plt.get_cmap("tab10")
+    for k, v in enumerate(variants):
+        c = sweep_curves(sweep_rows, task, v)
+        if c is None:
+            continue
+        style = "-" if kinds.get(v) == "routed" else "--"
+        for ax, key in zip(axes, ("precision", "recall", "iou")):
+            ax.plot(c["thresholds"], c[key], style, color=cmap(k % 10), label=v, marker="o", markersize=3)
+    for ax, key in zip(axes, ("precision", "recall", "foreground IoU")):
+        ax.set_xlabel("threshold on foreground probability")
+        ax.set_title(key, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{task}: threshold sweep (mean over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---- the whole report ------------------------------------------------------------------------------------
+def write_report(out_dir: str | Path, rows: list[dict], gate_rows: list[dict], sweep_rows: list[dict],
+                 meta: dict) -> dict[str, Any]:
+    """Write every table and plot into `out_dir`; returns their paths and the gate matrices shown."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    missing = [k for k in ("tasks", "primary", "variants", "kinds", "extractors", "families") if k not in meta]
+    if missing:
+        raise ValueError(f"write_report: meta is missing {missing}")
+    csv_path, json_path = write_rows(rows, out_dir)
+    agg = aggregate(rows)
+    gain = gains(agg, meta)
+    md = results_markdown(agg, meta, gain)
+    paths: dict[str, Any] = {"csv": csv_path, "json": json_path, "md": out_dir / "results.md"}
+    atomic_write_bytes(paths["md"], md.encode())
+    for name, obj in (("gates", gate_rows), ("sweeps", sweep_rows)):
+        paths[name] = out_dir / f"{name}.json"
+        atomic_write_bytes(paths[name], (json.dumps(obj, indent=1) + "\n").encode())
+    table = primary_table(agg, meta)
+    summary = {"meta": meta, "gains": gain,
+               "primary": {v: {t: (None if a is None else {k: a[k] for k in ("mean", "std", "n")}) for t, a in r.items()}
+                           for v, r in table.items()}}
+    paths["summary"] = out_dir / "summary.json"
+    atomic_write_bytes(paths["summary"], (json.dumps(summary, indent=1) + "\n").encode())
+
+    paths["bars"] = plot_bars(agg, meta, out_dir / "bars.png")
+    heat, matrices = {}, {}
+    gated = [v for v in meta["variants"] if meta["kinds"][v] == "routed"]
+    for v in gated:
+        p = out_dir / f"gate_heatmap_{v}.png"
+        m = plot_gate_heatmap(gate_rows, v, meta["tasks"], meta["extractors"], meta["families"], p)
+        heat[v], matrices[v] = p, {"tasks": meta["tasks"], "extractors": meta["extractors"],
+                                   "families": [meta["families"][e] for e in meta["extractors"]],
+                                   "matrix": [[None if not np.isfinite(x) else float(x) for x in row] for row in m]}
+    paths["heatmaps"] = heat
+    paths["heatmap_values"] = out_dir / "gate_heatmaps.json"
+    atomic_write_bytes(paths["heatmap_values"], (json.dumps(matrices, indent=1) + "\n").encode())
+    sweeps = {}
+    for t in meta["tasks"]:
+        if any(r["task"] == t for r in sweep_rows):
+            sweeps[t] = plot_sweeps(sweep_rows, t, meta["variants"], meta["kinds"], out_dir / f"sweep_{t}.png")
+    paths["sweeps_png"] = sweeps
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python train/report.py RUN_DIR   (a finished train/compare.py output dir)", file=sys.stderr)
+        return 2
+    run = Path(argv[0])
+    needed = [run / n for n in ("results.json", "gates.json", "sweeps.json", "summary.json")]
+    if absent := [str(p) for p in needed if not p.is_file()]:
+        print(f"report: missing {absent}; is {run} a train/compare.py output dir?", file=sys.stderr)
+        return 2
+    rows, gate_rows, sweep_rows, summary = (json.loads(p.read_text()) for p in needed)
+    paths = write_report(run, rows, gate_rows, sweep_rows, summary["meta"])
+    print(Path(paths["md"]).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
