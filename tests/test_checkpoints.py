@@ -93,8 +93,9 @@ def test_open_clip_vit_b32_file_gives_the_features_of_the_model_that_wrote_it(vi
     torch.testing.assert_close(out["pooled"], ref["image_features"])  # = model.encode_image, unnormalized
     for a, b in zip(out["dense"], ref["image_intermediates"]):
         torch.testing.assert_close(a, b)
+    loaded = ext.clip_model.state_dict()
     for name, value in model.state_dict().items():  # the text tower came from the same file
-        torch.testing.assert_close(ext.clip_model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
     assert ext.info.mean == (0.48145466, 0.4578275, 0.40821073) and ext.info.patch_size == 32
     assert ext.info.widths == (768, 768) and ext.info.width == 512
 
@@ -149,8 +150,9 @@ def test_transformers_dir_gives_the_outputs_of_the_model_that_wrote_it(tmp_path,
     torch.testing.assert_close(out["dense"][0], first)
     if kind == "dinov2":
         torch.testing.assert_close(out["dense"][1], ref.last_hidden_state[:, 1:].transpose(1, 2).reshape(2, 32, 15, 15))
+    reference = vision.state_dict()
     for name, p in ext.model.state_dict().items():  # every weight came from the directory
-        torch.testing.assert_close(p, vision.state_dict()[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(p, reference[name], rtol=0, atol=0, msg=name)
 
 
 def test_local_dir_round_trip_gives_equal_features(tmp_path):
