@@ -169,7 +169,8 @@ class Router(nn.Module):
             pooled = sum(vecs.values()) / len(vecs)
         if weights is None:  # fixed weights for single / mean / concat, reported the same way
             weights = torch.zeros(b, n, device=images.device)
-            weights[:, active] = 1.0 / len(active)
+            for i in active:  # int indices: a list index is copied host -> device, a sync on an accelerator
+                weights[:, i] = 1.0 / len(active)
 
         ran = torch.zeros(n, dtype=torch.bool)
         ran[active] = True

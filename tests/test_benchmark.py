@@ -1,0 +1,63 @@
+"""train/benchmark.py on configs/tiny.yaml, one repetition: the JSON keys exist and the ratios are computed
+from the measured numbers in the same file (a smoke test with values, not a timed assertion)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from train.benchmark import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out.json"
+    main(["--config", str(REPO / "configs/tiny.yaml"), "--json", str(out), "--batch-sizes", "2",
+          "--resolutions", "32", "--warmup", "0", "--reps", "1", "--cache-batches", "2", "--threads", "1",
+          "--ablate", "sdpa", "--peak-tflops", "1.0"])
+    return json.loads(out.read_text())
+
+
+def median(summary, workload, phase):
+    (row,) = [r for r in summary["results"] if r["workload"] == workload and r["phase"] == phase]
+    return row["median_s"]
+
+
+def test_json_has_the_goal_keys_and_hardware(summary):
+    for key in ("routed_over_sum_of_singles", "top1_over_single", "cache_speedup", "goals", "hardware", "sync_audit"):
+        assert key in summary
+    assert set(summary["goals"]) == {"routed_over_sum_of_singles", "top1_over_single", "cache_speedup"}
+    assert summary["hardware"]["device"] == "cpu"
+
+
+def test_ratios_are_computed_from_the_measured_medians(summary):
+    singles = median(summary, "single:vit14", "inference") + median(summary, "single:clip16", "inference")
+    assert math.isclose(summary["routed_over_sum_of_singles"], median(summary, "routed", "inference") / singles)
+    (ratios,) = summary["ratios"]
+    ran = ratios["top1_ran"]
+    chosen = sum(median(summary, f"single:{n}", "inference") for n in ran)
+    assert math.isclose(summary["top1_over_single"], median(summary, "routed_top1", "inference") / chosen)
+    for name, value in ratios["top1_forced_over_single"].items():
+        forced = median(summary, f"routed_top1->{name}", "inference")
+        assert math.isclose(value, forced / median(summary, f"single:{name}", "inference"))
+    cache = summary["cache"]
+    assert math.isclose(summary["cache_speedup"], cache["epoch_recompute_s"] / cache["epoch_cached_s"])
+
+
+def test_forced_top1_runs_only_the_chosen_extractor(summary):
+    rows = [r for r in summary["results"] if r["workload"].startswith("routed_top1->")]
+    assert [r["ran"] for r in rows] == [[r["workload"].split("->")[1]] for r in rows]
+
+
+def test_every_row_has_time_memory_flops_and_mfu(summary):
+    for r in summary["results"] + summary["ablations"]:
+        assert r["median_s"] > 0 and r["images_per_s"] > 0 and r["flops"] >= 0
+        assert r["peak_mem_mib"] is None or r["peak_mem_mib"] >= 0
+        assert math.isclose(r["mfu"], r["tflops_per_s"] / 1.0)
+    assert {(a["phase"], a["on"]) for a in summary["ablations"]} == {
+        ("inference", True), ("inference", False), ("train_step", True), ("train_step", False)}
