@@ -61,11 +61,11 @@ def _flatten(
     num_classes = logits.shape[1]
     valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
     bad = valid & ((target < 0) | (target >= num_classes))
-    if bad.any():
-        raise ValueError(
-            f"{where}: target values must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
-            f"found {target[bad].unique()[:8].tolist()}"
-        )
+    message = f"{where}: target values must lie in [0, {num_classes}) or equal ignore_index={ignore_index}"
+    if target.device.type != "cpu":  # checked on the device: no host sync in the training step
+        torch._assert_async(~bad.any(), message)
+    elif bad.any():
+        raise ValueError(f"{message}; found {target[bad].unique()[:8].tolist()}")
     target = torch.where(valid, target, torch.zeros_like(target)).long()
     logits = rearrange(logits.float(), "b k ... -> b (...) k")
     return logits, rearrange(target, "b ... -> b (...)"), rearrange(valid, "b ... -> b (...)")

@@ -29,7 +29,11 @@ class PixelStem(nn.Module):
         )  # fmt: skip
 
     def forward(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.net((images - 0.5) / 0.25), grid)
+        # The stem has stride 8: it sees the image at 8x the grid, so its cost follows the grid, not the
+        # input resolution (at stride 16 that is half resolution, a quarter of the work).
+        size = (grid[0] * 8, grid[1] * 8)
+        x = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return self.net((x - 0.5) / 0.25)
 
 
 class TaskGate(nn.Module):
