@@ -86,8 +86,10 @@ class TimmExtractor(Extractor):
         self.model = model
 
     def forward_features(self, x):
-        final, dense = self.model.forward_intermediates(x, indices=list(self.info.layers), output_fmt="NCHW", norm=self.vit)
-        return list(dense), self.model.forward_head(final, pre_logits=True)
+        # timm returns intermediates in block order; hand them back in the order the layers were asked for.
+        order = sorted(set(self.info.layers))
+        final, dense = self.model.forward_intermediates(x, indices=order, output_fmt="NCHW", norm=self.vit)
+        return [dense[order.index(i)] for i in self.info.layers], self.model.forward_head(final, pre_logits=True)
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor) -> torch.Tensor:

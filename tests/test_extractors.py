@@ -93,11 +93,8 @@ def test_bad_images_are_clear_errors(extractor, images, error, words):
     assert words in str(exc.value) and extractor.info.name in str(exc.value)
 
 
-TIMM_ORDER_BUG = "timm_backend returns forward_intermediates maps in block order, not in the order of `layers`"
-
-
 @pytest.mark.parametrize(
-    "name", [pytest.param("timm-vit14", marks=pytest.mark.xfail(strict=True, reason=TIMM_ORDER_BUG)), "open_clip-p16", "hf-dinov2"]
+    "name", ["timm-vit14", "open_clip-p16", "hf-dinov2"]
 )
 def test_layers_int_means_last_n_and_list_means_indices(name, hf_dinov2_dir):
     kw = {"init_values": 1.0} if name == "timm-vit14" else {}  # DINOv2's 1e-5 layer scale makes blocks look alike
@@ -296,3 +293,10 @@ def test_hf_text_encoder_mean_pools_under_the_attention_mask(tmp_path):
         enc.encode([])
     with pytest.raises(ValueError, match="unknown backend 'bert'"):
         create_text_encoder("bert:x")
+
+
+def test_cnn_layers_out_of_order_pair_maps_with_their_widths_and_strides():
+    ext = create_extractor("timm:resnet18", pretrained=False, layers=[4, 2])
+    out = ext(torch.rand(1, 3, 97, 130))
+    assert ext.info.widths == (512, 128) and ext.info.strides == (32, 8)
+    assert [tuple(d.shape[1:]) for d in out["dense"]] == [(512, 4, 5), (128, 13, 17)]
