@@ -309,7 +309,7 @@ def train_transform(
     top, left, ch, cw = random_resized_crop_params(h, w, data.crop_scale, data.crop_ratio, gen)
     image = TF.resized_crop(image, top, left, ch, cw, [size, size], InterpolationMode.BILINEAR, antialias=True)
     if mask is not None:
-        mask = TF.resized_crop(mask[None], top, left, ch, cw, [size, size], InterpolationMode.NEAREST)[0]
+        mask = TF.resized_crop(mask[None], top, left, ch, cw, [size, size], InterpolationMode.NEAREST_EXACT)[0]
     flips = torch.rand(2, generator=gen).tolist()
     if data.hflip and flips[0] < 0.5:
         image, mask = image.flip(-1), (mask.flip(-1) if mask is not None else None)
@@ -335,7 +335,7 @@ def eval_transform(
     hw = _size2(size)
     image = TF.resize(image, hw, InterpolationMode.BILINEAR, antialias=True)
     if mask is not None:
-        mask = TF.resize(mask[None], hw, InterpolationMode.NEAREST)[0]
+        mask = TF.resize(mask[None], hw, InterpolationMode.NEAREST_EXACT)[0]
     return image.contiguous(), mask
 
 

@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ExperimentConfig.from_file(config_path, args.overrides)
     output_dir = Path(args.output_dir or Path("runs") / config_path.stem)
     t = cfg.train
+    if not args.resume and latest_checkpoint(output_dir) is not None:
+        raise SystemExit(f"{output_dir} already holds checkpoints; pass --resume to continue or pick another --output-dir")
 
     # ------------------------------------------------------------------------------------------------
     # accelerator (mixed precision and the process count come from `accelerate launch`)
@@ -145,8 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     main_process, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     say = accelerator.print
-    if not args.resume and latest_checkpoint(output_dir) is not None:
-        raise SystemExit(f"{output_dir} already holds checkpoints; pass --resume to continue or pick another --output-dir")
     if cfg.data.synthetic is not None and all(not e.pretrained for e in cfg.model.extractors):
         say("quickstart: synthetic data + tiny random extractors; not a real model")
     elif all(not e.pretrained for e in cfg.model.extractors):
