@@ -21,7 +21,15 @@ from train.ssl.config import DecoderConfig, DINOConfig, ModelConfig, load_pretra
 from train.ssl.dino import DINOPretrainer
 from train.ssl.encoder import build_encoder, encode_visible, saved_model_kwargs
 from train.ssl.mae import MAEPretrainer, random_mask
-from train.ssl.smir import SMIRPretrainer, aggregate_patch_losses, highest_loss_mask, ms_ssim_scales
+from train.ssl.smir import (
+    SMIRPretrainer,
+    aggregate_patch_losses,
+    highest_loss_mask,
+    ms_ssim,
+    ms_ssim_betas,
+    ms_ssim_scales,
+    ssim_maps,
+)
 from train.ssl.unlabeled import MultiCropTransform, UnlabeledImages, crop_transform, partition_indices
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,14 +151,14 @@ def test_mae_lowers_loss(data_root):
 
 def test_smir_lowers_loss_with_selective_masks(data_root):
     torch.manual_seed(0)
-    smir = SMIRPretrainer(build_encoder(TINY_MODEL), TINY_DECODER, mask_ratio=0.5, ssim_kernel=7)
+    smir = SMIRPretrainer(build_encoder(TINY_MODEL), TINY_DECODER, mask_ratio=0.5, ssim_sigma=1.0)
     fixed = _batches(data_root, crop_transform(32, (0.5, 1.0)), 1, 8, seed=1)[0]
     mask = random_mask(8, 16, 0.5, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = smir.eval()(fixed, mask=mask)["loss"].item()
     batches = _batches(data_root, crop_transform(32, (0.5, 1.0)), 40, 6, seed=2)
     _train(smir, batches[:20])  # partition 0: random masks
-    scorer = SMIRPretrainer(build_encoder(TINY_MODEL), TINY_DECODER, mask_ratio=0.5, ssim_kernel=7)
+    scorer = SMIRPretrainer(build_encoder(TINY_MODEL), TINY_DECODER, mask_ratio=0.5, ssim_sigma=1.0)
     scorer.load_state_dict(smir.state_dict())
     opt = torch.optim.AdamW(smir.parameters(), lr=2e-3, weight_decay=0.0)
     for batch in batches[20:]:  # partition 1: the snapshot picks the masks
@@ -205,7 +213,7 @@ def test_patch_losses_are_averaged_over_the_masks_that_hid_them():
 
 def test_selective_mask_is_the_top_half_of_the_models_patch_scores():
     torch.manual_seed(0)
-    smir = SMIRPretrainer(build_encoder(TINY_MODEL), TINY_DECODER, mask_ratio=0.5, ssim_kernel=7)
+    smir = SMIRPretrainer(build_encoder(TINY_MODEL), TINY_DECODER, mask_ratio=0.5, ssim_sigma=1.0)
     x = torch.rand(3, 3, 32, 32)
     scores = smir.eval().patch_scores(x, 4, generator=torch.Generator().manual_seed(5))
     mask = smir.selective_mask(x, 4, generator=torch.Generator().manual_seed(5))
@@ -213,6 +221,24 @@ def test_selective_mask_is_the_top_half_of_the_models_patch_scores():
     for row_scores, row_mask in zip(scores, mask):
         assert row_scores[row_mask].min() >= row_scores[~row_mask].max()
     assert ms_ssim_scales(96, 11) == 3 and ms_ssim_scales(32, 7) == 3
+
+
+def test_ssim_and_ms_ssim_match_torchmetrics():
+    from torchmetrics.functional.image import (
+        multiscale_structural_similarity_index_measure,
+        structural_similarity_index_measure,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 96, 96, generator=g)
+    y = (x + 0.2 * torch.randn(2, 3, 96, 96, generator=g)).clamp(0, 1)
+    _, expected = structural_similarity_index_measure(y, x, data_range=1.0, reduction="none", return_full_image=True)
+    torch.testing.assert_close(ssim_maps(y, x)[0], expected, atol=1e-5, rtol=1e-4)
+    scales = ms_ssim_scales(96, 11)
+    expected = multiscale_structural_similarity_index_measure(
+        y, x, data_range=1.0, betas=ms_ssim_betas(scales), normalize="relu", reduction="none"
+    )
+    torch.testing.assert_close(ms_ssim(y, x, scales), expected, atol=1e-5, rtol=1e-4)
 
 
 # ---- DINO: the teacher is exactly the EMA of the student -------------------------------------------------------
@@ -263,7 +289,7 @@ def test_accelerate_launch_pretrain_end_to_end(data_root, tmp_path):
            "train/pretrain.py", "--config", "configs/pretrain_smir.yaml", "--output-dir", str(out),
            f"data.root={data_root}", "data.datasets=[syn]", "data.image_size=32", "data.preload_short_side=48",
            f"model.kwargs={model_kwargs}", "decoder.dim=32", "decoder.depth=1", "decoder.num_heads=2",
-           "smir.partitions=2", "smir.num_masks=2", "smir.ssim_kernel=7", "train.max_steps=2",
+           "smir.partitions=2", "smir.num_masks=2", "smir.ssim_sigma=1.0", "train.max_steps=2",
            "train.batch_size=4", "train.log_every=1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

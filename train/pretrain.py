@@ -43,7 +43,7 @@ def build_pretrainer(cfg: PretrainConfig) -> torch.nn.Module:
         return MAEPretrainer(encoder, cfg.decoder, cfg.mae.mask_ratio, cfg.mae.norm_pix_loss)
     if cfg.method == "smir":
         s = cfg.smir
-        return SMIRPretrainer(encoder, cfg.decoder, s.mask_ratio, s.ms_ssim_weight, s.l1_weight, s.ssim_kernel, s.ms_ssim_scales)
+        return SMIRPretrainer(encoder, cfg.decoder, s.mask_ratio, s.ms_ssim_weight, s.l1_weight, s.ssim_sigma, s.ms_ssim_scales)
     return DINOPretrainer(encoder, cfg.dino, cfg.train.max_steps)
 
 

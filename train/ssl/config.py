@@ -92,7 +92,7 @@ class SMIRConfig:
     mask_ratio: float = 0.5  # fraction of patches masked (random in part 0, highest-loss afterwards)
     ms_ssim_weight: float = 1.0  # weight of (1 - MS-SSIM) in the training loss
     l1_weight: float = 1.0  # weight of the L1 on masked patches in the training loss
-    ssim_kernel: int = 11  # Gaussian window of SSIM / MS-SSIM
+    ssim_sigma: float = 1.5  # std of the Gaussian SSIM window (11 taps at 1.5, as torchmetrics)
     ms_ssim_scales: int | None = None  # MS-SSIM scales; None: as many (<= 5) as the crop size allows
 
     def __post_init__(self):
@@ -130,7 +130,7 @@ class DINOConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1500  # optimizer steps
+    max_steps: int = 250  # optimizer steps
     batch_size: int = 64  # images per process per micro-batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     lr: float = 1.5e-3  # peak learning rate (AdamW)
