@@ -192,3 +192,25 @@ def test_real_data_two_steps(tmp_path):
     last = metrics(out)[-1]["tasks"]
     assert set(last) == {"mtd_defect_seg", "mtd_defect_type", "camvid_seg", "flowers_cls"}
     assert len(last["camvid_seg"]["iou"]) == 11
+
+
+def test_extractor_batchnorm_statistics_stay_fixed_in_phase2():
+    from router import Router, RouterConfig
+    from train.finetune import set_train_mode
+
+    cfg = RouterConfig.from_dict({
+        "extractors": [{"spec": "timm:mobilenetv2_100", "name": "mnv2", "pretrained": False, "unfreeze_last": 1}],
+        "tasks": [{"name": "a", "type": "cls", "classes": ["x", "y"]}], "fusion": "single", "width": 16,
+        "head": {"cls_hidden": 16},
+    })
+    model = Router(cfg)
+    model.extractors["mnv2"].unfreeze_last(1)
+    bns = [m for m in model.extractors.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    set_train_mode(model, freeze_bn_stats=True)
+    assert bns and not any(m.training for m in bns) and model.cls_head.training
+    before = [m.running_mean.clone() for m in bns]
+    model(torch.rand(2, 3, 64, 64), task="a")["cls"].sum().backward()
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns))
+    assert any(p.grad is not None for m in bns for p in m.parameters())  # their affine weights still train
+    set_train_mode(model, freeze_bn_stats=False)
+    assert any(m.training for m in bns)

@@ -108,6 +108,7 @@ class TrainConfig:
     phase2_step: int | None = None  # from this step the extractors' last ExtractorConfig.unfreeze_last blocks train
     phase2_lr_scale: float = 0.1  # learning rate of the unfrozen extractor blocks relative to lr
     phase2_warmup_steps: int = 20  # linear warmup of the extractor learning rate from phase2_step
+    freeze_bn_stats: bool = True  # extractor BatchNorm layers keep their running statistics in phase 2
     loss: dict[str, Any] = field(default_factory=dict)  # task -> loss spec for heads.losses.build_loss; default per type
     loss_weights: dict[str, float] = field(default_factory=dict)  # task -> multiplier of its loss; default 1
     aux_loss_weight: float = 1.0  # multiplier of the model's gate auxiliary loss (already weighted in the gate)

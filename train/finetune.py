@@ -99,6 +99,20 @@ def backbone_factor(step: int, cfg) -> float:
     return min(1.0, (step - t.phase2_step + 1) / max(1, t.phase2_warmup_steps)) * lr_factor(step, cfg)
 
 
+def set_train_mode(model: Router, freeze_bn_stats: bool) -> None:
+    """model.train(); with freeze_bn_stats the extractors' BatchNorm layers stay in eval mode.
+
+    Task-homogeneous batches come from different domains (greyscale tiles, street scenes, flowers): batch
+    statistics of unfrozen CNN blocks would average them into running statistics that fit none, and would
+    differ with the per-process batch. Their affine weights still train.
+    """
+    model.train()
+    if freeze_bn_stats:
+        for m in model.extractors.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """checkpoints/step_<n> with the largest n that was completely written (it holds trainer_state.json)."""
     root = output_dir / "checkpoints"
@@ -260,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, n_blocks in late.items():
             ext = accelerator.unwrap_model(model).extractors[name]
             ext.unfreeze() if n_blocks is None else ext.unfreeze_last(n_blocks)
+        set_train_mode(accelerator.unwrap_model(model), t.freeze_bn_stats)
 
     def reduce_late_grads() -> None:
         grads = [p.grad for p in late_params if p.grad is not None]
@@ -324,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             if main_process:
                 results[n] = {**meter.compute(), "gate": gates.compute()}
                 results[n]["_headline"] = meter.headline(results[n])
-        unwrapped.train()
+        set_train_mode(unwrapped, t.freeze_bn_stats)
         if main_process:
             record = {"step": step, "tasks": {n: {k: v for k, v in r.items() if k != "_headline"} for n, r in results.items()}}
             lines = metrics_path.read_text() if metrics_path.is_file() else ""
@@ -394,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({world} process(es) x {t.batch_size}) x {A} accumulation step(s)")
     progress = tqdm(total=t.max_steps, initial=start_step, disable=not accelerator.is_local_main_process,
                     desc="finetune", dynamic_ncols=True)
-    model.train()
+    set_train_mode(unwrapped, t.freeze_bn_stats)
     batches = iter(train_loader)
     last_eval = last_save = None
     results: dict = {}
