@@ -15,9 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
+
+from .atomic import verify_checksums
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
@@ -29,9 +30,12 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weight file {path} does not exist")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                sd, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        verify_checksums(sd, metadata, str(path))
+        return sd
     if path.suffix not in TORCH_SUFFIXES:
         raise ValueError(
             f"{path}: unsupported weight file type {path.suffix!r}; expected .safetensors or one of "
@@ -113,23 +117,22 @@ def load_into_timm_model(model: nn.Module, path: str | os.PathLike) -> None:
     load_state_dict_strict(model, sd, source)
 
 
+def key_problems(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], expected: set[str] | None = None) -> list[str]:
+    """Missing, unexpected and shape-mismatched keys of `sd` against `own` (`expected` keys must be present)."""
+    expected = set(own) if expected is None else expected
+    missing = sorted(expected - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sd if k in own and sd[k].shape != own[k].shape]
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        if keys:
+            problems.append(f"{label} {keys[:8]}{' ...' if len(keys) > 8 else ''}")
+    return problems
+
+
 def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """`model.load_state_dict(sd, strict=True)` with an error that names the file and the keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    mismatched = [
-        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in sd and sd[k].shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if mismatched:
-            parts.append(f"shape mismatches {mismatched[:8]}")
-        raise ValueError(f"{source}: weights do not fit {type(model).__name__}: " + "; ".join(parts))
+    if problems := key_problems(model.state_dict(), sd):
+        raise ValueError(f"{source}: weights do not fit {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(sd, strict=True)
