@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -25,6 +27,29 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+CHECKSUM_KEY = "crc32"  # safetensors metadata: JSON {tensor name: CRC-32 of its bytes}; a flipped byte names its tensor
+
+
+def tensor_crc32(t: torch.Tensor) -> str:
+    return f"{zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()):08x}"
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors with a CRC-32 per tensor in the metadata (checked by `verify_checksums` when read)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {**(metadata or {}), CHECKSUM_KEY: json.dumps({k: tensor_crc32(v) for k, v in tensors.items()})}
     atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
+
+
+def verify_checksums(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, source: str) -> None:
+    """Compare each tensor with its CRC-32 from `atomic_save_safetensors`; files without them pass unchecked."""
+    if not metadata or CHECKSUM_KEY not in metadata:
+        return
+    try:
+        sums = json.loads(metadata[CHECKSUM_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: metadata {CHECKSUM_KEY!r} is not JSON; the file is corrupted") from e
+    bad = [k for k, v in tensors.items() if k in sums and tensor_crc32(v) != sums[k]]
+    if bad:
+        raise ValueError(f"{source}: tensor(s) {bad[:8]} do not match their CRC-32 checksum; the file is corrupted "
+                         "(re-copy or re-save it)")

@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from extractors import Extractor, ExtractorOutput, check_images, create_extractor
-from extractors.atomic import atomic_save_safetensors
+from extractors.atomic import atomic_save_safetensors, verify_checksums
 from heads import ClsHead, SegHead
 
 from .align import Aligner, grid_size
@@ -249,6 +249,7 @@ class Router(nn.Module):
                 state = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
+        verify_checksums(state, metadata, str(weights_path))
         try:
             saved = json.loads(metadata["saved_extractors"])
         except (KeyError, json.JSONDecodeError) as e:
