@@ -29,12 +29,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from router.config import RouterConfig, TaskConfig
+from router.inputs import SIXTEEN_BIT_MODES
 from train.config import DataConfig, DataTaskConfig, ExperimentConfig
 
 DATA_ENV = "BACKBONE_ROUTER_DATA"
@@ -113,12 +114,17 @@ def _image_file(folder: Path, stem: str) -> Path:
     raise FileNotFoundError(f"{folder / 'images'}/{stem}.(png|jpg|jpeg): no image for stem {stem!r} listed in splits.csv")
 
 
+IMAGE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError)
+
+
 def _image_size(path: Path) -> tuple[int, int]:
+    """(w, h) as displayed: EXIF orientations 5-8 (90-degree rotations) swap the stored width and height."""
     try:
         with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: unreadable image ({e})") from e
+            w, h = im.size
+            return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+    except IMAGE_ERRORS as e:
+        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
 
 
 def load_task_data(task: TaskConfig, source: DataTaskConfig, root: Path, data: DataConfig) -> TaskData:
@@ -241,13 +247,18 @@ def load_experiment_data(cfg: ExperimentConfig, root: Path) -> dict[str, TaskDat
 
 # ---- reading files ------------------------------------------------------------------------------------
 def read_image(path: Path, channels: int) -> torch.Tensor:
-    """C x H x W float in [0, 1]; converted to the dataset's channel count."""
+    """C x H x W float in [0, 1], as displayed (EXIF rotation applied, as in `Router.predict`), converted to the
+    dataset's channel count; palette / RGBA / CMYK via Pillow's RGB conversion, 16-bit scaled by 65535."""
     try:
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in SIXTEEN_BIT_MODES:  # Pillow's convert("L") would clip these at 255
+                t = torch.from_numpy(np.asarray(im, dtype=np.int32).astype(np.float32) / 65535.0)[None]
+                return t.expand(channels, -1, -1).contiguous()
             im = im.convert("L" if channels == 1 else "RGB")
             arr = np.asarray(im, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: unreadable image ({e})") from e
+    except IMAGE_ERRORS as e:
+        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
     t = torch.from_numpy(arr)
     t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
     return t.float().div_(255.0)
@@ -260,8 +271,8 @@ def read_mask(path: Path, num_classes: int, ignore_index: int | None) -> torch.T
             if im.mode not in ("L", "P", "I", "I;16"):
                 raise ValueError(f"{path}: mask mode {im.mode!r}; expected a single-channel class-index PNG (mode L or P)")
             arr = np.asarray(im).astype(np.int64)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: unreadable mask ({e})") from e
+    except IMAGE_ERRORS as e:
+        raise ValueError(f"{path}: unreadable mask ({type(e).__name__}: {e})") from e
     bad = (arr >= num_classes) | (arr < 0)
     if ignore_index is not None:
         bad &= arr != ignore_index
@@ -270,6 +281,13 @@ def read_mask(path: Path, num_classes: int, ignore_index: int | None) -> torch.T
         allowed = f"0..{num_classes - 1}" + (f" or ignore_index {ignore_index}" if ignore_index is not None else "")
         raise ValueError(f"{path}: mask values {values} outside the classes ({allowed})")
     return torch.from_numpy(arr)
+
+
+def check_masks(td: TaskData) -> None:
+    """Read every mask of a seg task once: a value outside its classes is an error naming the file, at start."""
+    for it in td.train + td.val:
+        if it.mask is not None:
+            read_mask(it.mask, td.task.num_classes, td.task.ignore_index)
 
 
 # ---- transforms (image and mask together) -------------------------------------------------------------
