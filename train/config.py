@@ -117,6 +117,7 @@ class TrainConfig:
     save_every: int = 200  # checkpoint every n steps (and at the end)
     keep_last: int = 2  # checkpoints kept in <output_dir>/checkpoints
     log_every: int = 10  # steps between progress/TensorBoard updates (the only host syncs of the loss)
+    on_nonfinite: str = "stop"  # NaN/inf loss: "stop" (exit, last checkpoint kept) or "skip" (drop that optimizer step)
 
     def __post_init__(self):
         for key in ("max_steps", "batch_size", "eval_batch_size", "grad_accum_steps", "eval_every", "save_every",
@@ -127,6 +128,14 @@ class TrainConfig:
             raise ValueError(f"train.phase2_step: must be >= 0 or null, got {self.phase2_step}")
         if len(self.betas) != 2:
             raise ValueError(f"train.betas: expected two values, got {self.betas}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"train.on_nonfinite: expected 'stop' or 'skip', got {self.on_nonfinite!r}")
+        for key in ("lr", "weight_decay", "grad_clip", "phase2_lr_scale", "warmup_steps", "phase2_warmup_steps",
+                    "aux_loss_weight"):
+            if getattr(self, key) < 0 or (key == "lr" and self.lr == 0):
+                raise ValueError(f"train.{key}: must be {'> 0' if key == 'lr' else '>= 0'}, got {getattr(self, key)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ if __package__ in (None, ""):
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, load, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -51,6 +52,7 @@ from train.data import (
     RankBatchSampler,
     TaskDataset,
     TaskSchedule,
+    check_masks,
     collate_task_batch,
     describe,
     foreground_prior,
@@ -65,6 +67,24 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.y
 
 class NonFiniteLoss(RuntimeError):
     """A loss became NaN or inf; the message names the step and the task."""
+
+
+# Fault injection, for tests only (tests/test_reliability.py); unset in real runs. "<kind>@<step>[@<rank>]":
+# kind "raise" raises in that process at that step, "nan" makes that step's loss NaN (in every process, or <rank>).
+FAULT_ENV = "BACKBONE_ROUTER_INJECT_FAULT"
+
+
+def injected_fault(step: int, rank: int) -> str | None:
+    """The fault $BACKBONE_ROUTER_INJECT_FAULT asks for at this step and process ("nan"), or None; raises for "raise"."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    kind, at, *who = spec.split("@")
+    if int(at) != step or (who and int(who[0]) != rank):
+        return None
+    if kind == "raise":
+        raise RuntimeError(f"injected fault ({FAULT_ENV}={spec}) in process {rank} at step {step}")
+    return kind
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,6 +140,58 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(done, key=lambda d: int(d.name[5:]), default=None)
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """Create the output dir and write a probe file in it: an unusable dir fails here, before any work."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=output_dir, prefix=".write_probe_")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise SystemExit(f"--output-dir {output_dir}: cannot write there ({type(e).__name__}: {e}); "
+                         "pick another --output-dir") from e
+
+
+def check_free_space(output_dir: Path, model: torch.nn.Module, trainable: int, keep_last: int) -> None:
+    """Fail at start when the disk cannot hold keep_last + 1 checkpoints and the final model."""
+    state = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    need = (keep_last + 1) * (state + 2 * 4 * trainable) + state  # model + AdamW moments per checkpoint, + final/
+    free = shutil.disk_usage(output_dir).free
+    if free < need:
+        raise SystemExit(f"--output-dir {output_dir}: {free / 2**20:.1f} MiB free, but {keep_last + 1} checkpoints "
+                         f"and the final model need about {need / 2**20:.1f} MiB (train.keep_last={keep_last}); free "
+                         "space or pick another --output-dir")
+
+
+CHECKPOINT_FILES = ("model.safetensors", "trainer_state.json")
+
+
+def check_checkpoint(ckpt: Path) -> int:
+    """The step of a checkpoint dir, after reading every pickle-format file in it with weights_only=True.
+
+    accelerate's load_state reads optimizer.bin with weights_only=True but skips random_states_<rank>.pkl
+    silently when it cannot be read, and would read a pytorch_model.bin when model.safetensors is missing: a
+    file we did not write is refused here, naming it.
+    """
+    for name in CHECKPOINT_FILES:
+        if not (ckpt / name).is_file():
+            raise SystemExit(f"--resume: {ckpt / name} is missing; {ckpt} was not written by train/finetune.py")
+    try:
+        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SystemExit(f"--resume: {ckpt / 'trainer_state.json'} is not a trainer state ({e})") from e
+    for f in sorted(ckpt.iterdir()):
+        if f.suffix in (".bin", ".pkl", ".pt", ".pth"):
+            try:
+                load(f, map_location="cpu", weights_only=True)  # accelerate's torch.load, with numpy RNG globals
+            except Exception as e:
+                first = str(e).splitlines()[0] if str(e) else ""
+                raise SystemExit(f"--resume: {f} refused or unreadable with torch.load(weights_only=True) "
+                                 f"({type(e).__name__}: {first}); delete {ckpt} to resume from an earlier "
+                                 "checkpoint") from e
+    return int(step)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a completely written folder into place (the old one, if any, is removed first)."""
     if final.exists():
@@ -145,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     t = cfg.train
     if not args.resume and latest_checkpoint(output_dir) is not None:
         raise SystemExit(f"{output_dir} already holds checkpoints; pass --resume to continue or pick another --output-dir")
+    check_output_dir(output_dir)
 
     # ------------------------------------------------------------------------------------------------
     # accelerator (mixed precision and the process count come from `accelerate launch`)
@@ -175,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.wait_for_everyone()
     root = resolve_data_root(cfg.data, output_dir)
     tasks = load_experiment_data(cfg, root)  # also fills model.tasks classes / ignore_index from meta.json
+    for td in tasks.values():  # every mask read once: a class count that does not fit them fails now
+        check_masks(td)
     task_names = list(tasks)
     resolved = cfg.to_dict()
     saved_config = output_dir / "config.yaml"
@@ -265,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                 groups.append({"params": ps, "weight_decay": wd, "base_lr": t.lr * scale, "late": is_late})
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
     n_train = sum(p.numel() for p in head_params)
+    check_free_space(output_dir, model, n_train + sum(p.numel() for p in late_params), t.keep_last)
     say(f"model: fusion {cfg.model.fusion}, extractors {model.extractor_names}; {n_train:,} router/head params"
         + (f", phase 2 from step {t.phase2_step}: {late}" if late else ""))
 
@@ -295,10 +371,13 @@ def main(argv: list[str] | None = None) -> int:
         if ckpt is None:
             say(f"--resume: no checkpoint in {output_dir / 'checkpoints'}; starting from step 0")
         else:
-            start_step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+            start_step = check_checkpoint(ckpt)
             if t.phase2_step is not None and start_step >= t.phase2_step:
                 enter_phase2()
-            accelerator.load_state(str(ckpt))
+            try:
+                accelerator.load_state(str(ckpt), load_kwargs={"weights_only": True})
+            except Exception as e:
+                raise SystemExit(f"--resume: {ckpt} does not load into this run ({type(e).__name__}: {e})") from e
             say(f"resumed from {ckpt} (step {start_step})")
     if main_process:  # evaluations after the checkpoint are redone; keep the file consistent with the weights
         lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
@@ -376,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     grad_norm = torch.zeros((), device=accelerator.device)
     trainable = [p for p in unwrapped.parameters()]
     in_phase2 = t.phase2_step is not None and start_step >= t.phase2_step
+    skip_nonfinite, skipped = t.on_nonfinite == "skip", []
 
     def check_and_log(step: int, elapsed: float, images: int) -> dict[str, float]:
         """Host sync: per-task mean losses of the interval; stop on a non-finite loss naming step and task."""
@@ -433,16 +513,29 @@ def main(argv: list[str] | None = None) -> int:
                     out = model(images, task=task)
                     task_value = task_loss(task, out[tasks[task].task.type].float(), target)
                     loss = t.loss_weights[task] * task_value + t.aux_loss_weight * out["aux_loss"]
+                    if injected_fault(step, rank) == "nan":
+                        loss = loss * float("nan")
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients:
+                    # train.on_nonfinite=skip: one host sync per micro-batch, so every process drops the same step.
+                    bad = skip_nonfinite and bool(accelerator.reduce((~torch.isfinite(loss.detach())).float(),
+                                                                     reduction="sum") > 0)
+                    if bad:
+                        skipped.append((step, task))
+                    drop = skip_nonfinite and accelerator.sync_gradients and bool(skipped) and skipped[-1][0] == step
+                    if accelerator.sync_gradients and not drop:
                         if in_phase2:
                             reduce_late_grads()
                         if t.grad_clip > 0:
                             grad_norm = accelerator.clip_grad_norm_(trainable, t.grad_clip)
-                    optimizer.step()
+                    if not drop:
+                        optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                buf[len(buf_tasks)] = loss.detach()
-                buf_tasks.append((step, task))
+                if drop:
+                    say(f"step {step}: non-finite loss (task {skipped[-1][1]!r}); optimizer step skipped "
+                        f"(train.on_nonfinite=skip, {len({s for s, _ in skipped})} step(s) skipped so far)")
+                if not bad:
+                    buf[len(buf_tasks)] = loss.detach()
+                    buf_tasks.append((step, task))
                 images_since += images.shape[0] * world
 
             done = step + 1
@@ -471,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {e}")
         return 3
     progress.close()
+    if skipped:
+        say(f"{len({s for s, _ in skipped})} optimizer step(s) skipped for a non-finite loss: "
+            f"{sorted({s for s, _ in skipped})[:20]}")
 
     # ------------------------------------------------------------------------------------------------
     # final model and summary
