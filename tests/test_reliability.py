@@ -1,0 +1,485 @@
+"""Faults and bad input (docs/reliability.md): nothing unpickled, nothing lost, every error names its file or key.
+
+Each test checks behaviour: a planted pickle's marker file is never created, a broken checkpoint dir hashes the
+same before and after, the previous checkpoint survives a kill, image values are the expected ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from extractors import create_extractor
+from extractors.local_dir import save_extractor_dir
+from router import Router, RouterConfig
+from router.inputs import to_image_tensor
+from train.config import ExperimentConfig
+from train.data import read_image, train_transform
+from train.finetune import FAULT_ENV, latest_checkpoint, main
+from train.synthetic import write_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32}
+
+
+class _WritesMarker:
+    """Unpickling this creates a file: the code-execution attack on pickled checkpoints."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def plant_pickle(path: Path, marker: Path) -> Path:
+    """A torch.save-format file at `path` whose unpickling would create `marker`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"weight": _WritesMarker(marker)}, path)
+    return path
+
+
+def dir_hash(d: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in d.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(d)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def tensor_byte_range(path: Path, key: str) -> tuple[int, int]:
+    """Absolute byte range of one tensor's data in a safetensors file (8-byte header length, JSON header, data)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    start, end = json.loads(raw[8 : 8 + n])[key]["data_offsets"]
+    return 8 + n + start, 8 + n + end
+
+
+def flip_byte(path: Path, at: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------------
+def router_config(width: int = 16) -> dict:
+    return {
+        "extractors": [{"spec": "timm:vit_small_patch16_224", "name": "p16", "pretrained": False, "kwargs": TINY_VIT}],
+        "tasks": [{"name": "seg", "type": "seg", "classes": ["bg", "fg"]}, {"name": "cls", "type": "cls", "classes": ["a", "b", "c"]}],
+        "fusion": "gated", "width": width, "stride": 16, "gate": {"hidden": 8}, "head": {"seg_hidden": 8, "cls_hidden": 8},
+    }
+
+
+@pytest.fixture(scope="module")
+def saved_router(tmp_path_factory) -> tuple[Router, Path]:
+    torch.manual_seed(0)
+    model = Router(RouterConfig.from_dict(router_config())).eval()
+    return model, model.save_pretrained(tmp_path_factory.mktemp("router") / "m")
+
+
+@pytest.fixture(scope="module")
+def saved_extractor_dir(tmp_path_factory) -> Path:
+    ext = create_extractor("timm:vit_small_patch16_224", pretrained=False, **TINY_VIT)
+    return save_extractor_dir(ext, tmp_path_factory.mktemp("ext") / "e", "vit_small_patch16_224", TINY_VIT)
+
+
+TINY_RUN = {
+    "model": {
+        "extractors": [{"spec": "timm:vit_small_patch16_224", "name": "p16", "pretrained": False, "kwargs": TINY_VIT}],
+        "tasks": [{"name": "shape_seg", "type": "seg"}, {"name": "shape_cls", "type": "cls"}],
+        "fusion": "gated", "width": 16, "stride": 8, "gate": {"hidden": 8}, "head": {"seg_hidden": 8, "cls_hidden": 8},
+    },
+    "data": {"tasks": [{"name": "shape_seg", "dataset": "shapes"}, {"name": "shape_cls", "dataset": "shapes"}],
+             "image_size": 32, "eval_size": 32},
+    "train": {"max_steps": 4, "seed": 1, "batch_size": 2, "eval_batch_size": 4, "warmup_steps": 1, "eval_every": 4,
+              "save_every": 2, "log_every": 1, "keep_last": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def run_setup(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset and a 4-step config (checkpoints at steps 2 and 4)."""
+    tmp = tmp_path_factory.mktemp("runs")
+    write_synthetic_dataset(tmp / "data", "shapes", n_train=8, n_val=4, size=32, ignore_border=1, seed=0)
+    cfg = dict(TINY_RUN, data={**TINY_RUN["data"], "root": str(tmp / "data")})
+    (tmp / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp
+
+
+def finetune(setup: Path, out: Path, *extra: str) -> int:
+    return main(["--config", str(setup / "tiny.yaml"), "--output-dir", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def reference_run(run_setup) -> Path:
+    """The uninterrupted run, in this process."""
+    out = run_setup / "reference"
+    assert finetune(run_setup, out) == 0
+    return out
+
+
+# ---- untrusted files: no pickle is ever run ----------------------------------------------------------------
+def test_code_pickle_never_runs_through_any_entry_point_that_takes_a_path(tmp_path, saved_router, saved_extractor_dir):
+    marker = tmp_path / "marker.txt"
+    evil = plant_pickle(tmp_path / "evil.pth", marker)
+    # open_clip: the file named inside the spec (absolute path after "//")
+    with pytest.raises(ValueError, match=r"evil\.pth: refused or unreadable with torch\.load\(weights_only=True\)"):
+        create_extractor(f"open_clip:tiny-vit-p16/{evil}")
+    # local-dir: a model.safetensors that is a pickle, and checkpoint= a pickle
+    local = tmp_path / "local"
+    shutil.copytree(saved_extractor_dir, local)
+    plant_pickle(local / "model.safetensors", marker)
+    with pytest.raises(ValueError, match=r"local/model\.safetensors: not a readable safetensors file"):
+        create_extractor(f"local-dir:{local}")
+    with pytest.raises(ValueError, match=r"evil\.pth: refused"):
+        create_extractor(f"local-dir:{saved_extractor_dir}", checkpoint=str(evil))
+    # Router.from_pretrained: model.safetensors is a pickle
+    router = tmp_path / "router"
+    shutil.copytree(saved_router[1], router)
+    plant_pickle(router / "model.safetensors", marker)
+    with pytest.raises(ValueError, match=r"router/model\.safetensors: not a readable safetensors file"):
+        Router.from_pretrained(router)
+    # transformers dir: a pytorch_model.bin that is a pickle (transformers reads it with weights_only=True)
+    import transformers as tf
+
+    hf = tmp_path / "hf"
+    tf.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=30,
+                    patch_size=2).save_pretrained(hf)
+    plant_pickle(hf / "pytorch_model.bin", marker)
+    with pytest.raises(Exception):  # noqa: B017 - any refusal will do; what matters is the marker below
+        create_extractor(f"hf:{hf}")
+    assert not marker.exists(), "pickled code ran"
+
+
+@pytest.mark.parametrize("planted", ["optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
+def test_resume_refuses_a_code_pickle_in_the_checkpoint_naming_it(run_setup, tmp_path, planted):
+    out = tmp_path / "run"
+    assert finetune(run_setup, out, "--stop-at", "2") == 0
+    ckpt = out / "checkpoints" / "step_2"
+    marker = tmp_path / "marker.txt"
+    plant_pickle(ckpt / planted, marker)  # random_states: accelerate alone would skip it silently
+    before = dir_hash(ckpt)
+    with pytest.raises(SystemExit, match=rf"step_2/{planted} refused or unreadable with torch\.load\(weights_only=True\)"):
+        main(["--output-dir", str(out), "--resume"])
+    assert not marker.exists(), "pickled code ran"
+    assert dir_hash(ckpt) == before
+
+
+def test_resume_refuses_a_checkpoint_without_model_safetensors(run_setup, tmp_path):
+    out = tmp_path / "run"
+    assert finetune(run_setup, out, "--stop-at", "2") == 0
+    ckpt = out / "checkpoints" / "step_2"
+    (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")  # accelerate would fall back to torch.load
+    with pytest.raises(SystemExit, match=r"step_2/model\.safetensors is missing"):
+        main(["--output-dir", str(out), "--resume"])
+
+
+# ---- broken checkpoints: a clear error naming file and key; nothing modified ------------------------------
+ROUTER_FAULTS = {
+    # name: (break the copied dir, regex of the error)
+    "truncated": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]),
+                  r"model\.safetensors: not a readable safetensors file"),
+    "byte_flipped": (lambda d: flip_byte(d / "model.safetensors", tensor_byte_range(d / "model.safetensors", "seg_head.outputs.seg.weight")[0] + 3),
+                     r"model\.safetensors: tensor\(s\) \['seg_head\.outputs\.seg\.weight'\] do not match their CRC-32"),
+    "config_not_json": (lambda d: (d / "config.json").write_text("{'extractors': oops"),
+                        r"config\.json: not valid JSON"),
+    "newer_format_version": (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "format_version": 2})),
+                             r"config\.json: format_version 2 is newer than this package reads \(1\)"),
+    "another_models_keys": (lambda d: save_file({"backbone.conv1.weight": torch.zeros(3)}, str(d / "model.safetensors"),
+                                                metadata={"saved_extractors": "[\"p16\"]"}),
+                            r"model\.safetensors: does not fit .*unexpected keys \['backbone\.conv1\.weight'\]"),
+    "shape_mismatch": (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "width": 24})),
+                       r"model\.safetensors: does not fit .*shape mismatches .*'aligners\.p16\.proj\.weight: file \(16, 32, 1, 1\) vs model \(24, 32, 1, 1\)'"),
+}
+
+
+@pytest.mark.parametrize("fault", list(ROUTER_FAULTS))
+def test_broken_router_checkpoint_is_a_clear_error_and_is_not_modified(saved_router, tmp_path, fault):
+    d = tmp_path / "m"
+    shutil.copytree(saved_router[1], d)
+    breaker, pattern = ROUTER_FAULTS[fault]
+    breaker(d)
+    before = dir_hash(d)
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        Router.from_pretrained(d)
+    assert dir_hash(d) == before
+
+
+def _set_config(d: Path, **kv) -> None:
+    (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), **kv}))
+
+
+LOCAL_DIR_FAULTS = {
+    "truncated": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+                  r"model\.safetensors: not a readable safetensors file"),
+    "byte_flipped": (lambda d: flip_byte(d / "model.safetensors", tensor_byte_range(d / "model.safetensors", "blocks.1.attn.qkv.weight")[1] - 1),
+                     r"model\.safetensors: tensor\(s\) \['blocks\.1\.attn\.qkv\.weight'\] do not match their CRC-32"),
+    "config_not_json": (lambda d: (d / "config.json").write_text("not json"), r"config\.json: not valid JSON"),
+    "newer_format_version": (lambda d: _set_config(d, format_version=9), r"config\.json: format_version 9 is newer"),
+    "another_models_keys": (lambda d: save_file({"features.0.0.weight": torch.zeros(3)}, str(d / "model.safetensors")),
+                            r"model\.safetensors: weights do not fit .*unexpected keys \['features\.0\.0\.weight'\]"),
+    "shape_mismatch": (lambda d: _set_config(d, model_kwargs={**TINY_VIT, "embed_dim": 48}),
+                       r"model\.safetensors: weights do not fit .*shape mismatches \['cls_token: file \(1, 1, 32\) vs model \(1, 1, 48\)'"),
+}
+
+
+@pytest.mark.parametrize("fault", list(LOCAL_DIR_FAULTS))
+def test_broken_local_dir_is_a_clear_error_and_is_not_modified(saved_extractor_dir, tmp_path, fault):
+    d = tmp_path / "e"
+    shutil.copytree(saved_extractor_dir, d)
+    breaker, pattern = LOCAL_DIR_FAULTS[fault]
+    breaker(d)
+    before = dir_hash(d)
+    with pytest.raises(ValueError, match=pattern):
+        create_extractor(f"local-dir:{d}")
+    assert dir_hash(d) == before
+
+
+# ---- crash safety ----------------------------------------------------------------------------------------------
+KILL_DURING_SECOND_SAVE = """
+import os, signal, sys
+from pathlib import Path
+import accelerate
+original, calls = accelerate.Accelerator.save_state, []
+def save_state(self, output_dir=None, **kw):
+    calls.append(output_dir)
+    if len(calls) == 2:  # the step-4 checkpoint: write its temp dir, leave a half-written file, then kill -9
+        original(self, output_dir, **kw)
+        weights = Path(output_dir) / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, output_dir, **kw)
+accelerate.Accelerator.save_state = save_state
+from train.finetune import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill9_during_a_checkpoint_write_keeps_the_previous_one_and_resume_finishes(run_setup, reference_run, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SECOND_SAVE, "--config", str(run_setup / "tiny.yaml"),
+                           "--output-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    ckpts = out / "checkpoints"
+    assert (ckpts / ".tmp_step_4").is_dir() and not (ckpts / "step_4").exists()  # killed mid-write
+    assert latest_checkpoint(out) == ckpts / "step_2"
+    step2 = load_file(str(ckpts / "step_2" / "model.safetensors"))  # complete and readable
+    assert all(torch.isfinite(v).all() for v in step2.values() if v.is_floating_point())
+    assert main(["--output-dir", str(out), "--resume"]) == 0
+    assert not (ckpts / ".tmp_step_4").exists() and (ckpts / "step_4" / "trainer_state.json").is_file()
+    a, b = load_file(str(out / "final" / "model.safetensors")), load_file(str(reference_run / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(run_setup, tmp_path, monkeypatch):
+    import errno
+
+    import accelerate
+
+    original, calls, step2 = accelerate.Accelerator.save_state, [], {}
+    out = tmp_path / "full"
+
+    def save_state(self, output_dir=None, **kw):
+        calls.append(output_dir)
+        if len(calls) == 2:  # the step-4 checkpoint: the disk fills while it is written
+            step2["hash"] = dir_hash(out / "checkpoints" / "step_2")
+            original(self, output_dir, **kw)
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+        return original(self, output_dir, **kw)
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state)
+    with pytest.raises(OSError, match="No space left"):
+        finetune(run_setup, out)
+    assert latest_checkpoint(out) == out / "checkpoints" / "step_2"
+    assert dir_hash(out / "checkpoints" / "step_2") == step2["hash"]
+    assert not (out / "final").exists()
+
+
+def test_unwritable_output_dir_fails_before_anything_is_written(run_setup, tmp_path):
+    # Tests run as root, where a read-only mode does not stop writes: a path under a regular file is unwritable
+    # for everyone (NotADirectoryError).
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit, match=r"--output-dir .*a_file/run: cannot write there \(NotADirectoryError"):
+        finetune(run_setup, blocker / "run")
+    assert blocker.read_text() == "x"
+
+
+def test_too_little_free_space_fails_at_start(run_setup, tmp_path, monkeypatch):
+    out = tmp_path / "small_disk"
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))  # simulated: 1 MiB free
+    with pytest.raises(SystemExit, match=r"small_disk: 1\.0 MiB free, but 4 checkpoints and the final model need"):
+        finetune(run_setup, out)
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
+# ---- numerical faults ------------------------------------------------------------------------------------------
+def test_nan_after_a_checkpoint_stops_naming_step_and_task_and_keeps_the_checkpoint(run_setup, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "nan"
+    monkeypatch.setenv(FAULT_ENV, "nan@2")
+    assert finetune(run_setup, out) == 3
+    text = capsys.readouterr().out
+    assert "non-finite loss at step 2 (task 'shape_" in text and "Last checkpoint (kept):" in text
+    assert latest_checkpoint(out) == out / "checkpoints" / "step_2" and not (out / "final").exists()
+    assert not (out / "checkpoints" / "step_4").exists()
+    weights = load_file(str(out / "checkpoints" / "step_2" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_nan_with_on_nonfinite_skip_drops_that_step_and_finishes(run_setup, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "skip"
+    monkeypatch.setenv(FAULT_ENV, "nan@1")
+    assert finetune(run_setup, out, "train.on_nonfinite=skip") == 0
+    text = capsys.readouterr().out
+    assert "step 1: non-finite loss (task 'shape_" in text and "optimizer step skipped" in text
+    assert "1 optimizer step(s) skipped for a non-finite loss: [1]" in text
+    weights = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+# ---- bad images: in predict (router/inputs.py) and in training (train/data.py) ---------------------------------
+READERS = {"predict": lambda p: to_image_tensor(p), "train": lambda p: read_image(p, 3)}
+
+
+@pytest.mark.parametrize("reader", list(READERS))
+def test_image_modes_give_the_expected_values(tmp_path, reader):
+    read = READERS[reader]
+    # 16-bit greyscale: scaled by 65535 (Pillow's own 8-bit conversion would clip at 255)
+    a16 = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(a16).save(tmp_path / "g16.png")
+    t = read(tmp_path / "g16.png")
+    torch.testing.assert_close(t[0], torch.from_numpy(a16.astype(np.float32) / 65535))
+    # palette: mapped to its RGB colours
+    pal = Image.fromarray(np.array([[0, 1]], np.uint8), mode="P")
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    pal.save(tmp_path / "pal.png")
+    torch.testing.assert_close(read(tmp_path / "pal.png")[:, 0], torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]))
+    # RGBA: alpha dropped, colour kept (not composited)
+    Image.fromarray(np.array([[[10, 20, 30, 0]]], np.uint8), mode="RGBA").save(tmp_path / "rgba.png")
+    torch.testing.assert_close(read(tmp_path / "rgba.png")[:, 0, 0], torch.tensor([10.0, 20.0, 30.0]) / 255)
+    # EXIF orientation 6 (rotate 90 clockwise to display): the displayed array
+    arr = np.arange(6, dtype=np.uint8).reshape(2, 3) * 40
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).convert("RGB").save(tmp_path / "rot.png", exif=exif)
+    expected = torch.from_numpy(np.rot90(arr, k=-1).astype(np.float32) / 255)
+    torch.testing.assert_close(read(tmp_path / "rot.png")[0], expected)
+    # 1 x 1
+    Image.fromarray(np.full((1, 1, 3), 51, np.uint8)).save(tmp_path / "one.png")
+    torch.testing.assert_close(read(tmp_path / "one.png"), torch.full((3, 1, 1), 0.2))
+
+
+@pytest.mark.parametrize("reader", list(READERS))
+def test_bad_image_files_are_refused_naming_the_file(tmp_path, reader):
+    read = READERS[reader]
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello, not an image")
+    # A PNG header claiming 20000 x 20000 (400 M pixels): above Pillow's bomb limit (2 x 89.5 M), refused before decoding
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+                                        + chunk(b"IEND", b""))
+    for name, why in (("empty.png", "UnidentifiedImageError"), ("text.jpg", "UnidentifiedImageError"),
+                      ("bomb.png", "DecompressionBombError"), ("missing.png", "FileNotFoundError")):
+        with pytest.raises(ValueError, match=rf"{name}: unreadable image \({why}"):
+            read(tmp_path / name)
+
+
+def test_8000x8000_image_decodes_in_predict_and_training(tmp_path):
+    arr = np.zeros((8000, 8000), np.uint8)
+    arr[0, 0], arr[-1, -1] = 255, 51
+    Image.fromarray(arr).save(tmp_path / "big.png", compress_level=1)
+    for t in (to_image_tensor(tmp_path / "big.png"), read_image(tmp_path / "big.png", 1)):
+        assert t.shape == (1, 8000, 8000) and float(t[0, 0, 0]) == 1.0 and float(t[0, -1, -1]) == pytest.approx(0.2)
+        del t
+
+
+def test_1x1_images_predict_and_train(saved_router):
+    model = saved_router[0]
+    masks = model.predict([np.full((1, 1, 3), 200, np.uint8), Image.new("L", (1, 1), 7)], task="seg")
+    assert [tuple(m.shape) for m in masks] == [(1, 1), (1, 1)] and all(int(m.max()) <= 1 for m in masks)
+    cfg = ExperimentConfig.from_dict(TINY_RUN)
+    image, mask = train_transform(torch.full((3, 1, 1), 0.5), torch.ones(1, 1, dtype=torch.long), 32, cfg.data,
+                                  torch.Generator().manual_seed(0))
+    assert image.shape == (3, 32, 32) and bool((mask == 1).all())
+
+
+def test_non_images_in_predict_name_the_input(saved_router):
+    model = saved_router[0]
+    with pytest.raises(TypeError, match=r"images\[1\]: unsupported NumPy dtype <U1"):
+        model.predict([np.zeros((4, 4), np.uint8), np.array([["a"]])], task="seg")
+    with pytest.raises(TypeError, match=r"images\[0\]: expected a PIL image, NumPy array or torch.Tensor, got dict"):
+        model.predict([{"not": "an image"}], task="seg")
+
+
+# ---- config: errors at start naming the key or file ------------------------------------------------------------
+@pytest.mark.parametrize("override, pattern", [
+    ("model.gate.temperature=hot", r"model\.gate\.temperature: expected a number|model.gate.temperature"),
+    ("model.width=[16]", r"model\.width: expected int, got list"),
+    ("train.hflip=1", r"unknown key 'train\.hflip'"),
+    ("data.hflip=yes please", r"data\.hflip: expected bool, got str"),
+    ("train.on_nonfinite=ignore", r"train\.on_nonfinite: expected 'stop' or 'skip', got 'ignore'"),
+    ("train.lr=-0.1", r"train\.lr: must be > 0, got -0\.1"),
+    ("train.min_lr_ratio=2", r"train\.min_lr_ratio: expected a value in \[0, 1\], got 2"),
+    ("data.tasks.0.weight=heavy", r"data\.tasks\.0\.weight=.*expected a number"),
+])
+def test_wrong_config_values_name_the_key(override, pattern):
+    with pytest.raises((TypeError, ValueError), match=pattern):
+        ExperimentConfig.from_dict(TINY_RUN, [override])
+
+
+def test_missing_dataset_dir_and_masks_that_do_not_fit_the_classes_fail_at_start(run_setup, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data\.tasks\[shape_seg\]\.dataset: .*nowhere is not a folder"):
+        finetune(run_setup, tmp_path / "a", "data.tasks.0.dataset=nowhere", "data.tasks.1.dataset=nowhere")
+    data = tmp_path / "data"
+    shutil.copytree(run_setup / "data", data)
+    last_val = sorted((data / "shapes" / "masks").glob("*.png"))[-1]  # read only at the first evaluation otherwise
+    mask = np.array(Image.open(last_val))
+    mask[0, 0] = 2  # a third class in a 2-class task
+    Image.fromarray(mask).save(last_val)
+    with pytest.raises(ValueError, match=rf"{last_val.name}: mask values \[2\] outside the classes \(0\.\.1 or ignore_index 255\)"):
+        finetune(run_setup, tmp_path / "b", f"data.root={data}", "train.prior_init=false")
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+# ---- distributed: one failing process takes the run down ---------------------------------------------------------
+@pytest.mark.slow
+def test_a_failing_process_takes_the_two_process_run_down_with_its_message(run_setup, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", str(REPO / "train" / "finetune.py"),
+           "--config", str(run_setup / "tiny.yaml"), "--output-dir", str(out), "train.batch_size=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", FAULT_ENV: "raise@1@1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)  # a hang fails here
+    assert proc.returncode != 0
+    assert "injected fault (BACKBONE_ROUTER_INJECT_FAULT=raise@1@1) in process 1 at step 1" in proc.stdout + proc.stderr
+    assert not (out / "final").exists() and latest_checkpoint(out) is None
+
+
+def test_fault_hook_is_inert_unless_set(monkeypatch):
+    from train.finetune import injected_fault
+
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    assert injected_fault(1, 1) is None
+    monkeypatch.setenv(FAULT_ENV, "raise@3@1")
+    assert injected_fault(3, 0) is None and injected_fault(2, 1) is None
+    with pytest.raises(RuntimeError, match="in process 1 at step 3"):
+        injected_fault(3, 1)
