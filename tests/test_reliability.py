@@ -340,6 +340,10 @@ def test_nan_after_a_checkpoint_stops_naming_step_and_task_and_keeps_the_checkpo
     assert not (out / "checkpoints" / "step_4").exists()
     weights = load_file(str(out / "checkpoints" / "step_2" / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    # the run goes on from that checkpoint with train.on_nonfinite=skip (a resumable change)
+    assert main(["--output-dir", str(out), "--resume", "train.on_nonfinite=skip"]) == 0
+    text = capsys.readouterr().out
+    assert "resumed from" in text and "step 2: non-finite loss" in text and (out / "final").is_dir()
 
 
 def test_nan_with_on_nonfinite_skip_drops_that_step_and_finishes(run_setup, tmp_path, monkeypatch, capsys):

@@ -25,7 +25,9 @@ from router.config import RouterConfig, _from_dict, load_yaml_or_json
 DEFAULT_SEG_LOSS: list[dict[str, Any]] = [{"name": "ce", "weight": 1.0}, {"name": "dice", "weight": 1.0, "per_image": True}]
 DEFAULT_CLS_LOSS: list[dict[str, Any]] = [{"name": "ce", "weight": 1.0}]
 # Keys that may change between an interrupted run and its resumption (they do not change the trajectory).
-RESUMABLE_CHANGES = ("train.max_steps", "train.eval_every", "train.save_every", "train.keep_last", "train.log_every")
+# train.on_nonfinite too: a run stopped by a NaN may go on with "skip" (and configs saved before it existed resume).
+RESUMABLE_CHANGES = ("train.max_steps", "train.eval_every", "train.save_every", "train.keep_last", "train.log_every",
+                     "train.on_nonfinite")
 
 
 @dataclass
