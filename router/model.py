@@ -15,6 +15,7 @@ from torch import nn
 
 from extractors import Extractor, ExtractorOutput, check_images, create_extractor
 from extractors.atomic import atomic_save_safetensors, verify_checksums
+from extractors.checkpoints import key_problems
 from heads import ClsHead, SegHead
 
 from .align import Aligner, grid_size
@@ -274,21 +275,10 @@ class Router(nn.Module):
         return model
 
     def load_checked(self, state: dict[str, torch.Tensor], saved: list[str], source: str) -> None:
+        """Load `state`; every key must be known, and all but frozen pretrained extractors' present."""
         own = self.state_dict()
         skip = tuple(f"extractors.{n}." for n in self.extractor_names if n not in saved)
-        expected = {k for k in own if not k.startswith(skip)}
-        unexpected = sorted(set(state) - set(own))
-        missing = sorted(expected - set(state))
-        mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                      for k in state if k in own and state[k].shape != own[k].shape]
-        problems = []
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected[:8]}")
-        if missing:
-            problems.append(f"missing keys {missing[:8]}")
-        if mismatched:
-            problems.append(f"shape mismatches {mismatched[:8]}")
-        if problems:
+        if problems := key_problems(own, state, expected={k for k in own if not k.startswith(skip)}):
             raise ValueError(f"{source}: does not fit the model in its config.json: " + "; ".join(problems))
         self.load_state_dict(state, strict=False)
 
