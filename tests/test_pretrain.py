@@ -17,11 +17,11 @@ from PIL import Image
 
 from extractors import create_extractor
 from extractors.local_dir import save_extractor_dir
-from train.ssl.config import DecoderConfig, DINOConfig, ModelConfig, load_pretrain_config
-from train.ssl.dino import DINOPretrainer
-from train.ssl.encoder import build_encoder, encode_visible, saved_model_kwargs
-from train.ssl.mae import MAEPretrainer, random_mask
-from train.ssl.smir import (
+from train.selfsup.config import DecoderConfig, DINOConfig, ModelConfig, load_pretrain_config
+from train.selfsup.dino import DINOPretrainer
+from train.selfsup.encoder import build_encoder, encode_visible, saved_model_kwargs
+from train.selfsup.mae import MAEPretrainer, random_mask
+from train.selfsup.smir import (
     SMIRPretrainer,
     aggregate_patch_losses,
     highest_loss_mask,
@@ -30,7 +30,7 @@ from train.ssl.smir import (
     ms_ssim_scales,
     ssim_maps,
 )
-from train.ssl.unlabeled import MultiCropTransform, UnlabeledImages, crop_transform, partition_indices
+from train.selfsup.unlabeled import MultiCropTransform, UnlabeledImages, crop_transform, partition_indices
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}  # 4 x 4 patches

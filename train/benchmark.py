@@ -41,8 +41,6 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# Run as a script, train/ would head sys.path and train/ssl would shadow the standard library's ssl.
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() not in (REPO, REPO / "train")]
 
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402

@@ -41,13 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    # Run as a script, Python puts train/ first on sys.path, where train/ssl/ would shadow the standard
-    # library's `ssl`. Import from the repository root instead (as train/finetune.py does).
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
-
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -29,13 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a script, Python puts train/ first on sys.path, where a folder such as train/ssl/ would shadow the
-    # standard library's `ssl`. Import from the repository root instead.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
-
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DistributedDataParallelKwargs

@@ -16,11 +16,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import from the repository root, not train/ (see compare.py)
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
-
 import timm
 
 from extractors.checkpoints import load_state_dict_file, load_state_dict_strict

@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 
 from extractors.atomic import atomic_write_bytes
 from extractors.local_dir import save_extractor_dir
-from train.ssl.config import PretrainConfig, load_pretrain_config
-from train.ssl.dino import DINOPretrainer
-from train.ssl.encoder import build_encoder, saved_model_kwargs
-from train.ssl.mae import MAEPretrainer
-from train.ssl.smir import SMIRPretrainer
-from train.ssl.unlabeled import MultiCropTransform, UnlabeledImages, crop_transform, partition_indices
+from train.selfsup.config import PretrainConfig, load_pretrain_config
+from train.selfsup.dino import DINOPretrainer
+from train.selfsup.encoder import build_encoder, saved_model_kwargs
+from train.selfsup.mae import MAEPretrainer
+from train.selfsup.smir import SMIRPretrainer
+from train.selfsup.unlabeled import MultiCropTransform, UnlabeledImages, crop_transform, partition_indices
 
 
 # ---- the pieces a method needs -------------------------------------------------------------------------

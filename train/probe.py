@@ -36,8 +36,8 @@ from PIL import Image
 
 from extractors import create_extractor
 from extractors.atomic import atomic_write_bytes
-from train.ssl.config import DataConfig
-from train.ssl.unlabeled import IMAGE_SUFFIXES
+from train.selfsup.config import DataConfig
+from train.selfsup.unlabeled import IMAGE_SUFFIXES
 
 TASKS = {  # dataset folder -> (kind, metric name, number of classes, ignore index)
     "mtd": ("seg", "defect_iou", 2, None),

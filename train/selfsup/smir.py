@@ -161,8 +161,8 @@ def compose(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch:
 class SMIRPretrainer(nn.Module):
     """Masked reconstruction in [0, 1] pixel space with an MS-SSIM + L1 loss; masks random or selective.
 
-    >>> from train.ssl.config import ModelConfig, DecoderConfig
-    >>> from train.ssl.encoder import build_encoder
+    >>> from train.selfsup.config import ModelConfig, DecoderConfig
+    >>> from train.selfsup.encoder import build_encoder
     >>> smir = SMIRPretrainer(build_encoder(ModelConfig(kwargs={"img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2})),
     ...                       DecoderConfig(dim=32, depth=1, num_heads=2), ssim_sigma=1.0)
     >>> x = torch.rand(2, 3, 32, 32)

@@ -53,8 +53,8 @@ class DINOHead(nn.Module):
 class DINOPretrainer(nn.Module):
     """Student + EMA teacher. ``forward(views)`` returns ``{"loss": ...}``; call `update_teacher` after each step.
 
-    >>> from train.ssl.config import ModelConfig, DINOConfig
-    >>> from train.ssl.encoder import build_encoder
+    >>> from train.selfsup.config import ModelConfig, DINOConfig
+    >>> from train.selfsup.encoder import build_encoder
     >>> dino = DINOPretrainer(build_encoder(ModelConfig(kwargs={"img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2})),
     ...                       DINOConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, local_crops=2))
     >>> dino([torch.rand(2, 3, 32, 32)] * 2 + [torch.rand(2, 3, 16, 16)] * 2)["loss"].ndim

@@ -107,8 +107,8 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
 class MAEPretrainer(nn.Module):
     """MAE with random masking. ``forward(images)`` returns ``{"loss": ...}``.
 
-    >>> from train.ssl.config import ModelConfig, DecoderConfig
-    >>> from train.ssl.encoder import build_encoder
+    >>> from train.selfsup.config import ModelConfig, DecoderConfig
+    >>> from train.selfsup.encoder import build_encoder
     >>> mae = MAEPretrainer(build_encoder(ModelConfig(kwargs={"img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2})),
     ...                     DecoderConfig(dim=32, depth=1, num_heads=2))
     >>> mae(torch.rand(2, 3, 32, 32))["loss"].ndim
