@@ -217,7 +217,7 @@ def plot_gate_heatmap(gate_rows: list[dict], variant: str, tasks: list[str], ext
     """Heatmap of :func:`gate_matrix` with each extractor labelled by its family; returns the matrix shown."""
     m = gate_matrix(gate_rows, variant, tasks, extractors)
     fig, ax = plt.subplots(figsize=(1.6 * len(extractors) + 2.5, 0.6 * len(tasks) + 1.8))
-    im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis")
+    im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(extractors)), [f"{e}\n({families.get(e, '?')})" for e in extractors], fontsize=8)
     ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
     for i in range(len(tasks)):
