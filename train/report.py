@@ -27,11 +27,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: import from the repository root, not train/ (see compare.py)
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
-
 import matplotlib
 
 matplotlib.use("Agg")
