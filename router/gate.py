@@ -61,7 +61,12 @@ class TaskGate(nn.Module):
             self.add_task(name, None if text_embeddings is None else text_embeddings[name])
         if cfg.granularity != "task":
             self.content = PixelStem(h) if cfg.content == "pixels" else nn.Conv2d(feature_width, h, 1)
-        self.mlp = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, h), nn.GELU(), nn.Linear(h, num_extractors))
+            self.content_norm = nn.LayerNorm(h)
+        # Task and content enter side by side, each layer-normed, so neither drowns the other (an added
+        # task vector is swamped by a larger content signal and the gate stops telling tasks apart).
+        self.task_norm = nn.LayerNorm(h)
+        width_in = h if cfg.granularity == "task" else 2 * h
+        self.mlp = nn.Sequential(nn.Linear(width_in, h), nn.GELU(), nn.Linear(h, num_extractors))
 
     @property
     def needs_features(self) -> bool:
@@ -74,7 +79,7 @@ class TaskGate(nn.Module):
                 raise ValueError(f"TaskGate.add_task({name!r}): a text embedding is needed with task_embedding='text'")
             self.task_vectors[name] = nn.Parameter(text_embedding.detach().flatten().clone(), requires_grad=False)
         else:
-            self.task_vectors[name] = nn.Parameter(torch.randn(self.cfg.hidden) * 0.02)
+            self.task_vectors[name] = nn.Parameter(torch.randn(self.cfg.hidden))
 
     def task_vector(self, task: str) -> torch.Tensor:
         v = self.task_vectors[task]
@@ -83,16 +88,17 @@ class TaskGate(nn.Module):
     def forward(self, task: str, batch: int, grid: tuple[int, int], images: torch.Tensor | None = None,
                 features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (weights, aux_loss): B x E (task / image) or B x E x h x w (token), and a scalar."""
-        t = self.task_vector(task)
+        t = self.task_norm(self.task_vector(task))
         if self.cfg.granularity == "task":
             logits = self.mlp(t).expand(batch, -1)
         else:
             content = self.content(images, grid) if self.cfg.content == "pixels" else self.content(features)
             if self.cfg.granularity == "image":
-                logits = self.mlp(reduce(content, "b c h w -> b c", "mean") + t)
+                c = self.content_norm(reduce(content, "b c h w -> b c", "mean"))
+                logits = self.mlp(torch.cat([t.expand_as(c), c], dim=-1))
             else:
-                tokens = rearrange(content, "b c h w -> b h w c") + t
-                logits = rearrange(self.mlp(tokens), "b h w e -> b e h w")
+                c = self.content_norm(rearrange(content, "b c h w -> b h w c"))
+                logits = rearrange(self.mlp(torch.cat([t.expand_as(c), c], dim=-1)), "b h w e -> b e h w")
         weights = (logits / self.cfg.temperature).softmax(dim=1)
         aux = self.aux_loss(weights)
         if self.cfg.top_k is not None and self.cfg.top_k < self.num_extractors:

@@ -66,12 +66,30 @@ def test_gate_rows_sum_to_one_and_outputs_cover_the_input(granularity, content, 
         assert not torch.allclose(gate[0], gate[1])
 
 
-def test_different_task_gives_different_gate(images):
+@pytest.mark.parametrize("granularity", ["task", "image", "token"])
+def test_different_task_gives_different_gate(granularity, images):
     torch.manual_seed(0)
-    model = Router(make_config(granularity="task")).eval()
-    a = model(images, task="seg_a")["gate"]
-    b = model(images, task="cls_b")["gate"]
-    assert not torch.allclose(a, b)
+    model = Router(make_config(granularity=granularity)).eval()
+    with torch.no_grad():
+        a = model(images, task="seg_a")["gate"]
+        b = model(images, task="cls_b")["gate"]
+    assert (a - b).abs().mean() > 0.005
+
+
+@pytest.mark.parametrize("granularity", ["image", "token"])
+def test_content_scale_cannot_drown_the_task(granularity, images):
+    """Task and content are layer-normed side by side: a 100x larger content signal changes nothing."""
+    torch.manual_seed(0)
+    model = Router(make_config(granularity=granularity)).eval()
+    with torch.no_grad():
+        before = {t: model(images, task=t)["gate"] for t in ("seg_a", "cls_b")}
+        last_conv = model.gate.content.net[-1]
+        last_conv.weight.mul_(100)
+        last_conv.bias.mul_(100)
+        after = {t: model(images, task=t)["gate"] for t in ("seg_a", "cls_b")}
+    for t in before:
+        torch.testing.assert_close(after[t], before[t], atol=5e-3, rtol=0)  # up to LayerNorm eps
+    assert (after["seg_a"] - after["cls_b"]).abs().mean() > 0.005
 
 
 def test_top_k_renormalize_values():
