@@ -88,7 +88,9 @@ class TaskGate(nn.Module):
     def forward(self, task: str, batch: int, grid: tuple[int, int], images: torch.Tensor | None = None,
                 features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (weights, aux_loss): B x E (task / image) or B x E x h x w (token), and a scalar."""
-        t = self.task_norm(self.task_vector(task))
+        # Functional call: a learned task vector is a leaf parameter, and module input hooks (torch's
+        # FlopCounterMode / ModuleTracker) fail on a leaf that requires grad under no_grad.
+        t = F.layer_norm(self.task_vector(task), (self.cfg.hidden,), self.task_norm.weight, self.task_norm.bias)
         if self.cfg.granularity == "task":
             logits = self.mlp(t).expand(batch, -1)
         else:
