@@ -60,14 +60,12 @@ from train.data import (
     TaskDataset,
     TaskSchedule,
     foreground_prior,
-    load_experiment_data,
-    resolve_data_root,
+    prepare_experiment_data,
 )
 from train.feature_cache import FeatureCache
 from train.finetune import lr_factor
 from train.metrics import GateMeter, json_safe, task_metrics
 from train.report import write_report
-from train.synthetic import write_synthetic_dataset
 
 VARIANT_RE = re.compile(r"^(single|mean|concat|gated_(task|image|token)(_top(\d+))?)$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -343,13 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------------------------------------
     # data and views
     t0 = time.perf_counter()
-    if cfg.data.synthetic is not None:
-        if main_process:
-            s = cfg.data.synthetic
-            write_synthetic_dataset(output_dir / "data", s.name, s.n_train, s.n_val, s.size, s.ignore_border, s.seed)
-        accelerator.wait_for_everyone()
-    root = resolve_data_root(cfg.data, output_dir)
-    tasks = load_experiment_data(cfg, root)
+    _, tasks = prepare_experiment_data(cfg, output_dir, main_process, accelerator.wait_for_everyone)
     task_names = list(tasks)
     variants = expand_variants(cmp, cfg.model)  # after the tasks got their classes from meta.json
     primary = {n: cmp.metrics.get(n) or primary_metric(td.task.type, td.task.num_classes) for n, td in tasks.items()}

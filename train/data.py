@@ -23,6 +23,7 @@ import json
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,23 @@ def load_task_data(task: TaskConfig, source: DataTaskConfig, root: Path, data: D
             modes.add(im.mode)
     channels = int(meta.get("channels", 1 if modes <= {"L", "I", "I;16", "1"} else 3))
     return TaskData(task, source, folder, train, val, channels, carved)
+
+
+def prepare_experiment_data(cfg: ExperimentConfig, output_dir: Path, is_main_process: bool,
+                            wait_for_everyone: Callable[[], None]) -> tuple[Path, dict[str, TaskData]]:
+    """Write the built-in synthetic dataset first when the config asks for one (main process), then load every task.
+
+    Returns the data root and the loaded tasks.
+    """
+    if cfg.data.synthetic is not None:
+        from train.synthetic import write_synthetic_dataset
+
+        if is_main_process:
+            s = cfg.data.synthetic
+            write_synthetic_dataset(output_dir / "data", s.name, s.n_train, s.n_val, s.size, s.ignore_border, s.seed)
+        wait_for_everyone()
+    root = resolve_data_root(cfg.data, output_dir)
+    return root, load_experiment_data(cfg, root)
 
 
 def load_experiment_data(cfg: ExperimentConfig, root: Path) -> dict[str, TaskData]:

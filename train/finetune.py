@@ -49,11 +49,9 @@ from train.data import (
     collate_task_batch,
     describe,
     foreground_prior,
-    load_experiment_data,
-    resolve_data_root,
+    prepare_experiment_data,
 )
 from train.metrics import GateMeter, json_safe, task_metrics
-from train.synthetic import write_synthetic_dataset
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -234,13 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------------------------------------------------------
     # data
-    if cfg.data.synthetic is not None:
-        if main_process:
-            s = cfg.data.synthetic
-            write_synthetic_dataset(output_dir / "data", s.name, s.n_train, s.n_val, s.size, s.ignore_border, s.seed)
-        accelerator.wait_for_everyone()
-    root = resolve_data_root(cfg.data, output_dir)
-    tasks = load_experiment_data(cfg, root)  # also fills model.tasks classes / ignore_index from meta.json
+    # Also fills model.tasks classes / ignore_index from meta.json.
+    root, tasks = prepare_experiment_data(cfg, output_dir, main_process, accelerator.wait_for_everyone)
     for td in tasks.values():  # every mask read once: a class count that does not fit them fails now
         check_masks(td)
     task_names = list(tasks)
