@@ -125,11 +125,16 @@ class MAEPretrainer(nn.Module):
     def encoder(self) -> TimmExtractor:
         return self.mae.encoder
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def reconstruct(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted patches, mask): a random mask at `mask_ratio` unless one is given."""
         if mask is None:
             mask = random_mask(images.shape[0], self.mae.num_patches(images), self.mask_ratio, images.device, generator)
-        pred = self.mae(images, mask)
+        return self.mae(images, mask), mask
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        pred, mask = self.reconstruct(images, mask, generator)
         # Targets in the encoder's normalized space, as in MAE (the per-patch normalization then removes it).
         target = patchify(self.encoder.preprocess(images), self.mae.patch)
         loss = mae_loss(pred, target, mask, self.norm_pix_loss)

@@ -26,13 +26,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import reduce
-from torch import nn
 
 from extractors.timm_backend import TimmExtractor
 
 from .config import DecoderConfig
 from .encoder import patchify, unpatchify
-from .mae import MaskedAutoencoder, num_masked, random_mask
+from .mae import MAEPretrainer, num_masked, random_mask
 
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, as in torchmetrics
 K1, K2 = 0.01, 0.03  # SSIM stabilizing constants (times the data range, squared)
@@ -158,7 +157,7 @@ def compose(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch:
     return unpatchify(mixed, patch, (images.shape[-2] // patch, images.shape[-1] // patch))
 
 
-class SMIRPretrainer(nn.Module):
+class SMIRPretrainer(MAEPretrainer):
     """Masked reconstruction in [0, 1] pixel space with an MS-SSIM + L1 loss; masks random or selective.
 
     >>> from train.selfsup.config import ModelConfig, DecoderConfig
@@ -173,22 +172,14 @@ class SMIRPretrainer(nn.Module):
     def __init__(self, encoder: TimmExtractor, decoder: DecoderConfig, mask_ratio: float = 0.5,
                  ms_ssim_weight: float = 1.0, l1_weight: float = 1.0, ssim_sigma: float = 1.5,
                  ms_ssim_scales: int | None = None):
-        super().__init__()
-        self.mae = MaskedAutoencoder(encoder, decoder)
-        self.mask_ratio = mask_ratio
+        super().__init__(encoder, decoder, mask_ratio, norm_pix_loss=False)
         self.ms_ssim_weight, self.l1_weight = ms_ssim_weight, l1_weight
         self.sigma = ssim_sigma
         self.scales = ms_ssim_scales
 
-    @property
-    def encoder(self) -> TimmExtractor:
-        return self.mae.encoder
-
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        if mask is None:
-            mask = random_mask(images.shape[0], self.mae.num_patches(images), self.mask_ratio, images.device, generator)
-        pred = self.mae(images, mask)
+        pred, mask = self.reconstruct(images, mask, generator)
         recon = compose(pred, images, mask, self.mae.patch)
         scales = self.scales or ms_ssim_scales(min(images.shape[-2:]), ssim_window(self.sigma))
         similarity = ms_ssim(recon.float(), images.float(), scales, self.sigma).mean()
