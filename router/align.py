@@ -29,18 +29,31 @@ def resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class Aligner(nn.Module):
     """One extractor's maps (any widths/strides) -> B x width x h x w on the grid, and pooled -> B x width.
 
-    Each layer is resampled to the grid, the layers are concatenated, and a 1x1 convolution projects them
-    to `width` (resampling first keeps the projection at the grid's resolution; both are linear, so the
-    order does not change the result), followed by a channel LayerNorm so extractors enter the fusion at
-    comparable scales.
+    The layers are brought to the grid, concatenated, and a 1x1 convolution projects them to `width`,
+    followed by a channel LayerNorm so extractors enter the fusion at comparable scales.
+
+    The projection is computed per layer, on each layer's slice of the 1x1 weights, at the cheaper of the two
+    resolutions: a layer finer than the grid (a stride-8 stage) is resampled first and projected on the
+    grid; a layer coarser than the grid (a stride-32 stage) is projected at its own resolution and then
+    upsampled. A 1x1 convolution and bilinear resampling are both linear and the resampling weights sum
+    to 1, so the order does not change the result (up to float rounding, tested); projecting a 7 x 7 map
+    before upsampling it to 14 x 14 costs a quarter of the multiply-adds.
     """
 
     def __init__(self, info: ExtractorInfo, width: int):
         super().__init__()
+        self.widths = list(info.widths)
         self.proj = nn.Conv2d(sum(info.widths), width, kernel_size=1)
         self.norm = LayerNorm2d(width)
         self.pooled_proj = nn.Sequential(nn.Linear(info.width, width), nn.LayerNorm(width))
 
     def forward(self, dense: list[torch.Tensor], pooled: torch.Tensor, grid: tuple[int, int]):
-        x = torch.cat([resample(d, grid) for d in dense], dim=1)
-        return self.norm(self.proj(x)), self.pooled_proj(pooled)
+        weights = self.proj.weight.split(self.widths, dim=1)
+        x = None
+        for d, w in zip(dense, weights, strict=True):
+            if d.shape[-2] <= grid[0] and d.shape[-1] <= grid[1]:
+                y = resample(F.conv2d(d, w), grid)  # coarser than (or on) the grid: project, then upsample
+            else:
+                y = F.conv2d(resample(d, grid), w)
+            x = y if x is None else x + y
+        return self.norm(x + self.proj.bias.view(1, -1, 1, 1)), self.pooled_proj(pooled)

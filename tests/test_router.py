@@ -66,6 +66,22 @@ def test_gate_rows_sum_to_one_and_outputs_cover_the_input(granularity, content, 
         assert not torch.allclose(gate[0], gate[1])
 
 
+@pytest.mark.parametrize("stem_scale", [2, 4])
+def test_light_routing_options_keep_the_output_contract(stem_scale, images):
+    """gate.stem_scale < 8 and head.seg_trunk = separable: same shapes, gate still per location and per image."""
+    torch.manual_seed(0)
+    cfg = make_config(granularity="token", head={"seg_hidden": 16, "cls_hidden": 16, "seg_trunk": "separable"})
+    cfg.gate.stem_scale = stem_scale
+    model = Router(cfg).eval()
+    out = model(images, task="seg_a")
+    assert out["gate"].shape == (2, 3, 7, 9) and out["seg"].shape == (2, 2, 97, 130)
+    assert not torch.allclose(out["gate"][0], out["gate"][1])
+    with pytest.raises(ValueError, match="gate.stem_scale: expected 2, 4 or 8"):
+        make_config(gate={"stem_scale": 3})
+    with pytest.raises(ValueError, match="head.seg_trunk: expected one of"):
+        make_config(head={"seg_trunk": "dense"})
+
+
 @pytest.mark.parametrize("granularity", ["task", "image", "token"])
 def test_different_task_gives_different_gate(granularity, images):
     torch.manual_seed(0)
@@ -149,6 +165,25 @@ def test_alignment_of_patch_14_16_and_32(images):
             fmap, vec = model.aligners[name](out["dense"], out["pooled"], (7, 9))
             assert fmap.shape == (2, 16, 7, 9) and vec.shape == (2, 16)
     assert [e.info.patch_size for e in model.extractors.values()] == [14, 16, 32]
+
+
+def test_aligner_projects_coarse_maps_before_upsampling_with_the_same_result():
+    """Per-layer projection (coarse maps projected, then upsampled) equals resample -> concat -> 1x1."""
+
+    from extractors import ExtractorInfo
+    from router.align import Aligner, resample
+
+    info = ExtractorInfo(name="cnn", width=40, widths=(8, 24, 40), strides=(8, 16, 32), patch_size=32,
+                         layers=(1, 2, 3), mean=(0.5,) * 3, std=(0.5,) * 3)
+    aligner = Aligner(info, 16).eval()
+    torch.manual_seed(0)
+    dense = [torch.randn(2, 8, 14, 18), torch.randn(2, 24, 7, 9), torch.randn(2, 40, 4, 5)]
+    pooled = torch.randn(2, 40)
+    grid = (7, 9)  # the stride-8 map shrinks onto the grid, the stride-32 map is upsampled to it
+    fmap, vec = aligner(dense, pooled, grid)
+    reference = aligner.norm(aligner.proj(torch.cat([resample(d, grid) for d in dense], dim=1)))
+    torch.testing.assert_close(fmap, reference, rtol=1e-5, atol=1e-5)
+    assert fmap.shape == (2, 16, 7, 9) and vec.shape == (2, 16)
 
 
 @pytest.mark.parametrize("fusion", ["mean", "concat", "gated"])
