@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from extractors.base import FAMILIES
+from heads.seg import SEG_TRUNKS
 
 FORMAT_VERSION = 1
 FUSIONS = ("single", "mean", "concat", "gated")
@@ -73,6 +74,8 @@ class GateConfig:
     temperature: float = 1.0  # softmax temperature of the gate logits
     top_k: int | None = None  # keep the k largest weights per row and renormalize; None keeps all
     hidden: int = 64  # width of the gate MLP and of the task embedding
+    stem_scale: int = 8  # content "pixels": image pixels per grid cell the stem sees (8: its stride-8 output
+    #                      is the grid; 4 or 2: a quarter / a sixteenth of the work, output resampled to the grid)
     task_embedding: str = "learned"  # "learned" (one vector per task) or "text" (from description / class names)
     text_encoder: str | None = None  # for "text": "hf:<sentence-transformers dir or repo>" or "open_clip:<arch>/<tag>"
     load_balance_weight: float = 0.0  # weight of the load-balance auxiliary loss (Switch-style)
@@ -89,14 +92,21 @@ class GateConfig:
             raise ValueError("gate.text_encoder: required when gate.task_embedding is 'text'")
         if self.temperature <= 0:
             raise ValueError(f"gate.temperature: must be > 0, got {self.temperature}")
+        if self.stem_scale not in (2, 4, 8):
+            raise ValueError(f"gate.stem_scale: expected 2, 4 or 8 pixels per grid cell, got {self.stem_scale!r}")
 
 
 @dataclass
 class HeadConfig:
     seg_hidden: int = 128  # channels of the shared segmentation trunk
+    seg_trunk: str = "conv"  # "conv": 3x3 convolution; "separable": depthwise 3x3 + pointwise 1x1 (~1/9 the work)
     cls_pooling: str = "mean"  # "mean" or "attention" pooling of the fused map
     cls_hidden: int = 256  # hidden width of the shared classification MLP
     dropout: float = 0.0  # dropout before the per-task outputs
+
+    def __post_init__(self):
+        if self.seg_trunk not in SEG_TRUNKS:
+            raise ValueError(f"head.seg_trunk: expected one of {SEG_TRUNKS}, got {self.seg_trunk!r}")
 
 
 @dataclass

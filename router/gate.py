@@ -18,10 +18,17 @@ def top_k_renormalize(weights: torch.Tensor, k: int, dim: int = 1) -> torch.Tens
 
 
 class PixelStem(nn.Module):
-    """A small conv stem that looks at the image itself, so the gate can decide before any extractor runs."""
+    """A small conv stem that looks at the image itself, so the gate can decide before any extractor runs.
 
-    def __init__(self, hidden: int):
+    The stem has stride 8 and sees the image resized to ``scale`` pixels per grid cell, so its cost follows
+    the grid, not the input resolution. ``scale = 8``: its output is the grid (at stride 16 that is the
+    image at half resolution, a quarter of the work). ``scale = 4`` or ``2``: a quarter / a sixteenth of that
+    again, the output (grid / 2 or grid / 4) bilinearly resampled to the grid.
+    """
+
+    def __init__(self, hidden: int, scale: int = 8):
         super().__init__()
+        self.scale = scale
         self.net = nn.Sequential(
             nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.GELU(),
             nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.GELU(),
@@ -29,11 +36,12 @@ class PixelStem(nn.Module):
         )  # fmt: skip
 
     def forward(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        # The stem has stride 8: it sees the image at 8x the grid, so its cost follows the grid, not the
-        # input resolution (at stride 16 that is half resolution, a quarter of the work).
-        size = (grid[0] * 8, grid[1] * 8)
+        size = (grid[0] * self.scale, grid[1] * self.scale)
         x = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
-        return self.net((x - 0.5) / 0.25)
+        out = self.net((x - 0.5) / 0.25)
+        if tuple(out.shape[-2:]) != tuple(grid):
+            out = F.interpolate(out, size=grid, mode="bilinear", align_corners=False)
+        return out
 
 
 class TaskGate(nn.Module):
@@ -60,7 +68,7 @@ class TaskGate(nn.Module):
         for name in task_names:
             self.add_task(name, None if text_embeddings is None else text_embeddings[name])
         if cfg.granularity != "task":
-            self.content = PixelStem(h) if cfg.content == "pixels" else nn.Conv2d(feature_width, h, 1)
+            self.content = PixelStem(h, cfg.stem_scale) if cfg.content == "pixels" else nn.Conv2d(feature_width, h, 1)
             self.content_norm = nn.LayerNorm(h)
         # Task and content enter side by side, each layer-normed, so neither drowns the other (an added
         # task vector is swamped by a larger content signal and the gate stops telling tasks apart).

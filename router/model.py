@@ -70,7 +70,7 @@ class Router(nn.Module):
         seg = {t.name: t.num_classes for t in config.tasks if t.type == "seg"}
         cls = {t.name: t.num_classes for t in config.tasks if t.type == "cls"}
         h = config.head
-        self.seg_head = SegHead(config.width, seg, hidden=h.seg_hidden, dropout=h.dropout)
+        self.seg_head = SegHead(config.width, seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk)
         self.cls_head = ClsHead(config.width, cls, pooling=h.cls_pooling, hidden=h.cls_hidden, dropout=h.dropout,
                                 pooled_dim=config.width)
 

@@ -288,6 +288,24 @@ def test_seg_output_size_and_class_counts():
         head(torch.randn(3, 8, 7, 9), "a", out_size=(8, 8))
 
 
+def test_separable_trunk_is_depthwise_plus_pointwise_with_the_same_contract():
+    conv = SegHead(32, {"a": 2}, hidden=32, depth=2)
+    sep = SegHead(32, {"a": 2}, hidden=32, depth=2, trunk="separable")
+    depthwise = [m for m in sep.trunk if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert [(m.groups, m.kernel_size) for m in depthwise] == [(32, (3, 3)), (32, (3, 3))]
+    trunk_params = lambda h: sum(p.numel() for p in h.trunk.parameters())  # noqa: E731
+    # per block: 3x3 conv 32*32*9 + 32 against depthwise 32*9 + 32 and pointwise 32*32 + 32
+    assert trunk_params(conv) - 64 == 2 * (32 * 32 * 9 + 32)
+    assert trunk_params(sep) - 64 == 2 * (32 * 9 + 32 + 32 * 32 + 32)
+    x = torch.randn(2, 32, 7, 9, requires_grad=True)
+    out = sep(x, "a", out_size=(97, 130))
+    assert out.shape == (2, 2, 97, 130)
+    out.sum().backward()
+    assert all(p.grad is not None for p in sep.trunk.parameters())
+    with pytest.raises(ValueError, match="SegHead.trunk: expected one of"):
+        SegHead(32, {"a": 2}, trunk="dense")
+
+
 def test_seg_upsampling_is_bilinear_of_grid_logits():
     head = SegHead(8, {"a": 3}).eval()
     x = torch.randn(1, 8, 4, 5)
