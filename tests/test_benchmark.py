@@ -19,8 +19,14 @@ def summary(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out.json"
     main(["--config", str(REPO / "configs/tiny.yaml"), "--json", str(out), "--batch-sizes", "2",
           "--resolutions", "32", "--warmup", "0", "--reps", "1", "--cache-batches", "2", "--threads", "1",
-          "--ablate", "sdpa", "--peak-tflops", "1.0"])
+          "--ablate", "sdpa", "--peak-tflops", "1.0", "head.seg_trunk=separable"])
     return json.loads(out.read_text())
+
+
+def test_model_overrides_are_applied_recorded_and_checked(summary):
+    assert summary["overrides"] == ["head.seg_trunk=separable"]
+    with pytest.raises(ValueError, match="unknown key 'head.seg_trunc'"):
+        main(["--config", str(REPO / "configs/tiny.yaml"), "head.seg_trunc=separable"])
 
 
 def median(summary, workload, phase):

@@ -47,7 +47,8 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from heads import build_loss  # noqa: E402
-from router import Router  # noqa: E402
+from router import Router, RouterConfig  # noqa: E402
+from train.config import apply_override  # noqa: E402
 
 GOALS = {  # name -> (target, "<=" or ">=")
     "routed_over_sum_of_singles": (1.05, "<="),
@@ -81,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None, help="where the disk feature cache is written (default: a temp dir)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak TFLOP/s for MFU (e.g. 989 for H100 bf16 dense)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help="model config overrides, e.g. head.seg_trunk=separable gate.stem_scale=4")
     return p.parse_args(argv)
 
 
@@ -535,7 +537,13 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     args.device_ = torch.device(args.device)
     torch.manual_seed(args.seed)
-    model = Router.from_config(args.config).to(args.device_).eval()
+    config = RouterConfig.from_file(args.config)
+    if args.overrides:
+        tree = config.to_dict()
+        for item in args.overrides:
+            apply_override(tree, item)
+        config = RouterConfig.from_dict(tree, where=f"{args.config} (with overrides)")
+    model = Router(config).to(args.device_).eval()
     task = args.task or next((t.name for t in model.config.tasks if t.type == "seg"), model.config.tasks[0].name)
     settings = Settings(args.device_, bf16=args.bf16, channels_last=args.channels_last, sdpa=args.sdpa == "on",
                         compile=args.compile)
@@ -546,7 +554,7 @@ def main(argv=None) -> dict:
             ratios.append(measure_size(model, task, batch, res, settings, args, rows))
     summary = {
         "command": "python " + " ".join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
-        "config": str(args.config), "task": task, "hardware": hardware(args.device_), "settings": settings.as_dict(),
+        "config": str(args.config), "overrides": args.overrides, "task": task, "hardware": hardware(args.device_), "settings": settings.as_dict(),
         "warmup": args.warmup, "reps": args.reps, "mem_method": rows[0]["mem_method"],
         # Top-level ratios: the worst case over the measured batch sizes and resolutions.
         "routed_over_sum_of_singles": max(r["routed_over_sum_of_singles"] for r in ratios),
