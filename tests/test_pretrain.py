@@ -301,3 +301,16 @@ def test_accelerate_launch_pretrain_end_to_end(data_root, tmp_path):
     assert (out / "config.yaml").is_file()
     ext = create_extractor(f"local-dir:{out / 'final'}")
     assert ext(torch.rand(1, 1, 32, 32))["pooled"].shape == (1, 32)
+
+
+def test_probe_features_concatenate_the_last_n_blocks():
+    from train.probe import extract
+
+    ext = create_extractor("timm:vit_small_patch16_224", layers=2, pretrained=False, **TINY_KWARGS).eval()
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    seg = extract(ext, images, "seg")
+    with torch.no_grad():
+        out = ext(images.float() / 255)
+    assert seg.shape == (3, 2 * 32, 4, 4)
+    torch.testing.assert_close(seg, torch.cat(out["dense"], 1))
+    assert extract(ext, images, "cls").shape == (3, 32 + 2 * 32)

@@ -7,7 +7,8 @@
 For every extractor, features of the train and test images are computed once (frozen, eval mode), then
 a linear probe is trained on the train features and scored on the test split (dinov2 eval/linear.py):
 
-- mtd        defect segmentation: a 1x1 conv on the last dense map, logits upsampled to the mask; IoU of
+- mtd        defect segmentation: a 1x1 conv on the dense map (`--layers n`: the last n blocks
+             concatenated), logits upsampled to the mask; IoU of
              the defect class over the whole test split.
 - camvid     11-class segmentation, same probe; mIoU over the 11 classes, void (11) ignored.
 - flowers12  12-class classification: a linear layer on [pooled vector, mean of the dense map]; accuracy.
@@ -81,11 +82,14 @@ def load_split(root: Path, name: str, split: str, size: int) -> dict[str, torch.
 
 @torch.no_grad()
 def extract(extractor, images: torch.Tensor, kind: str, batch: int = 64) -> torch.Tensor:
-    """Frozen features: the last dense map (N, D, h, w) for seg; [pooled, mean of dense] (N, 2D) for cls."""
+    """Frozen features: the extractor's dense maps concatenated (N, sum D, h, w) for seg; [pooled, mean of
+    dense] for cls. With ``--layers n`` the extractor returns its last n blocks (n = 1: the last one)."""
     out = []
     for i in range(0, len(images), batch):
         o = extractor(images[i : i + batch].float() / 255)
-        dense = o["dense"][-1]
+        grid = o["dense"][-1].shape[-2:]
+        dense = torch.cat([F.interpolate(d, size=grid, mode="bilinear", align_corners=False)
+                           if d.shape[-2:] != grid else d for d in o["dense"]], 1)
         out.append(dense if kind == "seg" else torch.cat([o["pooled"], dense.mean((2, 3))], 1))
     return torch.cat(out).float()
 
@@ -175,6 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seg-epochs", type=int, default=20)
     parser.add_argument("--cls-epochs", type=int, default=100)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--layers", type=int, default=1,
+                        help="probe the concatenated dense maps of the last n blocks (1: the last block; "
+                        "4: the usual multi-layer protocol for MAE-style encoders)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--output", default="runs/probe.json", help="JSON with every metric and the settings")
@@ -199,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name, spec, pretrained in entries:
         torch.manual_seed(args.seed)
-        extractor = create_extractor(spec, pretrained=pretrained).eval()
+        extractor = create_extractor(spec, pretrained=pretrained, layers=args.layers).eval()
         row = {"spec": spec, "pretrained": pretrained}
         for task in tasks:
             kind, metric, classes, ignore = TASKS[task]
