@@ -78,6 +78,8 @@ class GateConfig:
     #                      is the grid; 4 or 2: a quarter / a sixteenth of the work, output resampled to the grid)
     task_embedding: str = "learned"  # "learned" (one vector per task) or "text" (from description / class names)
     text_encoder: str | None = None  # for "text": "hf:<sentence-transformers dir or repo>" or "open_clip:<arch>/<tag>"
+    combine: str = "sum"  # "sum": weighted sum of the aligned maps; "concat": the weighted maps (x E, so equal
+    #                       weights give plain concat) concatenated and projected by a learned 1x1 conv
     load_balance_weight: float = 0.0  # weight of the load-balance auxiliary loss (Switch-style)
     entropy_weight: float = 0.0  # weight of the gate-entropy auxiliary loss (>0 favours decisive gates)
 
@@ -92,6 +94,8 @@ class GateConfig:
             raise ValueError("gate.text_encoder: required when gate.task_embedding is 'text'")
         if self.temperature <= 0:
             raise ValueError(f"gate.temperature: must be > 0, got {self.temperature}")
+        if self.combine not in ("sum", "concat"):
+            raise ValueError(f"gate.combine: expected 'sum' or 'concat', got {self.combine!r}")
         if self.stem_scale not in (2, 4, 8):
             raise ValueError(f"gate.stem_scale: expected 2, 4 or 8 pixels per grid cell, got {self.stem_scale!r}")
 

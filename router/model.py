@@ -60,7 +60,7 @@ class Router(nn.Module):
             self.extractors[ecfg.name] = ext.freeze() if ecfg.frozen else ext
         self.aligners = nn.ModuleDict({n: Aligner(e.info, config.width) for n, e in self.extractors.items()})
         n = len(self.extractors)
-        if config.fusion == "concat":
+        if config.fusion == "concat" or (config.fusion == "gated" and config.gate.combine == "concat"):
             self.concat_proj = nn.Conv2d(n * config.width, config.width, 1)
             self.concat_pooled_proj = nn.Linear(n * config.width, config.width)
         if config.fusion == "gated":
@@ -160,8 +160,15 @@ class Router(nn.Module):
                 weights, aux = self.gate(task, b, grid, features=torch.stack(list(maps.values())).mean(0))
             w_img = weights if weights.ndim == 2 else weights.mean(dim=(2, 3))
             wmap = weights[:, :, None, None, None] if weights.ndim == 2 else weights[:, :, None]  # -> B x 1 x (1|h) x (1|w)
-            fused = sum(wmap[:, i] * maps[i] for i in active)
-            pooled = sum(w_img[:, i, None] * vecs[i] for i in active)
+            if self.config.gate.combine == "concat":  # weighted maps side by side (x n: equal weights = concat)
+                zero_map, zero_vec = torch.zeros_like(maps[active[0]]), torch.zeros_like(vecs[active[0]])
+                fused = self.concat_proj(torch.cat(
+                    [n * wmap[:, i] * maps[i] if i in maps else zero_map for i in range(n)], dim=1))
+                pooled = self.concat_pooled_proj(torch.cat(
+                    [n * w_img[:, i, None] * vecs[i] if i in vecs else zero_vec for i in range(n)], dim=1))
+            else:
+                fused = sum(wmap[:, i] * maps[i] for i in active)
+                pooled = sum(w_img[:, i, None] * vecs[i] for i in active)
         elif fusion == "concat":
             fused = self.concat_proj(torch.cat([maps[i] for i in range(n)], dim=1))
             pooled = self.concat_pooled_proj(torch.cat([vecs[i] for i in range(n)], dim=1))

@@ -82,6 +82,34 @@ def test_light_routing_options_keep_the_output_contract(stem_scale, images):
         make_config(head={"seg_trunk": "dense"})
 
 
+def test_gated_concat_with_equal_weights_equals_concat(images):
+    """gate.combine=concat: weighted maps side by side; equal gate weights reproduce plain concat exactly."""
+    torch.manual_seed(0)
+    gated = Router(make_config(gate={"granularity": "image", "hidden": 16, "combine": "concat"})).eval()
+    with torch.no_grad():  # a zero last gate layer: softmax of equal logits, weight 1/3 everywhere
+        gated.gate.mlp[-1].weight.zero_()
+        gated.gate.mlp[-1].bias.zero_()
+    concat = Router(make_config(fusion="concat")).eval()
+    state = {k: v for k, v in gated.state_dict().items() if not k.startswith("gate.")}
+    concat.load_state_dict(state, strict=True)
+    for task, key in (("seg_a", "seg"), ("cls_b", "cls")):
+        out = gated(images, task=task)
+        torch.testing.assert_close(out["gate"], torch.full((2, 3), 1 / 3))
+        torch.testing.assert_close(out[key], concat(images, task=task)[key], rtol=1e-5, atol=1e-5)
+
+
+def test_gated_concat_top1_skips_extractors_and_zero_fills_them(images):
+    torch.manual_seed(0)
+    model = Router(make_config(gate={"granularity": "task", "hidden": 16, "combine": "concat", "top_k": 1})).eval()
+    for ext in model.extractors.values():
+        ext.forward_calls = 0
+    out = model(images, task="seg_a")
+    assert out["ran"].sum() == 1 and out["seg"].shape == (2, 2, 97, 130)
+    assert [e.forward_calls for e in model.extractors.values()] == out["ran"].long().tolist()
+    with pytest.raises(ValueError, match="gate.combine: expected 'sum' or 'concat'"):
+        make_config(gate={"combine": "max"})
+
+
 @pytest.mark.parametrize("granularity", ["task", "image", "token"])
 def test_different_task_gives_different_gate(granularity, images):
     torch.manual_seed(0)
