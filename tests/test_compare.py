@@ -73,6 +73,24 @@ def test_report_files_and_contents(two_runs):
         assert all(a >= b for a, b in zip(s["recall"], s["recall"][1:]))
 
 
+def test_merging_runs_with_other_seeds(two_runs, capsys):
+    """report.py --merge joins runs that differ only in their seeds; repeated seeds are refused."""
+    from train import report
+
+    root, _, _ = two_runs
+    run(root / "c", root / "cache", "compare.seeds=[2]")
+    assert report.main(["--merge", str(root / "a"), str(root / "c"), "--output", str(root / "ac")]) == 0
+    merged = json.loads((root / "ac" / "results.json").read_text())
+    parts = [json.loads((root / d / "results.json").read_text()) for d in ("a", "c")]
+    assert merged == parts[0] + parts[1]
+    summary = json.loads((root / "ac" / "summary.json").read_text())
+    assert summary["meta"]["seeds"] == [0, 1, 2]
+    assert "over 3 seed(s) [0, 1, 2]" in (root / "ac" / "results.md").read_text()
+    assert report.main(["--merge", str(root / "a"), str(root / "b"), "--output", str(root / "ab")]) == 2
+    assert "repeats seeds [0, 1]" in capsys.readouterr().err
+    assert not (root / "ab").exists()
+
+
 def test_heatmap_values_equal_logged_gate_means(two_runs):
     root, _, _ = two_runs
     out = root / "a"

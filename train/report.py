@@ -7,6 +7,7 @@ per task, variants and their kinds, extractors and their families, budget, timin
 from those rows, so the report can be rebuilt from a finished run::
 
     python train/report.py runs/cmp
+    python train/report.py --merge runs/cmp runs/cmp_seeds345 --output runs/cmp_6seeds   # more seeds later
 
 >>> rows = [{"variant": v, "seed": s, "task": "t", "metric": "acc", "value": x}
 ...         for v, s, x in [("single_a", 0, .5), ("single_a", 1, .7), ("gated_task", 0, .8), ("gated_task", 1, .8)]]
@@ -310,18 +311,67 @@ def write_report(out_dir: str | Path, rows: list[dict], gate_rows: list[dict], s
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python train/report.py RUN_DIR   (a finished train/compare.py output dir)", file=sys.stderr)
-        return 2
-    run = Path(argv[0])
+def load_run(run: Path) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """Metric, gate and sweep rows and the meta dict of a finished train/compare.py output dir."""
     needed = [run / n for n in ("results.json", "gates.json", "sweeps.json", "summary.json")]
     if absent := [str(p) for p in needed if not p.is_file()]:
-        print(f"report: missing {absent}; is {run} a train/compare.py output dir?", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"report: missing {absent}; is {run} a train/compare.py output dir?")
     rows, gate_rows, sweep_rows, summary = (json.loads(p.read_text()) for p in needed)
-    paths = write_report(run, rows, gate_rows, sweep_rows, summary["meta"])
+    return rows, gate_rows, sweep_rows, summary["meta"]
+
+
+SAME_IN_MERGED_RUNS = ("tasks", "primary", "variants", "kinds", "extractors", "families", "budget")
+
+
+def merge_runs(runs: list[Path]) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """The rows of several runs of one comparison with different seeds, as one run.
+
+    The runs must agree on tasks, metrics, variants, extractors and budget, and their seeds must not overlap
+    (e.g. ``compare.seeds=[3, 4, 5]`` after a run with seeds 0, 1, 2), so that every (variant, seed) is
+    trained exactly once under the same settings.
+    """
+    rows, gate_rows, sweep_rows, metas = [], [], [], []
+    for run in runs:
+        r, g, s, m = load_run(run)
+        if metas:
+            differ = [k for k in SAME_IN_MERGED_RUNS if m.get(k) != metas[0].get(k)]
+            if differ:
+                raise ValueError(f"report: {run} differs from {runs[0]} in {differ}; only seeds may differ")
+            overlap = set(m.get("seeds", [])) & {seed for x in metas for seed in x.get("seeds", [])}
+            if overlap:
+                raise ValueError(f"report: {run} repeats seeds {sorted(overlap)} of an earlier run")
+        rows, gate_rows, sweep_rows, metas = rows + r, gate_rows + g, sweep_rows + s, metas + [m]
+    meta = dict(metas[0])
+    meta["seeds"] = sorted(seed for m in metas for seed in m.get("seeds", []))
+    meta["merged_from"] = [str(r) for r in runs]
+    meta["command"] = [m.get("command") for m in metas]
+    return rows, gate_rows, sweep_rows, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``report.py RUN`` rebuilds a run's report; ``report.py --merge RUN RUN ... --output DIR`` joins seeds."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Rebuild a comparison report, or merge runs with other seeds.")
+    parser.add_argument("run", nargs="?", help="a finished train/compare.py output dir (rebuilt in place)")
+    parser.add_argument("--merge", nargs="+", default=None, help="runs of the same comparison with disjoint seeds")
+    parser.add_argument("--output", default=None, help="with --merge: where the merged report is written")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if (args.run is None) == (args.merge is None) or (args.merge is not None) != (args.output is not None):
+        parser.print_usage(sys.stderr)
+        print("report: give either RUN, or --merge RUN RUN ... --output DIR", file=sys.stderr)
+        return 2
+    try:
+        if args.merge:
+            rows, gate_rows, sweep_rows, meta = merge_runs([Path(r) for r in args.merge])
+            out = Path(args.output)
+        else:
+            rows, gate_rows, sweep_rows, meta = load_run(Path(args.run))
+            out = Path(args.run)
+    except (FileNotFoundError, ValueError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    paths = write_report(out, rows, gate_rows, sweep_rows, meta)
     print(Path(paths["md"]).read_text())
     return 0
 
