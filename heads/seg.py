@@ -173,5 +173,8 @@ class SegHead(nn.Module):
         conv = self._output(task)
         logits = conv(self.trunk(self._merge(x)))
         if out_size is not None and tuple(logits.shape[-2:]) != tuple(out_size):
-            logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+            # timm's LayerNorm2d leaves channels-last strides, which the convs keep; bilinear upsampling of a
+            # channels-last tensor with few channels is ~4x slower on the CPU (8 x 2 x 14 x 14 -> 224 x 224,
+            # one thread: 9.2 vs 2.3 ms), so the small logits tensor is made contiguous first.
+            logits = F.interpolate(logits.contiguous(), size=tuple(out_size), mode="bilinear", align_corners=False)
         return logits
