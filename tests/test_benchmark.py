@@ -60,6 +60,18 @@ def test_forced_top1_runs_only_the_chosen_extractor(summary):
     assert [r["ran"] for r in rows] == [[r["workload"].split("->")[1]] for r in rows]
 
 
+def test_router_only_is_the_top1_model_without_the_extractor(summary):
+    """router_only->X runs the router on X's precomputed features: its FLOPs are exactly top-1 minus X's."""
+    flops = {r["workload"]: r["flops"] for r in summary["results"] if r["phase"] == "inference"}
+    (ratios,) = summary["ratios"]
+    for name, value in ratios["router_only_over_single"].items():
+        assert flops[f"router_only->{name}"] > 0
+        assert flops[f"router_only->{name}"] + flops[f"single:{name}"] == flops[f"routed_top1->{name}"]
+        assert math.isclose(value, median(summary, f"router_only->{name}", "inference")
+                            / median(summary, f"single:{name}", "inference"))
+    assert summary["router_only_over_single_worst"] == max(ratios["router_only_over_single"].values())
+
+
 def test_every_row_has_time_memory_flops_and_mfu(summary):
     for r in summary["results"] + summary["ablations"]:
         assert r["median_s"] > 0 and r["images_per_s"] > 0 and r["flops"] >= 0
