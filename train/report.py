@@ -344,7 +344,8 @@ def merge_runs(runs: list[Path]) -> tuple[list[dict], list[dict], list[dict], di
     meta = dict(metas[0])
     meta["seeds"] = sorted(seed for m in metas for seed in m.get("seeds", []))
     meta["merged_from"] = [str(r) for r in runs]
-    meta["command"] = [m.get("command") for m in metas]
+    for key in ("command", "cache", "timings_s"):  # per run, in the order of `runs`
+        meta[key] = [m.get(key) for m in metas]
     return rows, gate_rows, sweep_rows, meta
 
 
