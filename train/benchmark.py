@@ -85,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None, help="where the disk feature cache is written (default: a temp dir)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak TFLOP/s for MFU (e.g. 989 for H100 bf16 dense)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("overrides", nargs="*", help="model config overrides, e.g. head.seg_trunk=separable gate.stem_scale=4")
+    p.add_argument("overrides", nargs="*", help="model config overrides, e.g. head.seg_trunk=separable gate.stem_scale=4 "
+                   "(before --ablate or --batch-sizes, which would take them as their own values)")
     return p.parse_args(argv)
 
 
