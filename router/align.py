@@ -23,6 +23,9 @@ def resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     shrink = x.shape[-2] > size[0] or x.shape[-1] > size[1]
+    if shrink and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        # The CPU has no bf16/fp16 kernel for anti-aliased resampling (e.g. under bf16 autocast): use fp32.
+        return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True).to(x.dtype)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 

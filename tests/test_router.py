@@ -195,6 +195,22 @@ def test_alignment_of_patch_14_16_and_32(images):
     assert [e.info.patch_size for e in model.extractors.values()] == [14, 16, 32]
 
 
+def test_bf16_autocast_on_cpu_runs_and_stays_close_to_fp32(images):
+    """Under CPU bf16 autocast a CNN's stride-8 stage comes out in bf16, and its anti-aliased shrink onto the
+    stride-16 grid has no CPU bf16 kernel; it runs in fp32 and the outputs stay close to the fp32 ones."""
+    torch.manual_seed(0)
+    cfg = make_config()
+    cfg.extractors[2].layers = [2, 3, 4]  # resnet10t: strides 8, 16, 32
+    model = Router(cfg).eval()
+    assert model.extractors["cnn"].info.strides == (8, 16, 32)
+    with torch.no_grad():
+        ref = model(images, task="seg_a")["seg"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(images, task="seg_a")["seg"]
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+
+
 def test_aligner_projects_coarse_maps_before_upsampling_with_the_same_result():
     """Per-layer projection (coarse maps projected, then upsampled) equals resample -> concat -> 1x1."""
 
