@@ -7,6 +7,7 @@ predicted and the (per-patch normalized) pixels of the masked patches only.
 from __future__ import annotations
 
 import torch
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -29,25 +30,13 @@ def random_mask(batch: int, num_patches: int, ratio: float, device=None, generat
     return mask.scatter_(1, order[:, : num_masked(num_patches, ratio)], True)
 
 
-def sincos_pos_embed(dim: int, grid: tuple[int, int], device=None) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding (MAE decoder), shape (h * w, dim); any grid size."""
-    if dim % 4:
-        raise ValueError(f"decoder.dim must be a multiple of 4 for the 2-D sin-cos embedding, got {dim}")
-    h, w = grid
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
-    parts = []
-    for pos in (ys.flatten(), xs.flatten()):
-        angles = pos[:, None] * omega[None]
-        parts += [angles.sin(), angles.cos()]
-    return torch.cat(parts, dim=1).to(device)
-
-
 class MAEDecoder(nn.Module):
     """Encoder tokens of the visible patches + mask tokens -> predicted pixels of every patch."""
 
     def __init__(self, embed_dim: int, num_prefix: int, patch: int, cfg: DecoderConfig, out_chans: int = 3):
         super().__init__()
+        if cfg.dim % 4:
+            raise ValueError(f"decoder.dim must be a multiple of 4 for the 2-D sin-cos embedding, got {cfg.dim}")
         self.num_prefix = num_prefix
         self.embed = nn.Linear(embed_dim, cfg.dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
@@ -67,7 +56,7 @@ class MAEDecoder(nn.Module):
         b, n, d = x.shape[0], grid[0] * grid[1], x.shape[-1]
         full = self.mask_token.to(x.dtype).expand(b, n, d)
         full = full.scatter(1, keep[..., None].expand(-1, -1, d), visible)  # visible tokens back in place
-        full = full + sincos_pos_embed(d, grid, x.device).to(x.dtype)
+        full = full + build_sincos2d_pos_embed(list(grid), d, device=x.device, dtype=x.dtype)  # fixed 2-D sin-cos
         x = self.norm(self.blocks(torch.cat([prefix, full], dim=1)))
         return self.pred(x[:, self.num_prefix :])
 
