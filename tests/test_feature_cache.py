@@ -133,3 +133,31 @@ def test_errors_name_the_problem(tmp_path, images):
     with pytest.raises(ValueError, match="different shapes"):
         cache.get_or_compute(ext, ["small", "a"], torch.cat([torch.rand(1, 3, 32, 48), images[:1]]), view=0,
                              transform="t")
+
+
+def test_keys_differ_per_tap_set(tmp_path):
+    """A CNN's stage taps (issue 11: stride 4/8 stages for multi-level routing) are part of the key: another tap set
+    of the same weights is a miss, never a read of the other set's maps; the same set is a hit."""
+    torch.manual_seed(0)
+    state = create_extractor("timm:mobilenetv2_100", pretrained=False).state_dict()
+    taps = {}
+    for layers in ([3, 4], [1, 2, 3, 4], [1, 2], [2, 1]):
+        ext = create_extractor("timm:mobilenetv2_100", pretrained=False, layers=layers)
+        ext.load_state_dict(state)
+        taps[tuple(layers)] = ext.freeze().eval()
+    assert taps[(1, 2, 3, 4)].info.strides == (4, 8, 16, 32)
+    cache = FeatureCache(tmp_path)
+    keys = {layers: cache.extractor_key(ext) for layers, ext in taps.items()}
+    assert len(set(weights_hash(e) for e in taps.values())) == 1  # same weights: only the taps differ
+    assert len(set(keys.values())) == len(keys), keys
+
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    for layers, ext in taps.items():
+        cache.reset_stats()
+        out = cache.get_or_compute(ext, ["a", "b"], images, view=0, transform="eval:64")
+        assert cache.stats() == {"hits": 0, "misses": 2}, layers
+        assert [d.shape[1] for d in out["dense"]] == list(ext.info.widths)
+    again = create_extractor("timm:mobilenetv2_100", pretrained=False, layers=[1, 2, 3, 4])
+    again.load_state_dict(state)  # the same taps in a new cache object: read from disk (images=None)
+    out = FeatureCache(tmp_path).get_or_compute(again.freeze().eval(), ["a", "b"], None, view=0, transform="eval:64")
+    assert [tuple(d.shape[-2:]) for d in out["dense"]] == [(16, 16), (8, 8), (4, 4), (2, 2)]
