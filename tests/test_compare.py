@@ -99,13 +99,20 @@ def test_heatmap_values_equal_logged_gate_means(two_runs):
     assert heat["extractors"] == ["vit14", "vit16"] and heat["families"] == ["geometric", "semantic"]
     for i, task in enumerate(heat["tasks"]):
         for j, ext in enumerate(heat["extractors"]):
-            logged = [g["weight"] for g in gates if (g["variant"], g["task"], g["extractor"]) == ("gated_token", task, ext)]
+            logged = [g["weight"] for g in gates
+                      if (g["variant"], g["task"], g["extractor"], g["level"]) == ("gated_token", task, ext, None)]
             assert len(logged) == 2  # one per seed
             assert heat["matrix"][i][j] == pytest.approx(np.mean(logged), abs=1e-12)
         assert sum(heat["matrix"][i]) == pytest.approx(1.0, abs=1e-6)  # softmax weights
-    m = plot_gate_heatmap(gates, "gated_token", heat["tasks"], heat["extractors"], {"vit14": "geometric"},
-                          out / "again.png")
-    np.testing.assert_allclose(m, np.asarray(heat["matrix"]), rtol=0, atol=1e-12)
+    panels = plot_gate_heatmap(gates, "gated_token", heat["tasks"], heat["extractors"], {"vit14": "geometric"},
+                               out / "again.png")
+    if heat["levels"]:  # a model with levels: one panel per level stride, as logged
+        assert [lv for lv, _ in panels] == heat["levels"]
+        for (_, m), logged in zip(panels, heat["level_matrices"]):
+            np.testing.assert_allclose(m, np.asarray(logged), rtol=0, atol=1e-12)
+    else:  # without levels: today's single panel of the gate
+        assert len(panels) == 1 and panels[0][0] is None
+        np.testing.assert_allclose(panels[0][1], np.asarray(heat["matrix"]), rtol=0, atol=1e-12)
 
 
 def test_second_comparison_runs_no_extractor_forward(two_runs):

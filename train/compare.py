@@ -13,7 +13,10 @@ the number of precomputed views and the feature cache. Variants:
 - ``gated_<task|image|token>[_top<k>]``: the task-conditioned gate at that granularity (top-k optional);
 - ``{name: ..., base: <one of the above>, model: {dotted.key: value}}``: a base variant with model-section
   overrides (e.g. ``gate.temperature: 2`` or ``extractors.0.frozen: false``; an unfrozen extractor runs live,
-  outside the cache).
+  outside the cache);
+- ``peer_unet_frozen``, ``peer_unet_finetuned``: not a Router but what a user would pick instead, an smp U-Net
+  on the ImageNet MobileNetV2 of ``compare.peer_checkpoint`` (:mod:`train.peers`), on the images of the same
+  views, segmentation tasks only.
 
 Following dinov2 ``eval/linear.py``, the frozen extractors run once per image and view (through
 :class:`train.feature_cache.FeatureCache` on disk, so a second comparison runs none), and for each seed all
@@ -65,6 +68,7 @@ from train.data import (
 from train.feature_cache import FeatureCache
 from train.finetune import lr_factor
 from train.metrics import GateMeter, json_safe, task_metrics
+from train.peers import PEER_VARIANTS, UnetPeer, build_peer, encoder_state
 from train.report import write_report
 
 VARIANT_RE = re.compile(r"^(single|mean|concat|gated_(task|image|token)(_top(\d+))?)$")
@@ -85,6 +89,7 @@ class CompareConfig:
     max_train_items: int | None = None  # per task: a fixed-seed subset of the training items; null: all
     metrics: dict[str, str] = field(default_factory=dict)  # task -> primary metric; default by task type
     threads: int | None = None  # torch.set_num_threads; null: leave as is (OMP_NUM_THREADS)
+    peer_checkpoint: str | None = None  # torchvision MobileNetV2 weights for the peer_unet_* variants' encoder
 
     def __post_init__(self):
         if not self.variants:
@@ -102,8 +107,8 @@ class CompareConfig:
 @dataclass
 class Variant:
     name: str  # unique name in tables and plots, e.g. "single_mnv2" or "gated_token_top2"
-    kind: str  # "single", "mean", "concat" or "routed"
-    model: RouterConfig  # the model section this variant trains
+    kind: str  # "single", "mean", "concat", "routed" or "peer" (train/peers.py: not a Router)
+    model: RouterConfig  # the model section this variant trains (a peer: the experiment's, for its tasks)
 
 
 def load_configs(path: str | Path, overrides: list[str] | None = None) -> tuple[ExperimentConfig, CompareConfig]:
@@ -143,6 +148,9 @@ def expand_variants(cmp: CompareConfig, model: RouterConfig) -> list[Variant]:
         (base,) = _base_variants(spec["base"], model, where) if spec["base"] != "single" else (None,)
         if base is None:
             raise ValueError(f"{where}.base: 'single' expands to several variants; name one, e.g. single_<extractor>")
+        if base.kind == "peer":
+            raise ValueError(f"{where}.base: peer variant {spec['base']!r} is not a Router and takes no overrides; "
+                             "list it by its name")
         tree = base.model.to_dict()
         for key, value in (spec.get("model") or {}).items():
             apply_override(tree, f"{key}={json.dumps(value)}")
@@ -159,11 +167,13 @@ def _base_variants(name: str, model: RouterConfig, where: str) -> list[Variant]:
         cfg = copy.deepcopy(model)
         cfg.fusion, cfg.single = "single", single.group(1)
         return [Variant(name, "single", RouterConfig.from_dict(cfg.to_dict(), where=where))]
+    if name in PEER_VARIANTS:
+        return [Variant(name, "peer", RouterConfig.from_dict(model.to_dict(), where=where))]
     m = VARIANT_RE.match(name)
     if not m:
         raise ValueError(
-            f"{where}: unknown variant {name!r}; expected single, single_<extractor>, mean, concat or "
-            "gated_<task|image|token>[_top<k>]"
+            f"{where}: unknown variant {name!r}; expected single, single_<extractor>, mean, concat, "
+            f"gated_<task|image|token>[_top<k>] or a peer ({', '.join(PEER_VARIANTS)})"
         )
     if m.group(1) == "single":
         return [v for e in model.extractors for v in _base_variants(f"single_{e.name}", model, where)]
@@ -291,11 +301,12 @@ def build_router(variant: Variant, shared: dict[str, Extractor], seed: int, prio
     return model
 
 
-def make_optimizer(model: Router, t: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on 2-D+ tensors (nanoGPT); unfrozen extractors at phase2_lr_scale x lr."""
+def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on 2-D+ tensors (nanoGPT); unfrozen extractors (a peer's encoder) at phase2_lr_scale x lr."""
+    pretrained = model.is_pretrained if isinstance(model, UnetPeer) else (lambda k: k.startswith("extractors."))
     groups = []
     for is_ext in (False, True):
-        params = [p for k, p in model.named_parameters() if p.requires_grad and k.startswith("extractors.") == is_ext]
+        params = [p for k, p in model.named_parameters() if p.requires_grad and pretrained(k) == is_ext]
         lr = t.lr * (t.phase2_lr_scale if is_ext else 1.0)
         for ps, wd in (([p for p in params if p.ndim >= 2], t.weight_decay), ([p for p in params if p.ndim < 2], 0.0)):
             if ps:
@@ -347,6 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     primary = {n: cmp.metrics.get(n) or primary_metric(td.task.type, td.task.num_classes) for n, td in tasks.items()}
     if unknown := sorted(set(cmp.metrics) - set(task_names)):
         raise ValueError(f"compare.metrics: unknown task(s) {unknown}; tasks are {task_names}")
+    # Peers (train/peers.py) serve the segmentation tasks only; their encoder weights are read once, here.
+    seg_classes = {n: td.task.num_classes for n, td in tasks.items() if td.task.type == "seg"}
+    peer_names = [v.name for v in variants if v.kind == "peer"]
+    if peer_names and not seg_classes:
+        raise ValueError(f"compare.variants: peer variants {peer_names} serve segmentation tasks only; there is none")
+    peer_state = encoder_state(cmp.peer_checkpoint) if peer_names else None
+    serves = {v.name: list(seg_classes) if v.kind == "peer" else task_names for v in variants}
+    notes = {p: f"segmentation tasks only (an smp U-Net): no rows for {[n for n in task_names if n not in seg_classes]}"
+             for p in peer_names if len(seg_classes) < len(task_names)}
     if main_process:
         resolved = {**cfg.to_dict(), "compare": dataclasses.asdict(cmp)}
         atomic_write_bytes(output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
@@ -413,14 +433,16 @@ def main(argv: list[str] | None = None) -> int:
         say(f"note: train.grad_accum_steps={t.grad_accum_steps}: each optimizer step accumulates that many batches")
 
     @torch.no_grad()
-    def evaluate(model: Router, live_names: list[str]) -> tuple[dict, dict, dict]:
-        """Per task: all metrics, the mean gate per extractor, and the threshold sweep (binary seg)."""
+    def evaluate(model: torch.nn.Module, live_names: list[str], served: list[str]) -> tuple[dict, dict, dict, dict]:
+        """Per served task: all metrics, the mean gate per extractor (and per level), the threshold sweep (binary seg)."""
         model.eval()
-        results, gates, sweeps = {}, {}, {}
-        for n in task_names:
+        results, gates, level_gates, sweeps = {}, {}, {}, {}
+        names = model.extractor_names if isinstance(model, Router) else []  # a peer has no gate
+        levels = getattr(model.config, "levels", None) if isinstance(model, Router) else None
+        for n in served:
             tcfg, vs = tasks[n].task, views[n]["val"]
             meter = task_metrics(tcfg.type, tcfg.classes, tcfg.ignore_index, device)
-            meter_g = GateMeter(model.extractor_names)
+            meter_g = GateMeter(names, levels)
             for lo in range(0, len(vs), t.eval_batch_size):
                 idx = torch.arange(lo, min(lo + t.eval_batch_size, len(vs)))
                 images = vs.images[0][idx].to(device).float().div_(255)
@@ -430,14 +452,14 @@ def main(argv: list[str] | None = None) -> int:
                 logits = out[tcfg.type].float()
                 fg = F.softmax(logits, 1)[:, 1] if tcfg.type == "seg" and tcfg.num_classes == 2 else None
                 meter.update(logits.argmax(1), target, fg)
-                g = out["gate"].float()
-                meter_g.update(g if g.ndim == 2 else g.mean(dim=(2, 3)))
+                if "gate" in out:  # a peer has none
+                    meter_g.update(out["gate"].float(), out.get("gate_levels"))
             r = meter.compute()
-            results[n], gates[n] = scalar_metrics(r), meter_g.compute()
+            results[n], gates[n], level_gates[n] = scalar_metrics(r), meter_g.compute(), meter_g.compute_levels()
             if "sweep" in r:
                 sweeps[n] = r["sweep"]
         model.train()
-        return results, gates, sweeps
+        return results, gates, level_gates, sweeps
 
     # ------------------------------------------------------------------------------------------------
     # training: per seed, every variant on the same batches
@@ -446,7 +468,13 @@ def main(argv: list[str] | None = None) -> int:
     train_time = {v.name: 0.0 for v in variants}
     A = t.grad_accum_steps
     for seed in my_seeds:
-        models = {v.name: build_router(v, shared, seed, priors).to(device) for v in variants}
+        models = {}
+        for v in variants:
+            if v.kind == "peer":
+                set_seed(seed)
+                models[v.name] = build_peer(v.name, seg_classes, cmp.peer_checkpoint, peer_state, priors).to(device)
+            else:
+                models[v.name] = build_router(v, shared, seed, priors).to(device)
         opts = {k: make_optimizer(m, t) for k, m in models.items()}
         for m in models.values():
             m.train()
@@ -467,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
                 target = vs.targets[v][idx].to(device).long()
                 features = gather_features(feats[n]["train"][v], idx, device)
                 for name, model in models.items():
+                    if n not in serves[name]:
+                        continue
                     tick = time.perf_counter()
                     own = {k: f for k, f in features.items() if k not in live[name]}
                     out = model(images, task=n, features=own)
@@ -485,14 +515,18 @@ def main(argv: list[str] | None = None) -> int:
                 train_time[name] += time.perf_counter() - tick
         bar.close()
         for name, model in models.items():
-            results, gates, sweeps = evaluate(model, live[name])
+            results, gates, level_gates, sweeps = evaluate(model, live[name], serves[name])
             for n, r in results.items():
                 rows += [{"variant": name, "seed": seed, "task": n, "metric": k, "value": v} for k, v in r.items()]
+                # level None: the gate averaged over levels; then one row per level stride when the model has levels
                 gate_rows += [{"variant": name, "seed": seed, "task": n, "extractor": e, "family": families[e],
-                               "weight": w} for e, w in (gates[n] or {}).items()]
+                               "level": None, "weight": w} for e, w in (gates[n] or {}).items()]
+                gate_rows += [{"variant": name, "seed": seed, "task": n, "extractor": e, "family": families[e],
+                               "level": lv, "weight": w}
+                              for lv, per in (level_gates[n] or {}).items() for e, w in per.items()]
             for n, s in sweeps.items():
                 sweep_rows.append({"variant": name, "seed": seed, "task": n, **s})
-            say(f"seed {seed} {name:<22} " + "  ".join(f"{n} {primary[n]} {results[n][primary[n]]:.4f}" for n in task_names))
+            say(f"seed {seed} {name:<22} " + "  ".join(f"{n} {primary[n]} {results[n][primary[n]]:.4f}" for n in results))
         del models, opts
 
     # ------------------------------------------------------------------------------------------------
@@ -514,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
             p.unlink()
         meta = {
             "tasks": task_names, "task_types": {n: tasks[n].task.type for n in task_names}, "primary": primary,
-            "variants": [v.name for v in variants], "kinds": {v.name: v.kind for v in variants},
+            "variants": [v.name for v in variants], "kinds": {v.name: v.kind for v in variants}, "notes": notes,
+            "peer_checkpoint": cmp.peer_checkpoint if peer_names else None,
             "extractors": list(shared), "families": families, "seeds": cmp.seeds,
             "budget": {"max_steps": t.max_steps, "batch_size": t.batch_size, "lr": t.lr, "views": cmp.views,
                        "image_size": cfg.data.image_size, "eval_size": cfg.data.eval_size,

@@ -146,23 +146,58 @@ class ClsMetrics:
 
 
 class GateMeter:
-    """Mean gate weight per extractor over the evaluated images (token gates averaged over locations)."""
+    """Mean gate weight per extractor over the evaluated images (token gates averaged over locations).
 
-    def __init__(self, names: list[str]):
+    With ``levels`` (the model's level strides) it also averages the per-level gate ``out["gate_levels"]``
+    (B x L x E, or B x L x E x h x w for token gates), reported by :meth:`compute_levels`.
+
+    >>> m = GateMeter(["a", "b"], levels=[8, 16])
+    >>> m.update(torch.tensor([[.5, .5]]), torch.tensor([[[.25, .75], [.75, .25]]]))
+    >>> m.compute(), m.compute_levels()
+    ({'a': 0.5, 'b': 0.5}, {8: {'a': 0.25, 'b': 0.75}, 16: {'a': 0.75, 'b': 0.25}})
+    """
+
+    def __init__(self, names: list[str], levels: list[int] | None = None):
         self.names = list(names)
-        self.total: torch.Tensor | None = None
+        self.levels = None if levels is None else [int(v) for v in levels]
+        self.total: torch.Tensor | None = None  # E
+        self.level_total: torch.Tensor | None = None  # L x E
         self.count = 0
+        self.level_count = 0
 
-    def update(self, per_image: torch.Tensor) -> None:
-        """per_image: B x E weights."""
-        s = per_image.detach().double().sum(0).cpu()
+    def update(self, gate: torch.Tensor, gate_levels: torch.Tensor | None = None) -> None:
+        """gate: B x E or B x E x h x w weights; gate_levels: B x L x E or B x L x E x h x w (optional)."""
+        e = len(self.names)
+        if gate.ndim < 2 or gate.shape[1] != e:
+            raise ValueError(f"GateMeter: gate of shape {tuple(gate.shape)}, expected B x {e} (x h x w) for {self.names}")
+        g = gate.detach().double()
+        s = (g.flatten(2).mean(2) if g.ndim > 2 else g).sum(0).cpu()
         self.total = s if self.total is None else self.total + s
-        self.count += per_image.shape[0]
+        self.count += gate.shape[0]
+        if gate_levels is None:
+            return
+        if self.levels is None:
+            raise ValueError("GateMeter: got per-level gates but no levels; pass GateMeter(names, levels=model.config.levels)")
+        want = (gate.shape[0], len(self.levels), e)
+        if gate_levels.ndim < 3 or tuple(gate_levels.shape[:3]) != want:
+            raise ValueError(f"GateMeter: gate_levels of shape {tuple(gate_levels.shape)}, expected {want} (x h x w) "
+                             f"for levels {self.levels} and extractors {self.names}")
+        gl = gate_levels.detach().double()
+        s = (gl.flatten(3).mean(3) if gl.ndim > 3 else gl).sum(0).cpu()
+        self.level_total = s if self.level_total is None else self.level_total + s
+        self.level_count += gate_levels.shape[0]
 
     def compute(self) -> dict[str, float] | None:
         if self.total is None or self.count == 0:
             return None
         return dict(zip(self.names, _floats(self.total / self.count)))
+
+    def compute_levels(self) -> dict[int, dict[str, float]] | None:
+        """level stride -> extractor -> mean weight; None when no per-level gate was seen."""
+        if self.level_total is None or self.levels is None:
+            return None
+        mean = self.level_total / self.level_count
+        return {lv: dict(zip(self.names, _floats(row))) for lv, row in zip(self.levels, mean)}
 
 
 def task_metrics(task_type: str, classes: list[str], ignore_index: int | None, device="cpu") -> SegMetrics | ClsMetrics:

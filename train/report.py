@@ -1,10 +1,11 @@
 """Tables and plots of a comparison: results.csv / .json, results.md, bars, gate heatmaps, threshold sweeps.
 
 Input is what ``train/compare.py`` logs: metric rows ``{variant, seed, task, metric, value}``, gate rows
-``{variant, seed, task, extractor, family, weight}`` (the mean gate weight over the val images), sweep rows
+``{variant, seed, task, extractor, family, level, weight}`` (the mean gate weight over the val images; ``level``
+None or absent: averaged over the model's levels, else the level's stride), sweep rows
 ``{variant, seed, task, thresholds, precision, recall, iou, fpr}`` and a ``meta`` dict (tasks, primary metric
-per task, variants and their kinds, extractors and their families, budget, timings). Every figure is computed
-from those rows, so the report can be rebuilt from a finished run::
+per task, variants and their kinds, extractors and their families, budget, timings, notes). Every figure is
+computed from those rows, so the report can be rebuilt from a finished run::
 
     python train/report.py runs/cmp
     python train/report.py --merge runs/cmp runs/cmp_seeds345 --output runs/cmp_6seeds   # more seeds later
@@ -37,7 +38,7 @@ import numpy as np  # noqa: E402
 from extractors.atomic import atomic_write_bytes  # noqa: E402
 
 ROW_KEYS = ("variant", "seed", "task", "metric", "value")
-KIND_COLOURS = {"single": "#8c8c8c", "mean": "#6a9fd4", "concat": "#2b5d9c", "routed": "#d9622b"}
+KIND_COLOURS = {"single": "#8c8c8c", "mean": "#6a9fd4", "concat": "#2b5d9c", "routed": "#d9622b", "peer": "#3a9a4a"}
 
 
 # ---- aggregation -------------------------------------------------------------------------------------
@@ -105,6 +106,27 @@ def gains(agg: dict, meta: dict) -> dict[str, Any]:
     return out
 
 
+def peer_table(agg: dict, meta: dict) -> dict[str, dict[str, Any]]:
+    """Per task a peer (``kind: peer``, e.g. an smp U-Net) has values for: each peer's primary metric and the
+    best routed variant on that task, in points, with the differences routed - peer."""
+    table, kinds = primary_table(agg, meta), meta["kinds"]
+    peers = [v for v in meta["variants"] if kinds[v] == "peer"]
+    routed = [v for v in meta["variants"] if kinds[v] == "routed"]
+    out: dict[str, dict[str, Any]] = {}
+    for t in meta["tasks"]:
+        values = {p: 100 * table[p][t]["mean"] for p in peers if table[p][t] is not None}
+        if not values:
+            continue
+        entry: dict[str, Any] = {"peers": values}
+        cands = [(table[v][t]["mean"], v) for v in routed if table[v][t] is not None]
+        if cands:
+            value, name = max(cands)
+            entry.update(best_routed=name, best_routed_value=100 * value,
+                         routed_minus_peer={p: 100 * value - x for p, x in values.items()})
+        out[t] = entry
+    return out
+
+
 # ---- tables --------------------------------------------------------------------------------------------
 def write_rows(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     """results.csv and results.json: one row per (variant, seed, task, metric)."""
@@ -145,6 +167,20 @@ def results_markdown(agg: dict, meta: dict, gain: dict) -> str:
             avg = f"**{avg}**"
         lines.append(f"| {v} | {meta['kinds'][v]} | " + " | ".join(cells) + f" | {avg} |")
     lines.append("")
+    if meta.get("notes"):
+        lines += [f"- {v}: {note}" for v, note in meta["notes"].items()] + [""]
+    peers = peer_table(agg, meta)
+    if peers:
+        names = [v for v in variants if meta["kinds"][v] == "peer"]
+        lines += ["Peers against the best routed variant of each task (points):", "",
+                  "| task | best routed on the task | " + " | ".join(names) + " | "
+                  + " | ".join(f"routed - {p}" for p in names) + " |", "|---|---|" + "---|" * (2 * len(names))]
+        for t, e in peers.items():
+            best = f"{e['best_routed_value']:.1f} ({e['best_routed']})" if "best_routed" in e else "n/a"
+            vals = [f"{e['peers'][p]:.1f}" if p in e["peers"] else "n/a" for p in names]
+            diffs = [f"{e['routed_minus_peer'][p]:+.1f}" if p in e.get("routed_minus_peer", {}) else "n/a" for p in names]
+            lines.append(f"| {t} | {best} | " + " | ".join(vals + diffs) + " |")
+        lines.append("")
     if gain["best_routed"] is None:
         lines.append("No routed (gated) variant in this comparison: no gains to report.")
         return "\n".join(lines) + "\n"
@@ -194,11 +230,15 @@ def plot_bars(agg: dict, meta: dict, path: Path) -> Path:
     return path
 
 
-def gate_matrix(gate_rows: list[dict], variant: str, tasks: list[str], extractors: list[str]) -> np.ndarray:
-    """tasks x extractors: the logged mean gate weight, averaged over seeds (NaN where nothing was logged)."""
+def gate_matrix(gate_rows: list[dict], variant: str, tasks: list[str], extractors: list[str],
+                level: int | None = None) -> np.ndarray:
+    """tasks x extractors: the logged mean gate weight, averaged over seeds (NaN where nothing was logged).
+
+    `level` None: the gate averaged over levels (rows without a level); else that level's stride.
+    """
     acc: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in gate_rows:
-        if r["variant"] == variant and r["weight"] is not None:
+        if r["variant"] == variant and r.get("level") == level and r["weight"] is not None:
             acc[(r["task"], r["extractor"])].append(float(r["weight"]))
     m = np.full((len(tasks), len(extractors)), np.nan)
     for i, t in enumerate(tasks):
@@ -208,25 +248,43 @@ def gate_matrix(gate_rows: list[dict], variant: str, tasks: list[str], extractor
     return m
 
 
+def gate_levels(gate_rows: list[dict], variant: str) -> list[int]:
+    """The level strides a variant logged per-level gates for, ascending (empty for a model without levels)."""
+    return sorted({int(r["level"]) for r in gate_rows if r["variant"] == variant and r.get("level") is not None})
+
+
+def gate_panels(gate_rows: list[dict], variant: str, tasks: list[str],
+                extractors: list[str]) -> list[tuple[int | None, np.ndarray]]:
+    """(level stride, tasks x extractors matrix) per level, finest first; [(None, the averaged gate)] without levels."""
+    levels = gate_levels(gate_rows, variant)
+    return [(lv, gate_matrix(gate_rows, variant, tasks, extractors, lv)) for lv in levels or [None]]
+
+
 def plot_gate_heatmap(gate_rows: list[dict], variant: str, tasks: list[str], extractors: list[str],
-                      families: dict[str, str], path: Path) -> np.ndarray:
-    """Heatmap of :func:`gate_matrix` with each extractor labelled by its family; returns the matrix shown."""
-    m = gate_matrix(gate_rows, variant, tasks, extractors)
-    fig, ax = plt.subplots(figsize=(1.6 * len(extractors) + 2.5, 0.6 * len(tasks) + 1.8))
-    im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(extractors)), [f"{e}\n({families.get(e, '?')})" for e in extractors], fontsize=8)
-    ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
-    for i in range(len(tasks)):
-        for j in range(len(extractors)):
-            if np.isfinite(m[i, j]):
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="black" if m[i, j] > 0.6 else "white")
-    ax.set_title(f"mean gate weight: {variant}", fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+                      families: dict[str, str], path: Path) -> list[tuple[int | None, np.ndarray]]:
+    """One task x extractor heatmap per level (:func:`gate_panels`), each extractor labelled by its family.
+
+    Returns the panels shown: (level stride, matrix), or a single (None, averaged gate) for a model without levels.
+    """
+    panels = gate_panels(gate_rows, variant, tasks, extractors)
+    w, h = 1.2 * len(extractors) + 0.6, 0.6 * len(tasks) + 1.8  # a panel; the task labels and colour bar: + 2.5
+    fig, axes = plt.subplots(1, len(panels), figsize=(w * len(panels) + 2.5, h), squeeze=False)
+    for k, (ax, (level, m)) in enumerate(zip(axes[0], panels)):
+        im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(extractors)), [f"{e}\n({families.get(e, '?')})" for e in extractors], fontsize=8)
+        ax.set_yticks(range(len(tasks)), tasks if k == 0 else [""] * len(tasks), fontsize=8)
+        for i in range(len(tasks)):
+            for j in range(len(extractors)):
+                if np.isfinite(m[i, j]):
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                            color="black" if m[i, j] > 0.6 else "white")
+        ax.set_title(f"mean gate weight: {variant}" if level is None else f"level stride {level}", fontsize=10)
+    if panels[0][0] is not None:
+        fig.suptitle(f"mean gate weight per level: {variant}", fontsize=10)
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.04 / len(panels) ** 0.5, pad=0.02)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return m
+    return panels
 
 
 def sweep_curves(sweep_rows: list[dict], task: str, variant: str) -> dict[str, np.ndarray] | None:
@@ -285,7 +343,7 @@ def write_report(out_dir: str | Path, rows: list[dict], gate_rows: list[dict], s
         paths[name] = out_dir / f"{name}.json"
         atomic_write_bytes(paths[name], (json.dumps(obj, indent=1) + "\n").encode())
     table = primary_table(agg, meta)
-    summary = {"meta": meta, "gains": gain,
+    summary = {"meta": meta, "gains": gain, "peers": peer_table(agg, meta),
                "primary": {v: {t: (None if a is None else {k: a[k] for k in ("mean", "std", "n")}) for t, a in r.items()}
                            for v, r in table.items()}}
     paths["summary"] = out_dir / "summary.json"
@@ -294,12 +352,17 @@ def write_report(out_dir: str | Path, rows: list[dict], gate_rows: list[dict], s
     paths["bars"] = plot_bars(agg, meta, out_dir / "bars.png")
     heat, matrices = {}, {}
     gated = [v for v in meta["variants"] if meta["kinds"][v] == "routed"]
+    def cells(m: np.ndarray) -> list[list[float | None]]:
+        return [[None if not np.isfinite(x) else float(x) for x in row] for row in m]
+
     for v in gated:
         p = out_dir / f"gate_heatmap_{v}.png"
-        m = plot_gate_heatmap(gate_rows, v, meta["tasks"], meta["extractors"], meta["families"], p)
+        panels = plot_gate_heatmap(gate_rows, v, meta["tasks"], meta["extractors"], meta["families"], p)
+        levels = [lv for lv, _ in panels if lv is not None]
         heat[v], matrices[v] = p, {"tasks": meta["tasks"], "extractors": meta["extractors"],
                                    "families": [meta["families"][e] for e in meta["extractors"]],
-                                   "matrix": [[None if not np.isfinite(x) else float(x) for x in row] for row in m]}
+                                   "matrix": cells(gate_matrix(gate_rows, v, meta["tasks"], meta["extractors"])),
+                                   "levels": levels, "level_matrices": [cells(m) for lv, m in panels if lv is not None]}
     paths["heatmaps"] = heat
     paths["heatmap_values"] = out_dir / "gate_heatmaps.json"
     atomic_write_bytes(paths["heatmap_values"], (json.dumps(matrices, indent=1) + "\n").encode())
