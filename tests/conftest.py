@@ -1,4 +1,4 @@
-"""Shared test setup: offline hub, seeded randomness, and the locations of real weights.
+"""Shared test setup: offline hub, a private Hugging Face home, seeded randomness, real-weight locations.
 
 Environment variables are set at import, before any test imports huggingface_hub / transformers / timm,
 because those libraries read them once at import time.
@@ -6,10 +6,20 @@ because those libraries read them once at import time.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never reach a model hub from the tests
+# A fresh, empty HF_HOME (hub cache, accelerate config): a populated cache on the developer's machine must not turn
+# the "fails fast offline" tests into failures, nor an accelerate config file change how tests launch.
+HF_HOME = tempfile.mkdtemp(prefix="backbone_router_test_hf_home_")
+atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
+os.environ["HF_HOME"] = HF_HOME
+for _var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
+    os.environ.pop(_var, None)  # these would point the hub cache elsewhere again
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

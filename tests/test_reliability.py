@@ -488,3 +488,36 @@ def test_fault_hook_is_inert_unless_set(monkeypatch):
     assert injected_fault(3, 0) is None and injected_fault(2, 1) is None
     with pytest.raises(RuntimeError, match="in process 1 at step 3"):
         injected_fault(3, 1)
+
+
+# ---- files people can share; tests independent of the developer's machine -----------------------------------------
+def test_atomically_written_files_and_folders_get_the_umask_mode(tmp_path, saved_router):
+    import stat
+
+    from extractors.atomic import atomic_write_bytes
+
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(p.stat().st_mode)
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+        saved = saved_router[0].save_pretrained(tmp_path / "m")
+        data = write_synthetic_dataset(tmp_path / "data", "shapes", n_train=2, n_val=1, size=16, ignore_border=0, seed=0)
+        assert mode(tmp_path / "a.json") == 0o644  # mkstemp alone gives 0600
+        assert mode(saved / "model.safetensors") == 0o644 and mode(saved / "config.json") == 0o644
+        assert mode(data) == 0o755  # mkdtemp alone gives 0700
+        os.umask(0o007)
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+        assert mode(tmp_path / "a.json") == 0o660
+    finally:
+        os.umask(old)
+
+
+def test_tests_use_a_private_empty_hugging_face_home():
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    home = Path(os.environ["HF_HOME"])
+    assert home.name.startswith("backbone_router_test_hf_home_") and home.is_dir()
+    assert Path(HF_HUB_CACHE).is_relative_to(home), "huggingface_hub read HF_HOME before conftest set it"
+    assert not any(Path(HF_HUB_CACHE).glob("models--*")), "nothing may be cached in the tests' hub cache"

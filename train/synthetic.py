@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from extractors.atomic import current_umask
+
 SHAPES = ("circle", "square", "triangle")
 IGNORE_INDEX = 255
 
@@ -122,6 +124,7 @@ def write_synthetic_dataset(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}."))
     try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would stay with the renamed folder
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         rng = np.random.default_rng(seed)
