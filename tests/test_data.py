@@ -160,11 +160,8 @@ def test_mask_values_outside_classes_name_the_file(broken):
     arr = np.array(Image.open(bad))
     arr[0, 0] = 7
     Image.fromarray(arr).save(bad)
-    td, data = _load(broken.parent)  # headers are fine; the values are checked when read
     with pytest.raises(ValueError, match=r"shape_00005.png: mask values \[7\] outside the classes"):
-        TaskDataset(td, "train", data)[(5, 0)]
-    with pytest.raises(ValueError, match="shape_00005.png"):
-        foreground_prior(td)
+        _load(broken.parent)  # every mask is decoded when the task is loaded
     assert read_mask(broken / "masks" / "shape_00006.png", 2, IGNORE_INDEX).max() == IGNORE_INDEX  # ignore is fine
     with pytest.raises(ValueError, match=r"shape_00006.png: mask values \[255\]"):
         read_mask(broken / "masks" / "shape_00006.png", 2, None)  # without ignore_index, 255 is out of range
@@ -183,12 +180,98 @@ def test_missing_labels_csv_names_it(broken):
 
 def test_missing_mask_and_label_name_the_file(broken):
     (broken / "masks" / "shape_00002.png").unlink()
-    with pytest.raises(FileNotFoundError, match="shape_00002.png: missing mask"):
+    with pytest.raises(FileNotFoundError, match=r"masks/shape_00002\.\(png\): no mask \(task 't'\) for stem 'shape_00002'"):
         _load(broken.parent)
     rows = (broken / "labels.csv").read_text().splitlines()
     (broken / "labels.csv").write_text("\n".join(r for r in rows if not r.startswith("shape_00001")) + "\n")
     with pytest.raises(ValueError, match="labels.csv: no label for stem 'shape_00001'"):
         _load(broken.parent, task_type="cls")
+
+
+# ---- start-up checks that decode every file (issue 12) ------------------------------------------------------
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("split_index", [3, 30])  # a training image, a validation image
+def test_truncated_image_fails_when_the_task_is_loaded(broken, split_index):
+    png = broken / "images" / f"shape_{split_index:05d}.png"
+    bad = png.with_suffix(".jpg")  # a JPEG: its header says all a header-only check reads (a PNG's EXIF read decodes it)
+    Image.open(png).save(bad, quality=95)
+    png.unlink()
+    _truncate(bad)
+    with pytest.raises(ValueError, match=rf"shape_{split_index:05d}\.jpg: unreadable image \(OSError: image file is truncated"):
+        _load(broken.parent)
+
+
+def test_csv_with_a_utf8_bom_and_upper_case_suffixes_load(broken):
+    for name in ("splits.csv", "labels.csv"):
+        (broken / name).write_bytes(b"\xef\xbb\xbf" + (broken / name).read_bytes())  # Excel's "CSV UTF-8"
+    (broken / "images" / "shape_00001.png").rename(broken / "images" / "shape_00001.PNG")
+    (broken / "masks" / "shape_00001.png").rename(broken / "masks" / "shape_00001.Png")
+    seg, _ = _load(broken.parent)
+    cls, _ = _load(broken.parent, task_type="cls")
+    assert len(seg.train) == 24 and seg.train[1].image.name == "shape_00001.PNG" and seg.train[1].mask.name == "shape_00001.Png"
+    first = (broken / "labels.csv").read_text(encoding="utf-8-sig").splitlines()[1].split(",")
+    assert cls.train[0].stem == first[0] and cls.train[0].label == int(first[2])
+
+
+def test_file_names_are_compared_after_nfc_and_a_missing_stem_names_the_near_miss(broken):
+    import unicodedata
+
+    nfc_stem, nfd_stem = unicodedata.normalize("NFC", "café_1"), unicodedata.normalize("NFD", "café_1")
+    assert nfc_stem != nfd_stem
+    for folder in ("images", "masks"):  # the files in NFD (as macOS writes them), the CSVs in NFC
+        (broken / folder / "shape_00002.png").rename(broken / folder / f"{nfd_stem}.png")
+    for name in ("splits.csv", "labels.csv"):
+        (broken / name).write_text((broken / name).read_text().replace("shape_00002", nfc_stem), encoding="utf-8")
+    seg, _ = _load(broken.parent)
+    cls, _ = _load(broken.parent, task_type="cls")
+    assert seg.train[2].stem == nfc_stem and seg.train[2].image.name == f"{nfd_stem}.png"
+    assert cls.train[2].stem == nfc_stem
+    # a stem that differs from its file in case only: an error naming the file
+    (broken / "images" / "shape_00004.png").rename(broken / "images" / "Shape_00004.png")
+    with pytest.raises(FileNotFoundError, match=r"no image listed in splits.csv for stem 'shape_00004'; near miss: 'Shape_00004\.png'"):
+        _load(broken.parent)
+    (broken / "images" / "Shape_00004.png").rename(broken / "images" / "shape_0004.png")  # a typo
+    with pytest.raises(FileNotFoundError, match=r"for stem 'shape_00004'; near miss: 'shape_0004\.png'"):
+        _load(broken.parent)
+
+
+def test_a_stem_in_two_splits_is_an_error_naming_both(broken):
+    (broken / "splits.csv").write_text((broken / "splits.csv").read_text() + "shape_00003,val\n")
+    with pytest.raises(ValueError, match=r"splits.csv: stem 'shape_00003' is in split 'train' \(line 5\) and in split "
+                                         r"'val' \(line 34\); a stem belongs to one split"):
+        _load(broken.parent)
+
+
+def test_mask_size_after_exif_rotation_says_so(broken):
+    image = broken / "images" / "shape_00004.png"
+    arr = np.array(Image.open(image))
+    h, w = arr.shape[:2]
+    wide = np.zeros((h, w + 8, 3), np.uint8)  # a non-square image whose mask fits the stored, not the displayed size
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(wide).save(image, exif=exif)
+    Image.fromarray(np.zeros((h, w + 8), np.uint8)).save(broken / "masks" / "shape_00004.png")
+    with pytest.raises(ValueError, match=rf"shape_00004\.png: mask is {w + 8}x{h} \(w x h\) but its image shape_00004\.png "
+                                         rf"is {h}x{w + 8} as displayed \(its EXIF orientation 6 turns the stored {w + 8}x{h}"):
+        _load(broken.parent)
+
+
+def test_masks_are_decoded_once_when_loaded_and_the_prior_uses_those_counts(broken, monkeypatch):
+    import train.data as data_module
+
+    calls = []
+    real = data_module.read_mask
+    monkeypatch.setattr(data_module, "read_mask", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    td, _ = _load(broken.parent)
+    assert len(calls) == len(td.train) + len(td.val) == len(set(calls))
+    prior = foreground_prior(td)
+    assert len(calls) == len(td.train) + len(td.val)  # no second read
+    fg = sum(int((real(it.mask, 2, IGNORE_INDEX) == 1).sum()) for it in td.train)
+    valid = sum(int((real(it.mask, 2, IGNORE_INDEX) != IGNORE_INDEX).sum()) for it in td.train)
+    assert prior == pytest.approx(fg / valid)
 
 
 # ---- the task schedule ------------------------------------------------------------------------------------

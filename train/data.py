@@ -4,6 +4,11 @@ A dataset folder holds ``images/``, ``masks/`` (segmentation), ``splits.csv``, `
 (classification) and ``meta.json``. Each task of an experiment reads one folder: a seg task its masks, a
 cls task its labels.csv (one folder can serve both, like MTD).
 
+Loading a task decodes every image and mask once (a truncated file fails at start, not at step 2 or at the
+first evaluation), with a progress bar, and keeps what training needs later (mask statistics for the prior).
+CSVs may start with a UTF-8 BOM; image suffixes match in any case; file names and stems are compared after
+Unicode NFC normalisation, and a stem without a file names the nearest file names.
+
 Training batches are task-homogeneous. :class:`TaskSchedule` decides, as a pure function of the seed and
 the global micro-batch index, which task a micro-batch serves, which items it holds and the seed of each
 item's augmentation. Every process therefore draws the same task for the same step (DDP needs that), a
@@ -19,9 +24,11 @@ process r of W takes the r-th slice of it.
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import math
 import os
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +41,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
 
 from router.config import RouterConfig, TaskConfig
 from router.inputs import SIXTEEN_BIT_MODES
@@ -81,17 +89,23 @@ class TaskData:
     val: list[Item] = field(default_factory=list)
     channels: int = 3  # 1 for greyscale datasets (kept as 1 channel; the extractors repeat it)
     val_carved: bool = False  # True when val was carved from train (no val split in splits.csv)
+    mask_pixels: dict[Path, tuple[int, int]] = field(default_factory=dict)  # mask -> (class-1, non-ignored) pixels
+
+
+def nfc(name: str) -> str:
+    """A file name or stem in Unicode NFC (macOS writes NFD, most editors NFC)."""
+    return unicodedata.normalize("NFC", name)
 
 
 def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (expected a CSV with columns {','.join(columns)})")
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # a BOM (Excel's "CSV UTF-8") is not part of the header
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing}; header is {reader.fieldnames}")
-        return [row for row in reader]
+        return [{**row, "stem": nfc(row["stem"])} if "stem" in row else row for row in reader]
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
@@ -107,29 +121,98 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
-def _image_file(folder: Path, stem: str) -> Path:
-    for suffix in IMAGE_SUFFIXES:
-        p = folder / "images" / f"{stem}{suffix}"
-        if p.is_file():
-            return p
-    raise FileNotFoundError(f"{folder / 'images'}/{stem}.(png|jpg|jpeg): no image for stem {stem!r} listed in splits.csv")
+class FileIndex:
+    """The files of one folder by (NFC stem, lower-case suffix): ``a.PNG`` serves stem ``a``, NFD names match NFC."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files: dict[tuple[str, str], list[Path]] = {}
+        for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if p.is_file():
+                self.files.setdefault((nfc(p.stem), p.suffix.lower()), []).append(p)
+
+    def find(self, stem: str, suffixes: tuple[str, ...], what: str) -> Path:
+        """The file for a stem (the first suffix that exists); an error naming the near misses when there is none."""
+        for suffix in suffixes:
+            found = self.files.get((nfc(stem), suffix))
+            if found and len(found) > 1:
+                raise ValueError(f"{self.folder}: {[p.name for p in found]} are the same name after Unicode "
+                                 "normalisation; keep one")
+            if found:
+                return found[0]
+        raise FileNotFoundError(f"{self.folder}/{stem}.({'|'.join(s[1:] for s in suffixes)}): no {what} for stem "
+                                f"{stem!r}{self.near_miss(stem, suffixes)}")
+
+    def near_miss(self, stem: str, suffixes: tuple[str, ...]) -> str:
+        """'; near miss: ...' naming the files whose stems differ only in case or are close, or ''."""
+        names = {p.name: k for k, ps in self.files.items() for p in ps}
+        key = nfc(stem).casefold()
+        close = [n for n, (st, _) in names.items() if st.casefold() == key]
+        if not close:
+            stems = {st: n for n, (st, _) in names.items()}
+            close = [stems[m] for m in difflib.get_close_matches(nfc(stem), list(stems), n=3, cutoff=0.8)]
+        wrong = [n for n in close if names[n][1] not in suffixes]
+        note = f" (suffix not one of {list(suffixes)})" if wrong and len(wrong) == len(close) else ""
+        return f"; near miss: {', '.join(map(repr, close))}{note}" if close else ""
 
 
 IMAGE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError)
+EXIF_ORIENTATION = 0x0112
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(w, h) as displayed: EXIF orientations 5-8 (90-degree rotations) swap the stored width and height."""
+@dataclass(frozen=True)
+class ImageInfo:
+    size: tuple[int, int]  # (w, h) as displayed: EXIF orientations 5-8 swap the stored width and height
+    stored: tuple[int, int]  # (w, h) as stored in the file
+    mode: str  # Pillow mode, e.g. "L", "RGB", "I;16"
+    orientation: int  # EXIF orientation (1: none)
+
+
+def decode_image_info(path: Path) -> ImageInfo:
+    """Decode the whole file once (a truncated or corrupt file is an error naming it) and return its size and mode."""
     try:
         with Image.open(path) as im:
+            im.load()
+            orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
             w, h = im.size
-            return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+            return ImageInfo((h, w) if orientation in (5, 6, 7, 8) else (w, h), (w, h), im.mode, orientation)
     except IMAGE_ERRORS as e:
         raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
 
 
-def load_task_data(task: TaskConfig, source: DataTaskConfig, root: Path, data: DataConfig) -> TaskData:
-    """Read one task's folder, check it, fill in its classes / ignore_index, split train and val."""
+def check_item_files(items: list[Item], task: TaskConfig, decoded: dict[Any, Any], progress: bool = False) -> dict:
+    """Decode every image and mask once; masks must fit the classes and the displayed size of their image.
+
+    Returns {"modes": set of image modes, "mask_pixels": {mask: (class-1 pixels, non-ignored pixels)}}. `decoded`
+    caches results across tasks that read the same folder.
+    """
+    modes, pixels = set(), {}
+    for it in tqdm(items, desc=f"reading {task.name}", unit="file", disable=not progress, dynamic_ncols=True):
+        if it.image not in decoded:
+            decoded[it.image] = decode_image_info(it.image)
+        info = decoded[it.image]
+        modes.add(info.mode)
+        if it.mask is None:
+            continue
+        key = (it.mask, task.num_classes, task.ignore_index)
+        if key not in decoded:
+            m = read_mask(it.mask, task.num_classes, task.ignore_index).numpy()
+            ok = m != task.ignore_index if task.ignore_index is not None else np.ones(m.shape, dtype=bool)
+            decoded[key] = ((m.shape[1], m.shape[0]), int(np.count_nonzero((m == 1) & ok)), int(np.count_nonzero(ok)))
+        msize, fg, valid = decoded[key]
+        if msize != info.size:
+            rotated = (f" as displayed (its EXIF orientation {info.orientation} turns the stored {info.stored[0]}x"
+                       f"{info.stored[1]} by 90 degrees; save the mask in the displayed orientation or remove the "
+                       "image's EXIF orientation)" if info.orientation in (5, 6, 7, 8) else "")
+            raise ValueError(f"{it.mask}: mask is {msize[0]}x{msize[1]} (w x h) but its image {it.image.name} is "
+                             f"{info.size[0]}x{info.size[1]}{rotated}")
+        pixels[it.mask] = (fg, valid)
+    return {"modes": modes, "mask_pixels": pixels}
+
+
+def load_task_data(task: TaskConfig, source: DataTaskConfig, root: Path, data: DataConfig, progress: bool = False,
+                   decoded: dict | None = None) -> TaskData:
+    """Read one task's folder, check it (decoding every file once), fill in its classes / ignore_index, split it."""
     folder = root / source.dataset
     if not folder.is_dir():
         raise FileNotFoundError(f"data.tasks[{task.name}].dataset: {folder} is not a folder (root {root})")
@@ -158,8 +241,14 @@ def load_task_data(task: TaskConfig, source: DataTaskConfig, root: Path, data: D
 
     # Splits and labels.
     splits: dict[str, list[str]] = {}
-    for row in _read_csv(folder / "splits.csv", ("stem", "split")):
-        splits.setdefault(row["split"], []).append(row["stem"])
+    split_of: dict[str, tuple[str, int]] = {}
+    for row_no, row in enumerate(_read_csv(folder / "splits.csv", ("stem", "split")), start=2):
+        stem, split = row["stem"], row["split"]
+        if stem in split_of and split_of[stem][0] != split:
+            raise ValueError(f"{folder / 'splits.csv'}: stem {stem!r} is in split {split_of[stem][0]!r} (line "
+                             f"{split_of[stem][1]}) and in split {split!r} (line {row_no}); a stem belongs to one split")
+        split_of.setdefault(stem, (split, row_no))
+        splits.setdefault(split, []).append(stem)
     labels: dict[str, int] = {}
     labels_path = folder / "labels.csv"
     if task.type == "cls":
@@ -181,6 +270,8 @@ def load_task_data(task: TaskConfig, source: DataTaskConfig, root: Path, data: D
             labels[row["stem"]] = idx
     elif not (folder / "masks").is_dir():
         raise FileNotFoundError(f"{folder / 'masks'}: missing; seg task {task.name!r} reads its masks from it")
+    images = FileIndex(folder / "images")
+    masks = FileIndex(folder / "masks") if task.type == "seg" else None
 
     def items_of(split: str) -> list[Item]:
         stems = splits.get(split, [])
@@ -191,12 +282,9 @@ def load_task_data(task: TaskConfig, source: DataTaskConfig, root: Path, data: D
             )
         out = []
         for stem in stems:
-            image = _image_file(folder, stem)
-            if task.type == "seg":
-                mask = folder / "masks" / f"{stem}.png"
-                if not mask.is_file():
-                    raise FileNotFoundError(f"{mask}: missing mask for stem {stem!r} (task {task.name!r})")
-                out.append(Item(stem, image, mask=mask))
+            image = images.find(stem, IMAGE_SUFFIXES, "image listed in splits.csv")
+            if masks is not None:
+                out.append(Item(stem, image, mask=masks.find(stem, (".png",), f"mask (task {task.name!r})")))
             else:
                 if stem not in labels:
                     raise ValueError(f"{labels_path}: no label for stem {stem!r} listed in splits.csv")
@@ -224,21 +312,10 @@ def load_task_data(task: TaskConfig, source: DataTaskConfig, root: Path, data: D
     if source.max_val_items is not None:
         val = val[: source.max_val_items]
 
-    # Headers only (cheap): every image readable, every mask the size of its image.
-    modes = set()
-    for it in train + val:
-        size = _image_size(it.image)
-        if it.mask is not None:
-            msize = _image_size(it.mask)
-            if msize != size:
-                raise ValueError(
-                    f"{it.mask}: mask is {msize[0]}x{msize[1]} (w x h) but its image {it.image.name} is {size[0]}x{size[1]}"
-                )
-    for it in (train + val)[:8]:
-        with Image.open(it.image) as im:
-            modes.add(im.mode)
-    channels = int(meta.get("channels", 1 if modes <= {"L", "I", "I;16", "1"} else 3))
-    return TaskData(task, source, folder, train, val, channels, carved)
+    # Every file decoded once: truncated images, mask values and sizes fail here, before any training.
+    checked = check_item_files(train + val, task, {} if decoded is None else decoded, progress)
+    channels = int(meta.get("channels", 1 if checked["modes"] <= {"L", "1", *SIXTEEN_BIT_MODES} else 3))
+    return TaskData(task, source, folder, train, val, channels, carved, checked["mask_pixels"])
 
 
 def prepare_experiment_data(cfg: ExperimentConfig, output_dir: Path, is_main_process: bool,
@@ -255,12 +332,17 @@ def prepare_experiment_data(cfg: ExperimentConfig, output_dir: Path, is_main_pro
             write_synthetic_dataset(output_dir / "data", s.name, s.n_train, s.n_val, s.size, s.ignore_border, s.seed)
         wait_for_everyone()
     root = resolve_data_root(cfg.data, output_dir)
-    return root, load_experiment_data(cfg, root)
+    return root, load_experiment_data(cfg, root, progress=is_main_process)
 
 
-def load_experiment_data(cfg: ExperimentConfig, root: Path) -> dict[str, TaskData]:
-    """Every task's data, in model.tasks order; fills model task classes / ignore_index from meta.json."""
-    return {t.name: load_task_data(t, cfg.data.task(t.name), root, cfg.data) for t in cfg.model.tasks}
+def load_experiment_data(cfg: ExperimentConfig, root: Path, progress: bool = False) -> dict[str, TaskData]:
+    """Every task's data, in model.tasks order; fills model task classes / ignore_index from meta.json.
+
+    A file read by several tasks (seg and cls on one folder) is decoded once.
+    """
+    decoded: dict = {}
+    return {t.name: load_task_data(t, cfg.data.task(t.name), root, cfg.data, progress, decoded)
+            for t in cfg.model.tasks}
 
 
 # ---- reading files ------------------------------------------------------------------------------------
@@ -299,13 +381,6 @@ def read_mask(path: Path, num_classes: int, ignore_index: int | None) -> torch.T
         allowed = f"0..{num_classes - 1}" + (f" or ignore_index {ignore_index}" if ignore_index is not None else "")
         raise ValueError(f"{path}: mask values {values} outside the classes ({allowed})")
     return torch.from_numpy(arr)
-
-
-def check_masks(td: TaskData) -> None:
-    """Read every mask of a seg task once: a value outside its classes is an error naming the file, at start."""
-    for it in td.train + td.val:
-        if it.mask is not None:
-            read_mask(it.mask, td.task.num_classes, td.task.ignore_index)
 
 
 # ---- transforms (image and mask together) -------------------------------------------------------------
@@ -518,12 +593,13 @@ def foreground_prior(td: TaskData) -> float:
     """Fraction of foreground (class 1) pixels over non-ignored pixels of the training masks (binary seg)."""
     if td.task.type != "seg" or td.task.num_classes != 2:
         raise ValueError(f"foreground_prior: task {td.task.name!r} is not binary segmentation")
+    missing = [it for it in td.train if it.mask not in td.mask_pixels]  # counted when the task was loaded
+    if missing:
+        td.mask_pixels.update(check_item_files(missing, td.task, {})["mask_pixels"])
     fg = valid = 0
     for it in td.train:
-        m = read_mask(it.mask, 2, td.task.ignore_index)
-        ok = m != td.task.ignore_index if td.task.ignore_index is not None else torch.ones_like(m, dtype=torch.bool)
-        fg += int(((m == 1) & ok).sum())
-        valid += int(ok.sum())
+        f, v = td.mask_pixels[it.mask]
+        fg, valid = fg + f, valid + v
     if valid == 0:
         raise ValueError(f"{td.folder}: the training masks of task {td.task.name!r} have no non-ignored pixels")
     return fg / valid
