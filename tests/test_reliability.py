@@ -445,10 +445,41 @@ def test_non_images_in_predict_name_the_input(saved_router):
     ("train.lr=-0.1", r"train\.lr: must be > 0, got -0\.1"),
     ("train.min_lr_ratio=2", r"train\.min_lr_ratio: expected a value in \[0, 1\], got 2"),
     ("data.tasks.0.weight=heavy", r"data\.tasks\.0\.weight=.*expected a number"),
+    # sizes checked at load (issue 12): eval_size 0 used to train the whole run and then crash, stride 0 divided by 0
+    ("data.eval_size=0", r"data\.eval_size: must be an int >= 1, got 0"),
+    ("data.eval_size=[32]", r"data\.eval_size: expected a side or \[h, w\], got \[32\]"),
+    ("data.eval_size=[32, 0]", r"data\.eval_size: must be ints >= 1, got \[32, 0\]"),
+    ("data.image_size=0", r"data\.image_size: must be an int >= 1, got 0"),
+    ("data.tasks.0.eval_size=-4", r"data\.tasks\[shape_seg\]\.eval_size: must be an int >= 1, got -4"),
+    ("data.tasks.1.max_val_items=0", r"data\.tasks\[shape_cls\]\.max_val_items: must be an int >= 1, got 0"),
+    ("data.num_workers=-1", r"data\.num_workers: must be an int >= 0, got -1"),
+    ("model.stride=0", r"model\.stride: must be an int >= 1, got 0"),
+    ("model.width=0", r"model\.width: must be an int >= 1, got 0"),
+    ("model.head.seg_hidden=0", r"model\.head\.seg_hidden: must be an int >= 1, got 0"),
 ])
 def test_wrong_config_values_name_the_key(override, pattern):
     with pytest.raises((TypeError, ValueError), match=pattern):
         ExperimentConfig.from_dict(TINY_RUN, [override])
+
+
+def test_pretrain_config_values_name_the_key_and_yaml_exponents_are_floats(tmp_path):
+    from train.selfsup.config import load_pretrain_config
+
+    for override, pattern in (("train.batch_size=0", r"train\.batch_size: must be an int >= 1, got 0"),
+                              ("data.image_size=0", r"data\.image_size: must be an int >= 1, got 0"),
+                              ("train.lr=0", r"train\.lr: must be > 0, got 0"),
+                              ("decoder.num_heads=0", r"decoder\.num_heads: must be an int >= 1, got 0")):
+        with pytest.raises((TypeError, ValueError), match=pattern):
+            load_pretrain_config(REPO / "configs" / "pretrain_mae.yaml", [override])
+    # `lr: 1e-3` in a YAML file: PyYAML (YAML 1.1) reads it as the string "1e-3"; an override read it as a float
+    text = (REPO / "configs" / "pretrain_mae.yaml").read_text()
+    (tmp_path / "mae.yaml").write_text(text.replace("  lr: 1.5e-3", "  lr: 1e-3").replace("  min_lr: 1.0e-5", "  min_lr: 5E-6"))
+    cfg = load_pretrain_config(tmp_path / "mae.yaml")
+    assert (cfg.train.lr, cfg.train.min_lr) == (1e-3, 5e-6)
+    exp = dict(TINY_RUN, train={k: v for k, v in TINY_RUN["train"].items()})
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp).replace("  max_steps: 4", "  max_steps: 4\n  lr: 3e-4\n  weight_decay: 1e-2"))
+    cfg = ExperimentConfig.from_file(tmp_path / "exp.yaml", ["train.betas=[0.9, 9.9e-1]"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.betas) == (3e-4, 1e-2, [0.9, 0.99])
 
 
 def test_missing_dataset_dir_and_masks_that_do_not_fit_the_classes_fail_at_start(run_setup, tmp_path):

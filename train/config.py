@@ -3,7 +3,9 @@
 The `model:` section is a :class:`router.config.RouterConfig`; `data:` says where the datasets are and how
 batches are drawn; `train:` holds the optimisation schedule. Dotted ``key=value`` overrides from the command
 line are applied to the fully resolved dict (every default filled in), so an unknown key is an error that
-names it, and every value is decoded again with the strict type checks of the config file.
+names it, and every value is decoded again with the strict type checks of the config file. Sizes, steps and
+rates are checked when the config is read, with the dotted key in the message. ``lr: 1e-3`` in a YAML file is a
+float, as in an override (plain YAML 1.1 would read it as a string).
 
 >>> cfg = ExperimentConfig.from_file("configs/quickstart.yaml", ["train.max_steps=20", "model.fusion=concat"])
 >>> cfg.train.max_steps, cfg.model.fusion
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,50 @@ from router.config import RouterConfig, _from_dict, load_yaml_or_json
 
 DEFAULT_SEG_LOSS: list[dict[str, Any]] = [{"name": "ce", "weight": 1.0}, {"name": "dice", "weight": 1.0, "per_image": True}]
 DEFAULT_CLS_LOSS: list[dict[str, Any]] = [{"name": "ce", "weight": 1.0}]
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that also reads ``1e-3`` / ``5E+2`` as floats (YAML 1.1 needs ``1.0e-3``)."""
+
+
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                   list("-+0123456789."))
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (read with :class:`ConfigLoader`) or JSON config file as a dict; errors name the file."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return load_yaml_or_json(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=ConfigLoader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def check_size(where: str, value: Any, low: int = 1) -> None:
+    """An int (or [h, w] / list of ints) >= low, else an error naming the key."""
+    values = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        raise ValueError(f"{where}: expected at least one value, got []")
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < low for v in values):
+        raise ValueError(f"{where}: must be {'an int' if not isinstance(value, list) else 'ints'} >= {low}, got {value}")
+
+
+def check_eval_size(where: str, value: Any) -> None:
+    """A side (int >= 1) or [h, w] of two ints >= 1."""
+    if isinstance(value, list) and len(value) != 2:
+        raise ValueError(f"{where}: expected a side or [h, w], got {value}")
+    check_size(where, value)
+
+
+# Model sizes an experiment checks at load (a zero stride would divide by zero, a zero width build empty layers).
+MODEL_SIZES = ("width", "stride", "levels", "gate.hidden", "head.seg_hidden", "head.cls_hidden")
+
+
 # Keys that may change between an interrupted run and its resumption (they do not change the trajectory).
 # train.on_nonfinite too: a run stopped by a NaN may go on with "skip" (and configs saved before it existed resume).
 RESUMABLE_CHANGES = ("train.max_steps", "train.eval_every", "train.save_every", "train.keep_last", "train.log_every",
@@ -42,8 +89,15 @@ class DataTaskConfig:
     max_val_items: int | None = None  # evaluate on the first n items of the val split only; None: all
 
     def __post_init__(self):
+        where = f"data.tasks[{self.name}]"
         if self.weight < 0:
-            raise ValueError(f"data.tasks[{self.name}].weight: must be >= 0, got {self.weight}")
+            raise ValueError(f"{where}.weight: must be >= 0, got {self.weight}")
+        if self.image_size is not None:
+            check_size(f"{where}.image_size", self.image_size)
+        if self.eval_size is not None:
+            check_eval_size(f"{where}.eval_size", self.eval_size)
+        if self.max_val_items is not None:
+            check_size(f"{where}.max_val_items", self.max_val_items)
 
 
 @dataclass
@@ -54,6 +108,10 @@ class SyntheticConfig:
     size: int = 64  # image side in pixels
     ignore_border: int = 1  # width of the ignore_index ring around each shape (0: none)
     seed: int = 0  # generator seed: the same seed writes the same files
+
+    def __post_init__(self):
+        for key, low in (("n_train", 2), ("n_val", 1), ("size", 8), ("ignore_border", 0)):
+            check_size(f"data.synthetic.{key}", getattr(self, key), low)
 
 
 @dataclass
@@ -86,6 +144,9 @@ class DataConfig:
                 raise ValueError(f"data.{key}: expected [low, high] with 0 < low <= high, got {lo_hi}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction: expected a value in (0, 1), got {self.val_fraction}")
+        check_size("data.image_size", self.image_size)
+        check_eval_size("data.eval_size", self.eval_size)
+        check_size("data.num_workers", self.num_workers, 0)
 
     def task(self, name: str) -> DataTaskConfig:
         for t in self.tasks:
@@ -147,6 +208,12 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation schedule, losses, checkpoints
 
     def __post_init__(self):
+        for key in MODEL_SIZES:  # those the model section has (RouterConfig may not check them itself)
+            node: Any = self.model
+            for part in key.split("."):
+                node = getattr(node, part, None)
+            if node is not None:
+                check_size(f"model.{key}", node)
         model_tasks = [t.name for t in self.model.tasks]
         data_tasks = [t.name for t in self.data.tasks]
         if sorted(model_tasks) != sorted(data_tasks):
@@ -178,7 +245,7 @@ class ExperimentConfig:
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
         path = Path(path)
-        return cls.from_dict(load_yaml_or_json(path), overrides, where=str(path))
+        return cls.from_dict(load_config_file(path), overrides, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -221,7 +288,7 @@ def apply_override(tree: dict[str, Any], item: str) -> None:
 
 def _parse_value(raw: str, current: Any, key: str) -> Any:
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=ConfigLoader) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ValueError(f"override {key}={raw!r}: not a valid value ({e})") from e
     if isinstance(current, str) and not isinstance(value, str) and value is not None:

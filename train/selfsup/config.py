@@ -1,7 +1,8 @@
 """PretrainConfig: the strict, nested config of `train/pretrain.py` (MAE, SMIR, DINO).
 
 A YAML file holds the sections below; ``key=value`` overrides on the command line address them by
-dotted path (``train.max_steps=20``, ``data.datasets=[mtd]``). Unknown keys are errors naming the key.
+dotted path (``train.max_steps=20``, ``data.datasets=[mtd]``). Unknown keys are errors naming the key, and
+sizes, steps and rates are checked at load naming theirs; ``lr: 1e-3`` in a YAML file is a float.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 import yaml
 
 from extractors.base import FAMILIES
-from router.config import _from_dict, load_yaml_or_json
+from router.config import _from_dict
+from train.config import ConfigLoader, check_size, load_config_file
 
 METHODS = ("mae", "smir", "dino")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +42,11 @@ class DataConfig:
             raise ValueError(f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
         if not self.datasets:
             raise ValueError("data.datasets: name at least one dataset folder")
+        check_size("data.image_size", self.image_size)
+        check_size("data.num_workers", self.num_workers, 0)
+        for key in ("preload_short_side", "max_images"):
+            if getattr(self, key) is not None:
+                check_size(f"data.{key}", getattr(self, key))
 
     def resolved_root(self) -> Path:
         """`root`, else $BACKBONE_ROUTER_DATA, else ../shared/data relative to the repository root."""
@@ -73,6 +80,10 @@ class DecoderConfig:
     dim: int = 128  # width of the MAE/SMIR decoder
     depth: int = 2  # transformer blocks of the decoder
     num_heads: int = 4  # attention heads of the decoder
+
+    def __post_init__(self):
+        for key in ("dim", "depth", "num_heads"):
+            check_size(f"decoder.{key}", getattr(self, key))
 
 
 @dataclass
@@ -122,6 +133,9 @@ class DINOConfig:
     center_momentum: float = 0.9  # EMA momentum of the center of teacher outputs
 
     def __post_init__(self):
+        for key in ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "local_size"):
+            check_size(f"dino.{key}", getattr(self, key))
+        check_size("dino.local_crops", self.local_crops, 0)
         if self.student_temp <= 0 or self.teacher_temp <= 0 or self.warmup_teacher_temp <= 0:
             raise ValueError("dino: temperatures must be > 0")
         if not 0 <= self.momentum <= self.momentum_end <= 1:
@@ -144,6 +158,24 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard scalars under <output>/tb
     seed: int = 0  # seeds torch, the pool subset and the SMIR partitions
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default (1 is faster on a busy CPU)
+
+    def __post_init__(self):
+        for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every"):
+            check_size(f"train.{key}", getattr(self, key))
+        check_size("train.warmup_steps", self.warmup_steps, 0)
+        if self.cpu_threads is not None:
+            check_size("train.cpu_threads", self.cpu_threads)
+        if not self.lr > 0:
+            raise ValueError(f"train.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"train.min_lr: expected 0 <= min_lr <= train.lr ({self.lr}), got {self.min_lr}")
+        if self.weight_decay < 0 or (self.clip_grad_norm is not None and self.clip_grad_norm <= 0):
+            raise ValueError(f"train.weight_decay / train.clip_grad_norm: expected >= 0 / > 0 or null, got "
+                             f"{self.weight_decay} / {self.clip_grad_norm}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas: expected two values in [0, 1), got {self.betas}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"train.mixed_precision: expected 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
 
 
 @dataclass
@@ -190,7 +222,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ValueError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = yaml.load(raw, Loader=ConfigLoader)
     return data
 
 
@@ -202,5 +234,5 @@ def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> Pretrai
     ('mae', 2)
     """
     path = Path(path)
-    data = apply_overrides(load_yaml_or_json(path), list(overrides))
+    data = apply_overrides(load_config_file(path), list(overrides))
     return PretrainConfig.from_dict(data, where=str(path))
