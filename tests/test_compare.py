@@ -145,8 +145,17 @@ def test_frozen_features_count_forward_calls(tmp_path):
     assert ext.forward_calls == 6  # 2 views x ceil(5 / 2) batches
     b = compare.frozen_features({"e": ext}, views, FeatureCache(tmp_path), 2, torch.float32, "cpu")
     assert ext.forward_calls == 6
-    assert all(torch.equal(x["e"]["pooled"], y["e"]["pooled"]) for x, y in zip(a, b))
-    assert a[0]["e"]["pooled"].shape == (5, 32) and not torch.equal(a[0]["e"]["pooled"], a[1]["e"]["pooled"])
+    every = torch.arange(5)
+    a, b = [[f.gather(every, "cpu")["e"] for f in x] for x in (a, b)]  # read back from the cache, batch by batch
+    assert ext.forward_calls == 6
+    assert all(torch.equal(x["pooled"], y["pooled"]) for x, y in zip(a, b))
+    assert a[0]["pooled"].shape == (5, 32) and not torch.equal(a[0]["pooled"], a[1]["pooled"])
+    # the same values as held in memory without a cache (float32 storage: exact)
+    held = compare.frozen_features({"e": ext}, views, None, 2, torch.float32, "cpu")
+    assert ext.forward_calls == 12
+    for x, h in zip(a, held):
+        got = h.gather(torch.tensor([3, 1]), "cpu")["e"]
+        assert torch.equal(got["pooled"], x["pooled"][[3, 1]]) and torch.equal(got["dense"][0], x["dense"][0][[3, 1]])
 
 
 def test_unfrozen_variant_bypasses_the_cache(tmp_path):

@@ -249,11 +249,45 @@ def subset_indices(n: int, limit: int | None, seed: int = 0) -> list[int] | None
 
 
 # ----------------------------------------------------------------------------------------------------
-# frozen features: through the cache, held in memory in the storage dtype
+# frozen features: through the cache (read back batch by batch), or held in memory without one
+class HeldFeatures:
+    """One view's frozen features held in memory in the storage dtype: name -> {"dense": [N x ...], "pooled"}."""
+
+    def __init__(self, feats: dict[str, dict]):
+        self.feats = feats
+
+    def gather(self, idx: torch.Tensor, device) -> dict[str, dict]:
+        """name -> {"dense": [B x D x h x w], "pooled": B x D} of the items `idx`, float32 on `device`."""
+        return {n: {"dense": [d[idx].to(device).float() for d in f["dense"]], "pooled": f["pooled"][idx].to(device).float()}
+                for n, f in self.feats.items()}
+
+
+class CachedFeatures:
+    """One view's frozen features in the disk cache, read back per batch.
+
+    The cache's safetensors shards are memory-mapped, so the processes of a run share one copy in the page
+    cache instead of each holding its own (with stride-4 taps that is ~6 GB per process). The values are the
+    stored ones, exactly what :class:`HeldFeatures` would hold.
+    """
+
+    def __init__(self, cache: FeatureCache, extractors: dict[str, Extractor], ids: list[str], view: int, transform: str):
+        self.cache, self.extractors, self.ids, self.view, self.transform = cache, extractors, ids, view, transform
+
+    def gather(self, idx: torch.Tensor, device) -> dict[str, dict]:
+        """name -> {"dense": [B x D x h x w], "pooled": B x D} of the items `idx`, float32 on `device`."""
+        ids = [self.ids[i] for i in idx.tolist()]
+        out = {}
+        for n, ext in self.extractors.items():
+            o = self.cache.get_or_compute(ext, ids, None, view=self.view, transform=self.transform)
+            out[n] = {"dense": [d.to(device) for d in o["dense"]], "pooled": o["pooled"].to(device)}
+        return out
+
+
 def frozen_features(extractors: dict[str, Extractor], views: ViewSet, cache: FeatureCache | None, batch: int,
-                    store: torch.dtype, device, progress: tqdm | None = None) -> list[dict[str, dict]]:
-    """Per view: name -> {"dense": [N x D x h x w], "pooled": N x D} in `store` dtype (CPU)."""
-    out = []
+                    store: torch.dtype, device, progress: tqdm | None = None) -> list[HeldFeatures | CachedFeatures]:
+    """Per view: the features of every image, computed once (cache misses) and then read from the cache, or held
+    in memory in `store` dtype when there is no cache."""
+    out: list[HeldFeatures | CachedFeatures] = []
     for v in range(len(views.images)):
         per_ext = {}
         for name, ext in extractors.items():
@@ -261,23 +295,20 @@ def frozen_features(extractors: dict[str, Extractor], views: ViewSet, cache: Fea
             for lo in range(0, len(views), batch):
                 x = views.images[v][lo : lo + batch].to(device).float().div_(255)
                 if cache is not None:
-                    o = cache.get_or_compute(ext, views.ids[lo : lo + batch], x, view=v, transform=views.transforms[v])
+                    cache.get_or_compute(ext, views.ids[lo : lo + batch], x, view=v, transform=views.transforms[v])
                 else:
                     with torch.no_grad():
                         o = ext(x)
-                dense.append([d.to("cpu", store) for d in o["dense"]])
-                pooled.append(o["pooled"].to("cpu", store))
+                    dense.append([d.to("cpu", store) for d in o["dense"]])
+                    pooled.append(o["pooled"].to("cpu", store))
                 if progress is not None:
                     progress.update(x.shape[0])
-            per_ext[name] = {"dense": [torch.cat([d[i] for d in dense]) for i in range(len(dense[0]))],
-                             "pooled": torch.cat(pooled)}
-        out.append(per_ext)
+            if cache is None:
+                per_ext[name] = {"dense": [torch.cat([d[i] for d in dense]) for i in range(len(dense[0]))],
+                                 "pooled": torch.cat(pooled)}
+        out.append(HeldFeatures(per_ext) if cache is None else
+                   CachedFeatures(cache, extractors, views.ids, v, views.transforms[v]))
     return out
-
-
-def gather_features(feats: dict[str, dict], idx: torch.Tensor, device) -> dict[str, dict]:
-    return {n: {"dense": [d[idx].to(device).float() for d in f["dense"]], "pooled": f["pooled"][idx].to(device).float()}
-            for n, f in feats.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -447,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                 idx = torch.arange(lo, min(lo + t.eval_batch_size, len(vs)))
                 images = vs.images[0][idx].to(device).float().div_(255)
                 target = vs.targets[0][idx].to(device).long()
-                own = {k: f for k, f in gather_features(feats[n]["val"][0], idx, device).items() if k not in live_names}
+                own = {k: f for k, f in feats[n]["val"][0].gather(idx, device).items() if k not in live_names}
                 out = model(images, task=n, features=own)
                 logits = out[tcfg.type].float()
                 fg = F.softmax(logits, 1)[:, 1] if tcfg.type == "seg" and tcfg.num_classes == 2 else None
@@ -493,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                 idx = torch.tensor([k for k, _ in keys])
                 images = vs.images[v][idx].to(device).float().div_(255)
                 target = vs.targets[v][idx].to(device).long()
-                features = gather_features(feats[n]["train"][v], idx, device)
+                features = feats[n]["train"][v].gather(idx, device)
                 for name, model in models.items():
                     if n not in serves[name]:
                         continue
