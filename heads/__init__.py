@@ -1,6 +1,7 @@
 """Shared segmentation / classification heads and their losses."""
 
 from heads.cls import ClsHead
+from heads.decoder import DECODER_BLOCKS, TopDownDecoder
 from heads.losses import (
     LOSSES,
     BinaryCrossEntropyLoss,
@@ -19,6 +20,8 @@ from heads.seg import SegHead
 __all__ = [
     "SegHead",
     "ClsHead",
+    "TopDownDecoder",
+    "DECODER_BLOCKS",
     "build_loss",
     "LOSSES",
     "LossTermConfig",

@@ -18,9 +18,10 @@ from typing import Any
 import yaml
 
 from extractors.base import FAMILIES
+from heads.decoder import DECODER_BLOCKS
 from heads.seg import SEG_TRUNKS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `levels` (a pyramid) and `detail`; 1: one grid (`stride`), read as levels: [stride]
 FUSIONS = ("single", "mean", "concat", "gated")
 GRANULARITIES = ("task", "image", "token")
 TASK_TYPES = ("seg", "cls")
@@ -104,6 +105,7 @@ class GateConfig:
 class HeadConfig:
     seg_hidden: int = 128  # channels of the shared segmentation trunk
     seg_trunk: str = "conv"  # "conv": 3x3 convolution; "separable": depthwise 3x3 + pointwise 1x1 (~1/9 the work)
+    decoder_block: str = "separable"  # merge block of the top-down decoder (levels > 1): "separable" or "conv"
     cls_pooling: str = "mean"  # "mean" or "attention" pooling of the fused map
     cls_hidden: int = 256  # hidden width of the shared classification MLP
     dropout: float = 0.0  # dropout before the per-task outputs
@@ -111,6 +113,8 @@ class HeadConfig:
     def __post_init__(self):
         if self.seg_trunk not in SEG_TRUNKS:
             raise ValueError(f"head.seg_trunk: expected one of {SEG_TRUNKS}, got {self.seg_trunk!r}")
+        if self.decoder_block not in DECODER_BLOCKS:
+            raise ValueError(f"head.decoder_block: expected one of {DECODER_BLOCKS}, got {self.decoder_block!r}")
 
 
 @dataclass
@@ -119,8 +123,11 @@ class RouterConfig:
     tasks: list[TaskConfig]  # the tasks the shared heads serve
     fusion: str = "gated"  # single / mean / concat / gated
     single: str | None = None  # with fusion = "single": the extractor name to use
-    width: int = 128  # channels every extractor is projected to
-    stride: int = 16  # input pixels per cell of the common grid
+    width: int = 128  # channels every extractor is projected to at levels of stride >= 16
+    levels: list[int] | None = None  # strides of the pyramid levels, e.g. [4, 8, 16, 32]; None: [stride]
+    stride: int = 16  # the single grid of a one-level model (format 1 configs); ignored when `levels` is given
+    level_widths: list[int] | None = None  # channels per level; None: `width`, halved per octave below 16 (>= 32)
+    detail: bool | None = None  # raw-image conv stem into the finest level; None: on with a seg task and levels < 16
     gate: GateConfig = field(default_factory=GateConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     format_version: int = FORMAT_VERSION  # of this config layout; newer than the package reads is an error
@@ -147,13 +154,39 @@ class RouterConfig:
                 self.single = names[0]
             if self.single not in names:
                 raise ValueError(f"single: with fusion 'single' name one of the extractors {names}, got {self.single!r}")
+        self._resolve_levels()
         if self.gate.top_k is not None and not 1 <= self.gate.top_k <= len(names):
             raise ValueError(f"gate.top_k: expected 1..{len(names)} (the number of extractors), got {self.gate.top_k}")
+
+    def _resolve_levels(self) -> None:
+        """Fill `levels`, `level_widths` and `detail` and check them (values name their key)."""
+        if not isinstance(self.stride, int) or self.stride < 1:
+            raise ValueError(f"stride: expected a positive number of pixels per grid cell, got {self.stride!r}")
+        if self.width < 1:
+            raise ValueError(f"width: expected a positive number of channels, got {self.width!r}")
+        if self.levels is None:
+            self.levels = [self.stride]
+        if not self.levels or any(s < 1 for s in self.levels) or sorted(set(self.levels)) != list(self.levels):
+            raise ValueError(f"levels: expected distinct positive strides in ascending order, e.g. [4, 8, 16, 32], "
+                             f"got {self.levels}")
+        if self.level_widths is None:
+            self.level_widths = [default_level_width(self.width, s) for s in self.levels]
+        if len(self.level_widths) != len(self.levels) or any(w < 1 for w in self.level_widths):
+            raise ValueError(f"level_widths: expected {len(self.levels)} positive channel counts (one per level "
+                             f"{self.levels}), got {self.level_widths}")
+        if self.detail is None:
+            self.detail = any(t.type == "seg" for t in self.tasks) and self.levels[0] < 16
 
     # ---- dict / file round trip ----------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model") -> RouterConfig:
-        """Build from a plain dict; an unknown key or a wrong type is an error naming its path."""
+        """Build from a plain dict; an unknown key or a wrong type is an error naming its path.
+
+        A format-1 dict (one grid, written before levels existed) reads as ``levels: [stride]`` with no
+        detail stem: the same model, parameter for parameter.
+        """
+        if isinstance(data, dict) and data.get("format_version", FORMAT_VERSION) < 2:
+            data = {**data, "format_version": FORMAT_VERSION, "levels": [data.get("stride", 16)], "detail": False}
         return _from_dict(cls, data, where)
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,6 +217,11 @@ class RouterConfig:
             if t.name == name:
                 return t
         raise KeyError(f"no task named {name!r}; tasks are {[t.name for t in self.tasks]}")
+
+
+def default_level_width(width: int, stride: int) -> int:
+    """Channels of a level: `width` at stride >= 16, halved per octave below (never under min(width, 32))."""
+    return width if stride >= 16 else max(min(width, 32), width * stride // 16)
 
 
 def load_yaml_or_json(path: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The task-conditioned gate: how much each extractor counts, per task, per image or per location."""
+"""The task-conditioned gate: how much each extractor counts, per task x level, per image or per location."""
 
 from __future__ import annotations
 
@@ -45,19 +45,22 @@ class PixelStem(nn.Module):
 
 
 class TaskGate(nn.Module):
-    """Softmax weights over E extractors, conditioned on the task and (for image/token) the content.
+    """Softmax weights over E extractors at each of L levels, conditioned on the task and (for image/token)
+    the content; they sum to 1 over the extractors at every level.
 
-    Granularity ``task``: one weight vector per task (B x E, equal rows). ``image``: task embedding plus
-    the pooled content (B x E). ``token``: task embedding plus the local content at every grid cell
-    (B x E x h x w). Content comes from a small pixel stem (``content="pixels"``) or from the aligned
-    extractor maps (``content="features"``).
+    Granularity ``task``: one L x E weight table per task (B x L x E, equal rows). ``image``: task embedding
+    plus the pooled content (B x L x E). ``token``: task embedding plus the local content at every cell of
+    the gate's grid (B x L x E x h x w). Content comes from a small pixel stem (``content="pixels"``) or
+    from the aligned extractor maps (``content="features"``). One MLP gives all L x E logits, so with one
+    level this is exactly the single-grid gate.
     """
 
     def __init__(self, num_extractors: int, task_names: list[str], cfg: GateConfig, feature_width: int,
-                 text_embeddings: dict[str, torch.Tensor] | None = None):
+                 text_embeddings: dict[str, torch.Tensor] | None = None, num_levels: int = 1):
         super().__init__()
         self.cfg = cfg
         self.num_extractors = num_extractors
+        self.num_levels = num_levels
         h = cfg.hidden
         # Task embeddings: learned vectors, or frozen text embeddings projected by a learned layer.
         self.task_vectors = nn.ParameterDict()
@@ -74,7 +77,7 @@ class TaskGate(nn.Module):
         # task vector is swamped by a larger content signal and the gate stops telling tasks apart).
         self.task_norm = nn.LayerNorm(h)
         width_in = h if cfg.granularity == "task" else 2 * h
-        self.mlp = nn.Sequential(nn.Linear(width_in, h), nn.GELU(), nn.Linear(h, num_extractors))
+        self.mlp = nn.Sequential(nn.Linear(width_in, h), nn.GELU(), nn.Linear(h, num_levels * num_extractors))
 
     @property
     def needs_features(self) -> bool:
@@ -95,7 +98,7 @@ class TaskGate(nn.Module):
 
     def forward(self, task: str, batch: int, grid: tuple[int, int], images: torch.Tensor | None = None,
                 features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (weights, aux_loss): B x E (task / image) or B x E x h x w (token), and a scalar."""
+        """Returns (weights, aux_loss): B x L x E (task / image) or B x L x E x h x w (token), and a scalar."""
         # Functional call: a learned task vector is a leaf parameter, and module input hooks (torch's
         # FlopCounterMode / ModuleTracker) fail on a leaf that requires grad under no_grad.
         t = F.layer_norm(self.task_vector(task), (self.cfg.hidden,), self.task_norm.weight, self.task_norm.bias)
@@ -109,15 +112,16 @@ class TaskGate(nn.Module):
             else:
                 c = self.content_norm(rearrange(content, "b c h w -> b h w c"))
                 logits = rearrange(self.mlp(torch.cat([t.expand_as(c), c], dim=-1)), "b h w e -> b e h w")
-        weights = (logits / self.cfg.temperature).softmax(dim=1)
+        logits = rearrange(logits, "b (l e) ... -> b l e ...", l=self.num_levels)
+        weights = (logits / self.cfg.temperature).softmax(dim=2)
         aux = self.aux_loss(weights)
         if self.cfg.top_k is not None and self.cfg.top_k < self.num_extractors:
-            weights = top_k_renormalize(weights, self.cfg.top_k, dim=1)
+            weights = top_k_renormalize(weights, self.cfg.top_k, dim=2)
         return weights, aux
 
     def aux_loss(self, weights: torch.Tensor) -> torch.Tensor:
         """Weighted load-balance (E * sum_e f_e * P_e, Switch Transformer) + mean gate entropy."""
-        rows = rearrange(weights, "b e ... -> (b ...) e")
+        rows = rearrange(weights, "b l e ... -> (b l ...) e")
         loss = rows.new_zeros(())
         if self.cfg.load_balance_weight:
             routed = F.one_hot(rows.argmax(dim=1), self.num_extractors).float().mean(0)

@@ -1,8 +1,10 @@
-"""Router: extractors -> alignment -> task-conditioned gate -> fusion -> shared heads."""
+"""Router: extractors -> alignment to a pyramid of levels -> task-conditioned gate per level -> fusion per
+level -> top-down decoder -> shared heads."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,10 +18,11 @@ from torch import nn
 from extractors import Extractor, ExtractorOutput, check_images, create_extractor
 from extractors.atomic import atomic_save_safetensors, verify_checksums
 from extractors.checkpoints import key_problems
-from heads import ClsHead, SegHead
+from heads import ClsHead, SegHead, TopDownDecoder
 
-from .align import Aligner, grid_size
-from .config import RouterConfig, TaskConfig, load_yaml_or_json
+from .align import Aligner, grid_size, resample
+from .config import FORMAT_VERSION, RouterConfig, TaskConfig, load_yaml_or_json
+from .detail import DetailStem
 from .gate import TaskGate
 from .inputs import to_image_list
 
@@ -29,8 +32,10 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 class RouterOutput(TypedDict, total=False):
     seg: torch.Tensor  # B x K x H x W logits (segmentation tasks)
     cls: torch.Tensor  # B x K logits (classification tasks)
-    gate: torch.Tensor  # B x E (task / image gates) or B x E x h x w (token gates)
+    gate: torch.Tensor  # B x E (task / image gates) or B x E x h x w (token gates): gate_levels averaged over levels
+    gate_levels: torch.Tensor  # B x L x E or B x L x E x h x w: per level, summing to 1 over E (h x w: the gate grid)
     gate_mean: torch.Tensor  # E: the gate averaged over the batch (and locations)
+    gate_level_mean: torch.Tensor  # L x E: per level, averaged over the batch (and locations)
     aux_loss: torch.Tensor  # scalar: weighted gate auxiliary losses
     ran: torch.Tensor  # E booleans: which extractors were run for this batch
 
@@ -42,12 +47,19 @@ def task_text(task: TaskConfig) -> str:
 
 
 class Router(nn.Module):
-    """Specialist extractors routed per task into shared segmentation and classification heads.
+    """Specialist extractors routed per task and level into shared segmentation and classification heads.
+
+    Every extractor is aligned to each level of ``config.levels`` (strides, e.g. 4, 8, 16, 32; see
+    :mod:`router.align`), the gate weighs the extractors per task x level (x image or location), the
+    weighted maps are fused level by level, a raw-image detail stem joins the finest level
+    (``config.detail``), and a top-down decoder carries coarse context down to the finest level, where the
+    segmentation head reads it. Classification reads the coarsest level and the pooled vectors. With one
+    level there is no decoder: ``levels: [16]`` is the single-grid model of format 1, bit for bit.
 
     >>> model = Router.from_config("configs/tiny.yaml")
     >>> out = model(torch.rand(2, 3, 97, 130), task="demo_seg")
-    >>> out["seg"].shape, out["gate"].shape
-    (torch.Size([2, 2, 97, 130]), torch.Size([2, 2]))
+    >>> out["seg"].shape, out["gate"].shape, out["gate_levels"].shape
+    (torch.Size([2, 2, 97, 130]), torch.Size([2, 2]), torch.Size([2, 4, 2]))
     """
 
     def __init__(self, config: RouterConfig, *, text_embeddings: dict[str, torch.Tensor] | None = None):
@@ -58,21 +70,28 @@ class Router(nn.Module):
             ext = create_extractor(ecfg.spec, layers=ecfg.layers, pretrained=ecfg.pretrained,
                                    checkpoint=ecfg.checkpoint, family=ecfg.family, **ecfg.kwargs)
             self.extractors[ecfg.name] = ext.freeze() if ecfg.frozen else ext
-        self.aligners = nn.ModuleDict({n: Aligner(e.info, config.width) for n, e in self.extractors.items()})
+        levels, widths = config.levels, config.level_widths
+        self.aligners = nn.ModuleDict(
+            {n: Aligner(e.info, levels, widths, pooled_width=widths[-1]) for n, e in self.extractors.items()})
         n = len(self.extractors)
         if config.fusion == "concat" or (config.fusion == "gated" and config.gate.combine == "concat"):
-            self.concat_proj = nn.Conv2d(n * config.width, config.width, 1)
-            self.concat_pooled_proj = nn.Linear(n * config.width, config.width)
+            self.concat_proj = nn.ModuleDict({str(s): nn.Conv2d(n * w, w, 1) for s, w in zip(levels, widths)})
+            self.concat_pooled_proj = nn.Linear(n * widths[-1], widths[-1])
         if config.fusion == "gated":
             if config.gate.task_embedding == "text" and text_embeddings is None:
                 text_embeddings = self.embed_task_texts(config.tasks)
-            self.gate = TaskGate(n, [t.name for t in config.tasks], config.gate, config.width, text_embeddings)
+            self.gate = TaskGate(n, [t.name for t in config.tasks], config.gate, widths[self.gate_level],
+                                 text_embeddings, num_levels=len(levels))
+        if config.detail:
+            self.detail = DetailStem(widths[0])
+        if len(levels) > 1:
+            self.decoder = TopDownDecoder(widths, block=config.head.decoder_block)
         seg = {t.name: t.num_classes for t in config.tasks if t.type == "seg"}
         cls = {t.name: t.num_classes for t in config.tasks if t.type == "cls"}
         h = config.head
-        self.seg_head = SegHead(config.width, seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk)
-        self.cls_head = ClsHead(config.width, cls, pooling=h.cls_pooling, hidden=h.cls_hidden, dropout=h.dropout,
-                                pooled_dim=config.width)
+        self.seg_head = SegHead(widths[0], seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk)
+        self.cls_head = ClsHead(widths[-1], cls, pooling=h.cls_pooling, hidden=h.cls_hidden, dropout=h.dropout,
+                                pooled_dim=widths[-1])
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -87,6 +106,11 @@ class Router(nn.Module):
     @property
     def extractor_names(self) -> list[str]:
         return list(self.extractors.keys())
+
+    @property
+    def gate_level(self) -> int:
+        """Index of the level whose grid the gate works on (token weights, feature content): nearest stride 16."""
+        return min(range(len(self.config.levels)), key=lambda i: (abs(math.log2(self.config.levels[i] / 16)), -i))
 
     def _text_encoder(self):
         from extractors.text import create_text_encoder
@@ -112,7 +136,7 @@ class Router(nn.Module):
         self.config.tasks.append(task)
 
     # ---- forward ---------------------------------------------------------------------------------
-    def _run_extractor(self, name: str, images: torch.Tensor, grid: tuple[int, int], features=None):
+    def _run_extractor(self, name: str, images: torch.Tensor, grids: list, features=None):
         if features is not None and name in features:  # precomputed (frozen-feature cache)
             out = features[name]
         else:
@@ -120,7 +144,34 @@ class Router(nn.Module):
             trainable = any(p.requires_grad for p in ext.parameters())
             with nullcontext() if trainable else torch.no_grad():
                 out = ext(images)
-        return self.aligners[name](out["dense"], out["pooled"], grid)
+        return self.aligners[name](out["dense"], out["pooled"], grids)
+
+    def _fuse(self, maps: dict[int, torch.Tensor], weights: torch.Tensor | None, level: int) -> torch.Tensor:
+        """One level's maps (extractor index -> B x D x h x w) fused with that level's weights (B x E [x h x w])."""
+        fusion, n, active = self.config.fusion, len(self.extractors), list(maps)
+        if fusion == "gated":
+            wmap = weights[:, :, None, None, None] if weights.ndim == 2 else weights[:, :, None]  # -> B x 1 x (1|h) x (1|w)
+            if self.config.gate.combine == "concat":  # weighted maps side by side (x n: equal weights = concat)
+                zero_map = torch.zeros_like(maps[active[0]])
+                proj = self.concat_proj[str(self.config.levels[level])]
+                return proj(torch.cat([n * wmap[:, i] * maps[i] if i in maps else zero_map for i in range(n)], dim=1))
+            return sum(wmap[:, i] * maps[i] for i in active)
+        if fusion == "concat":
+            return self.concat_proj[str(self.config.levels[level])](torch.cat([maps[i] for i in range(n)], dim=1))
+        return sum(maps.values()) / len(maps)  # single / mean
+
+    def _fuse_pooled(self, vecs: dict[int, torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
+        """Pooled vectors (extractor index -> B x D) fused with the coarsest level's image weights (B x E)."""
+        fusion, n, active = self.config.fusion, len(self.extractors), list(vecs)
+        if fusion == "gated":
+            if self.config.gate.combine == "concat":
+                zero_vec = torch.zeros_like(vecs[active[0]])
+                return self.concat_pooled_proj(torch.cat(
+                    [n * weights[:, i, None] * vecs[i] if i in vecs else zero_vec for i in range(n)], dim=1))
+            return sum(weights[:, i, None] * vecs[i] for i in active)
+        if fusion == "concat":
+            return self.concat_pooled_proj(torch.cat([vecs[i] for i in range(n)], dim=1))
+        return sum(vecs.values()) / len(vecs)
 
     def forward(self, images: torch.Tensor, task: str,
                 features: dict[str, ExtractorOutput] | None = None) -> RouterOutput:
@@ -132,62 +183,65 @@ class Router(nn.Module):
         images = check_images(images, "Router input")
         tcfg = self.config.task(task)
         b, (h, w) = images.shape[0], images.shape[-2:]
-        grid = grid_size((h, w), self.config.stride)
+        levels, g = self.config.levels, self.gate_level
+        grids = [grid_size((h, w), s) for s in levels]
         names, n = self.extractor_names, len(self.extractors)
         fusion = self.config.fusion
         aux = images.new_zeros(())
+        # Segmentation reads every level (through the decoder); classification only the coarsest one.
+        used = list(range(len(levels))) if tcfg.type == "seg" else [len(levels) - 1]
+        if fusion == "gated" and self.gate.needs_features and g not in used:
+            used = sorted({*used, g})
 
         # 1. Decide which extractors run. A gate that does not read features decides first, so that with
-        #    top-k at inference an extractor whose weight is zero for the whole batch never runs.
-        weights = None
+        #    top-k at inference an extractor whose weight is zero at every used level never runs.
+        weights = None  # B x L x E (x h x w on the gate level's grid)
         if fusion == "gated" and not self.gate.needs_features:
-            weights, aux = self.gate(task, b, grid, images=images)
+            weights, aux = self.gate(task, b, grids[g], images=images)
         if fusion == "single":
             active = [names.index(self.config.single)]
         elif weights is not None and not self.training and self.config.gate.top_k is not None:
-            active = rearrange(weights, "b e ... -> e (b ...)").gt(0).any(dim=1).nonzero().flatten().tolist()
+            active = rearrange(weights[:, used], "b l e ... -> e (b l ...)").gt(0).any(dim=1).nonzero().flatten().tolist()
         else:
             active = list(range(n))
 
-        # 2. Run and align the active extractors.
+        # 2. Run and align the active extractors, at the used levels.
         maps, vecs = {}, {}
         for i in active:
-            maps[i], vecs[i] = self._run_extractor(names[i], images, grid, features)
+            maps[i], vecs[i] = self._run_extractor(names[i], images, [grids[k] if k in used else None
+                                                                      for k in range(len(levels))], features)
 
-        # 3. Fuse.
-        if fusion == "gated":
-            if weights is None:  # the gate reads the aligned features
-                weights, aux = self.gate(task, b, grid, features=torch.stack(list(maps.values())).mean(0))
-            w_img = weights if weights.ndim == 2 else weights.mean(dim=(2, 3))
-            wmap = weights[:, :, None, None, None] if weights.ndim == 2 else weights[:, :, None]  # -> B x 1 x (1|h) x (1|w)
-            if self.config.gate.combine == "concat":  # weighted maps side by side (x n: equal weights = concat)
-                zero_map, zero_vec = torch.zeros_like(maps[active[0]]), torch.zeros_like(vecs[active[0]])
-                fused = self.concat_proj(torch.cat(
-                    [n * wmap[:, i] * maps[i] if i in maps else zero_map for i in range(n)], dim=1))
-                pooled = self.concat_pooled_proj(torch.cat(
-                    [n * w_img[:, i, None] * vecs[i] if i in vecs else zero_vec for i in range(n)], dim=1))
-            else:
-                fused = sum(wmap[:, i] * maps[i] for i in active)
-                pooled = sum(w_img[:, i, None] * vecs[i] for i in active)
-        elif fusion == "concat":
-            fused = self.concat_proj(torch.cat([maps[i] for i in range(n)], dim=1))
-            pooled = self.concat_pooled_proj(torch.cat([vecs[i] for i in range(n)], dim=1))
-        else:  # single / mean
-            fused = sum(maps.values()) / len(maps)
-            pooled = sum(vecs.values()) / len(vecs)
+        # 3. Fuse, level by level.
+        if fusion == "gated" and weights is None:  # the gate reads the aligned features of its level
+            weights, aux = self.gate(task, b, grids[g], features=torch.stack([maps[i][g] for i in active]).mean(0))
+        fused: list[torch.Tensor | None] = [None] * len(levels)
+        for k in used:
+            wk = None
+            if weights is not None:
+                wk = weights[:, k]
+                if wk.ndim == 4 and k != g:  # token weights live on the gate's grid: resample (a convex mix)
+                    wk = resample(wk, grids[k])
+            fused[k] = self._fuse({i: maps[i][k] for i in active}, wk, k)
         if weights is None:  # fixed weights for single / mean / concat, reported the same way
-            weights = torch.zeros(b, n, device=images.device)
+            weights = torch.zeros(b, len(levels), n, device=images.device)
             for i in active:  # int indices: a list index is copied host -> device, a sync on an accelerator
-                weights[:, i] = 1.0 / len(active)
+                weights[:, :, i] = 1.0 / len(active)
+        coarse = weights[:, -1] if weights.ndim == 3 else weights[:, -1].mean(dim=(2, 3))
 
         ran = torch.zeros(n, dtype=torch.bool)
         ran[active] = True
-        out: RouterOutput = {"gate": weights, "gate_mean": rearrange(weights, "b e ... -> e (b ...)").mean(1),
+        gate = weights.mean(dim=1)
+        out: RouterOutput = {"gate": gate, "gate_levels": weights,
+                             "gate_mean": rearrange(gate, "b e ... -> e (b ...)").mean(1),
+                             "gate_level_mean": rearrange(weights, "b l e ... -> l e (b ...)").mean(2),
                              "aux_loss": aux, "ran": ran}
         if tcfg.type == "seg":
-            out["seg"] = self.seg_head(fused, task, out_size=(h, w))
+            if self.config.detail:
+                fused[0] = fused[0] + self.detail(images, grids[0])
+            x = self.decoder(fused) if len(levels) > 1 else fused[0]
+            out["seg"] = self.seg_head(x, task, out_size=(h, w))
         else:
-            out["cls"] = self.cls_head(fused, task, pooled=pooled)
+            out["cls"] = self.cls_head(fused[-1], task, pooled=self._fuse_pooled(vecs, coarse))
         return out
 
     @torch.inference_mode()
@@ -248,7 +302,8 @@ class Router(nn.Module):
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not directory.is_dir():
             raise FileNotFoundError(f"Router.from_pretrained: {directory} is not a directory")
-        config = RouterConfig.from_dict(load_yaml_or_json(config_path), where=str(config_path))
+        raw = load_yaml_or_json(config_path)
+        config = RouterConfig.from_dict(raw, where=str(config_path))
         if not weights_path.is_file():
             raise FileNotFoundError(f"Router.from_pretrained: {weights_path} does not exist")
         try:
@@ -258,6 +313,8 @@ class Router(nn.Module):
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
         verify_checksums(state, metadata, str(weights_path))
+        if raw.get("format_version", FORMAT_VERSION) < 2:
+            state = upgrade_state_v1(state, config)
         try:
             saved = json.loads(metadata["saved_extractors"])
         except (KeyError, json.JSONDecodeError) as e:
@@ -290,5 +347,22 @@ class Router(nn.Module):
         self.load_state_dict(state, strict=False)
 
     def extra_repr(self) -> str:
-        return f"fusion={self.config.fusion}, width={self.config.width}, stride={self.config.stride}"
+        c = self.config
+        return f"fusion={c.fusion}, levels={c.levels}, widths={c.level_widths}, detail={c.detail}"
+
+
+def upgrade_state_v1(state: dict[str, torch.Tensor], config: RouterConfig) -> dict[str, torch.Tensor]:
+    """Keys of a format-1 (one grid) checkpoint -> the one-level names: ``aligners.<e>.proj.*`` becomes
+    ``aligners.<e>.levels.<stride>.proj.*`` (norm alike) and ``concat_proj.*`` becomes ``concat_proj.<stride>.*``.
+    The tensors are unchanged."""
+    level = str(config.levels[0])
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "aligners" and len(parts) > 2 and parts[2] in ("proj", "norm"):
+            key = ".".join([*parts[:2], "levels", level, *parts[2:]])
+        elif parts[0] == "concat_proj":
+            key = ".".join(["concat_proj", level, *parts[1:]])
+        out[key] = value
+    return out
 

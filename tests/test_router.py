@@ -173,7 +173,7 @@ def test_single_mode_equals_extractor_plus_head(images):
     with torch.no_grad():
         out = model(images, task="seg_a")
         ext = model.extractors["p16"](images)
-        fmap, vec = model.aligners["p16"](ext["dense"], ext["pooled"], (7, 9))
+        (fmap,), vec = model.aligners["p16"](ext["dense"], ext["pooled"], [(7, 9)])
         seg = model.seg_head(fmap, "seg_a", out_size=(97, 130))
         cls = model.cls_head(fmap, "cls_b", pooled=vec)
     torch.testing.assert_close(out["seg"], seg)
@@ -190,7 +190,7 @@ def test_alignment_of_patch_14_16_and_32(images):
             strides = ext.info.strides
             for d, s in zip(out["dense"], strides):
                 assert tuple(d.shape[-2:]) == (-(-97 // s), -(-130 // s)), name
-            fmap, vec = model.aligners[name](out["dense"], out["pooled"], (7, 9))
+            (fmap,), vec = model.aligners[name](out["dense"], out["pooled"], [(7, 9)])
             assert fmap.shape == (2, 16, 7, 9) and vec.shape == (2, 16)
     assert [e.info.patch_size for e in model.extractors.values()] == [14, 16, 32]
 
@@ -219,13 +219,14 @@ def test_aligner_projects_coarse_maps_before_upsampling_with_the_same_result():
 
     info = ExtractorInfo(name="cnn", width=40, widths=(8, 24, 40), strides=(8, 16, 32), patch_size=32,
                          layers=(1, 2, 3), mean=(0.5,) * 3, std=(0.5,) * 3)
-    aligner = Aligner(info, 16).eval()
+    aligner = Aligner(info, [16], [16], pooled_width=16).eval()
     torch.manual_seed(0)
     dense = [torch.randn(2, 8, 14, 18), torch.randn(2, 24, 7, 9), torch.randn(2, 40, 4, 5)]
     pooled = torch.randn(2, 40)
     grid = (7, 9)  # the stride-8 map shrinks onto the grid, the stride-32 map is upsampled to it
-    fmap, vec = aligner(dense, pooled, grid)
-    reference = aligner.norm(aligner.proj(torch.cat([resample(d, grid) for d in dense], dim=1)))
+    (fmap,), vec = aligner(dense, pooled, [grid])
+    level = aligner.levels["16"]
+    reference = level.norm(level.proj(torch.cat([resample(d, grid) for d in dense], dim=1)))
     torch.testing.assert_close(fmap, reference, rtol=1e-5, atol=1e-5)
     assert fmap.shape == (2, 16, 7, 9) and vec.shape == (2, 16)
 
@@ -367,8 +368,8 @@ def test_text_task_embeddings_route_a_new_task_from_its_description(tmp_path, im
     # Train the gate's text projection a little so the two known tasks prefer different extractors.
     opt = torch.optim.Adam(list(model.gate.parameters()), lr=0.05)
     for _ in range(30):
-        a = model.gate("seg_a", 1, (1, 1))[0][0]
-        b = model.gate("cls_b", 1, (1, 1))[0][0]
+        a = model.gate("seg_a", 1, (1, 1))[0][0, 0]  # batch row 0, level 0
+        b = model.gate("cls_b", 1, (1, 1))[0][0, 0]
         loss = -a[0].log() - b[2].log()
         opt.zero_grad()
         loss.backward()
