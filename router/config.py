@@ -159,23 +159,39 @@ class RouterConfig:
             raise ValueError(f"gate.top_k: expected 1..{len(names)} (the number of extractors), got {self.gate.top_k}")
 
     def _resolve_levels(self) -> None:
-        """Fill `levels`, `level_widths` and `detail` and check them (values name their key)."""
+        """Check `stride`, `width`, `levels`, `level_widths` (errors name the key); :attr:`strides`,
+        :attr:`widths` and :attr:`has_detail` resolve them. The fields keep what the user wrote, so an
+        override of `levels` alone (a comparison variant, a command line) gets widths and detail anew."""
         if not isinstance(self.stride, int) or self.stride < 1:
             raise ValueError(f"stride: expected a positive number of pixels per grid cell, got {self.stride!r}")
         if self.width < 1:
             raise ValueError(f"width: expected a positive number of channels, got {self.width!r}")
-        if self.levels is None:
-            self.levels = [self.stride]
-        if not self.levels or any(s < 1 for s in self.levels) or sorted(set(self.levels)) != list(self.levels):
+        levels = self.strides
+        if not levels or any(s < 1 for s in levels) or sorted(set(levels)) != list(levels):
             raise ValueError(f"levels: expected distinct positive strides in ascending order, e.g. [4, 8, 16, 32], "
                              f"got {self.levels}")
-        if self.level_widths is None:
-            self.level_widths = [default_level_width(self.width, s) for s in self.levels]
-        if len(self.level_widths) != len(self.levels) or any(w < 1 for w in self.level_widths):
-            raise ValueError(f"level_widths: expected {len(self.levels)} positive channel counts (one per level "
-                             f"{self.levels}), got {self.level_widths}")
-        if self.detail is None:
-            self.detail = any(t.type == "seg" for t in self.tasks) and self.levels[0] < 16
+        if self.level_widths is not None and (len(self.level_widths) != len(levels) or min(self.level_widths) < 1):
+            raise ValueError(f"level_widths: expected {len(levels)} positive channel counts (one per level "
+                             f"{levels}), got {self.level_widths}")
+
+    @property
+    def strides(self) -> list[int]:
+        """The strides of the levels, finest first: `levels`, or [stride] for a one-grid config."""
+        return list(self.levels) if self.levels is not None else [self.stride]
+
+    @property
+    def widths(self) -> list[int]:
+        """Channels of each level: `level_widths`, or `width` at stride >= 16, halved per octave below (>= 32)."""
+        if self.level_widths is not None:
+            return list(self.level_widths)
+        return [default_level_width(self.width, s) for s in self.strides]
+
+    @property
+    def has_detail(self) -> bool:
+        """Whether the detail stem runs: `detail`, or (None) with a seg task and a level finer than 16."""
+        if self.detail is not None:
+            return self.detail
+        return any(t.type == "seg" for t in self.tasks) and self.strides[0] < 16
 
     # ---- dict / file round trip ----------------------------------------------------------------
     @classmethod

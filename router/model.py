@@ -70,7 +70,7 @@ class Router(nn.Module):
             ext = create_extractor(ecfg.spec, layers=ecfg.layers, pretrained=ecfg.pretrained,
                                    checkpoint=ecfg.checkpoint, family=ecfg.family, **ecfg.kwargs)
             self.extractors[ecfg.name] = ext.freeze() if ecfg.frozen else ext
-        levels, widths = config.levels, config.level_widths
+        levels, widths = config.strides, config.widths
         self.aligners = nn.ModuleDict(
             {n: Aligner(e.info, levels, widths, pooled_width=widths[-1]) for n, e in self.extractors.items()})
         n = len(self.extractors)
@@ -82,7 +82,7 @@ class Router(nn.Module):
                 text_embeddings = self.embed_task_texts(config.tasks)
             self.gate = TaskGate(n, [t.name for t in config.tasks], config.gate, widths[self.gate_level],
                                  text_embeddings, num_levels=len(levels))
-        if config.detail:
+        if config.has_detail:
             self.detail = DetailStem(widths[0])
         if len(levels) > 1:
             self.decoder = TopDownDecoder(widths, block=config.head.decoder_block)
@@ -110,7 +110,7 @@ class Router(nn.Module):
     @property
     def gate_level(self) -> int:
         """Index of the level whose grid the gate works on (token weights, feature content): nearest stride 16."""
-        return min(range(len(self.config.levels)), key=lambda i: (abs(math.log2(self.config.levels[i] / 16)), -i))
+        return min(range(len(self.config.strides)), key=lambda i: (abs(math.log2(self.config.strides[i] / 16)), -i))
 
     def _text_encoder(self):
         from extractors.text import create_text_encoder
@@ -153,11 +153,11 @@ class Router(nn.Module):
             wmap = weights[:, :, None, None, None] if weights.ndim == 2 else weights[:, :, None]  # -> B x 1 x (1|h) x (1|w)
             if self.config.gate.combine == "concat":  # weighted maps side by side (x n: equal weights = concat)
                 zero_map = torch.zeros_like(maps[active[0]])
-                proj = self.concat_proj[str(self.config.levels[level])]
+                proj = self.concat_proj[str(self.config.strides[level])]
                 return proj(torch.cat([n * wmap[:, i] * maps[i] if i in maps else zero_map for i in range(n)], dim=1))
             return sum(wmap[:, i] * maps[i] for i in active)
         if fusion == "concat":
-            return self.concat_proj[str(self.config.levels[level])](torch.cat([maps[i] for i in range(n)], dim=1))
+            return self.concat_proj[str(self.config.strides[level])](torch.cat([maps[i] for i in range(n)], dim=1))
         return sum(maps.values()) / len(maps)  # single / mean
 
     def _fuse_pooled(self, vecs: dict[int, torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
@@ -183,7 +183,7 @@ class Router(nn.Module):
         images = check_images(images, "Router input")
         tcfg = self.config.task(task)
         b, (h, w) = images.shape[0], images.shape[-2:]
-        levels, g = self.config.levels, self.gate_level
+        levels, g = self.config.strides, self.gate_level
         grids = [grid_size((h, w), s) for s in levels]
         names, n = self.extractor_names, len(self.extractors)
         fusion = self.config.fusion
@@ -236,7 +236,7 @@ class Router(nn.Module):
                              "gate_level_mean": rearrange(weights, "b l e ... -> l e (b ...)").mean(2),
                              "aux_loss": aux, "ran": ran}
         if tcfg.type == "seg":
-            if self.config.detail:
+            if self.config.has_detail:
                 fused[0] = fused[0] + self.detail(images, grids[0])
             x = self.decoder(fused) if len(levels) > 1 else fused[0]
             out["seg"] = self.seg_head(x, task, out_size=(h, w))
@@ -348,14 +348,14 @@ class Router(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"fusion={c.fusion}, levels={c.levels}, widths={c.level_widths}, detail={c.detail}"
+        return f"fusion={c.fusion}, levels={c.strides}, widths={c.widths}, detail={c.has_detail}"
 
 
 def upgrade_state_v1(state: dict[str, torch.Tensor], config: RouterConfig) -> dict[str, torch.Tensor]:
     """Keys of a format-1 (one grid) checkpoint -> the one-level names: ``aligners.<e>.proj.*`` becomes
     ``aligners.<e>.levels.<stride>.proj.*`` (norm alike) and ``concat_proj.*`` becomes ``concat_proj.<stride>.*``.
     The tensors are unchanged."""
-    level = str(config.levels[0])
+    level = str(config.strides[0])
     out = {}
     for key, value in state.items():
         parts = key.split(".")

@@ -43,7 +43,7 @@ def test_format_1_checkpoints_load_as_levels_16_and_give_the_same_outputs_bit_fo
     the same parameters (renamed, none added or dropped), and reproduce their saved outputs exactly."""
     d = GOLDEN / name
     model = Router.from_pretrained(d).eval()
-    assert model.config.levels == [16] and model.config.detail is False and not hasattr(model, "decoder")
+    assert model.config.strides == [16] and model.config.has_detail is False and not hasattr(model, "decoder")
     saved = load_file(str(d / "model.safetensors"))
     own = model.state_dict()
     assert len(own) == len(saved)  # every extractor was saved (random weights): the same number of tensors
@@ -63,7 +63,7 @@ def test_levels_16_builds_the_format_1_model_from_a_config():
     for cfg in (a, b):
         cfg.extractors[0].layers, cfg.extractors[1].layers, cfg.extractors[2].layers = None, [0, 1], [2, 3, 4]
         model = Router(cfg)
-        assert cfg.levels == [16] and cfg.detail is False
+        assert cfg.strides == [16] and cfg.has_detail is False
         assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
 
 
@@ -72,7 +72,7 @@ def test_levels_16_builds_the_format_1_model_from_a_config():
 def test_shapes_at_every_level_and_gates_sum_to_one_per_level(granularity, size, channels):
     torch.manual_seed(0)
     model = Router(make_config(granularity=granularity)).eval()
-    assert model.config.detail is True and model.config.level_widths == [16, 16, 16, 16]
+    assert model.config.has_detail is True and model.config.widths == [16, 16, 16, 16]
     images = torch.rand(2, channels, *size)
     with torch.no_grad():
         out = model(images, task="seg_a")

@@ -211,7 +211,7 @@ def router_mode(model: Router, mode: str, extractor: str | None = None):
                 bias = model.gate.mlp[-1].bias
                 saved_bias = bias.detach().clone()
                 with torch.no_grad():
-                    bias.view(len(cfg.levels), -1)[:, model.extractor_names.index(extractor)] += 1e4  # every level
+                    bias.view(len(cfg.strides), -1)[:, model.extractor_names.index(extractor)] += 1e4  # every level
         yield model
     finally:
         cfg.fusion, cfg.single, cfg.gate.top_k = saved
