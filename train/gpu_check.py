@@ -324,24 +324,26 @@ def quickstart_args(out: Path, steps: int) -> list[str]:
             f"train.max_steps={steps}", "train.eval_every=20", "train.log_every=10"]
 
 
-def write_reference(argv: list[str] | None = None) -> dict:
+def write_reference() -> dict:
     """Run the quickstart for 60 steps in fp32 on the CPU and store its losses and metrics (the reference)."""
     import tempfile
 
     steps = MODES["gpu"]["quickstart_steps"]
-    out = Path(tempfile.mkdtemp(prefix="gpu_check_reference_")) / "run"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = python_cmd(REPO / "train" / "gpu_check.py", "--exec-finetune", *quickstart_args(out, steps))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail(proc.stderr)}")
+    with tempfile.TemporaryDirectory(prefix="gpu_check_reference_") as tmp:
+        out = Path(tmp) / "run"
+        cmd = python_cmd(REPO / "train" / "gpu_check.py", "--exec-finetune", *quickstart_args(out, steps))
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail(proc.stderr)}")
+        summary = run_summary(out)
     from train.benchmark import hardware
 
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
     ref = {"what": f"configs/quickstart.yaml, {steps} steps, fp32 on the CPU, 1 process, OMP_NUM_THREADS=1",
            "commit": commit.stdout.strip() or None,
            "command": "python train/gpu_check.py --write-reference", "steps": steps,
-           "created": datetime.date.today().isoformat(), "hardware": hardware(torch.device("cpu")), **run_summary(out)}
+           "created": datetime.date.today().isoformat(), "hardware": hardware(torch.device("cpu")), **summary}
     write_json(REFERENCE, ref)
     print(f"wrote {REFERENCE} ({steps} steps; losses at {sorted(map(int, ref['losses']['train/loss']))})")
     return ref
