@@ -127,7 +127,7 @@ class RouterConfig:
     levels: list[int] | None = None  # strides of the pyramid levels, e.g. [4, 8, 16, 32]; None: [stride]
     stride: int = 16  # the single grid of a one-level model (format 1 configs); ignored when `levels` is given
     level_widths: list[int] | None = None  # channels per level; None: `width`, halved per octave below 16 (>= 32)
-    detail: bool | None = None  # raw-image conv stem into the finest level; None: on with a seg task and levels < 16
+    detail: bool | None = None  # raw-image conv stem into the finest level; None: on for seg with levels < 16
     gate: GateConfig = field(default_factory=GateConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     format_version: int = FORMAT_VERSION  # of this config layout; newer than the package reads is an error
@@ -188,10 +188,11 @@ class RouterConfig:
 
     @property
     def has_detail(self) -> bool:
-        """Whether the detail stem runs: `detail`, or (None) with a seg task and a level finer than 16."""
+        """Whether the detail stem runs: `detail`, or (None) with a seg task and a pyramid reaching below 16
+        (so any one-level config is the format-1 model exactly)."""
         if self.detail is not None:
             return self.detail
-        return any(t.type == "seg" for t in self.tasks) and self.strides[0] < 16
+        return any(t.type == "seg" for t in self.tasks) and len(self.strides) > 1 and self.strides[0] < 16
 
     # ---- dict / file round trip ----------------------------------------------------------------
     @classmethod
