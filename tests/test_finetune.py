@@ -139,9 +139,10 @@ def test_resume_after_interruption_ends_with_the_same_weights(setup, one_process
     stopped = launch(["--config", str(setup / "tiny.yaml"), "--output-dir", str(out), "--stop-at", "4"])
     assert "stopped after step 4" in stopped.stdout and not (out / "final").exists()
     assert [r["step"] for r in metrics(out)] == [4]
+    from train.errors import RunError
     from train.finetune import main
 
-    with pytest.raises(SystemExit, match="already holds checkpoints; pass --resume"):
+    with pytest.raises(RunError, match=r"holds a previous run \(config\.yaml, metrics\.jsonl, checkpoints/.*\); pass --resume"):
         main(["--config", str(setup / "tiny.yaml"), "--output-dir", str(out)])
     resumed = launch(["--output-dir", str(out), "--resume"])  # config read back from the output dir
     assert "resumed from" in resumed.stdout and "(step 4)" in resumed.stdout

@@ -552,3 +552,169 @@ def test_tests_use_a_private_empty_hugging_face_home():
     assert home.name.startswith("backbone_router_test_hf_home_") and home.is_dir()
     assert Path(HF_HUB_CACHE).is_relative_to(home), "huggingface_hub read HF_HOME before conftest set it"
     assert not any(Path(HF_HUB_CACHE).glob("models--*")), "nothing may be cached in the tests' hub cache"
+
+
+# ---- one run per output dir (train/rundir.py) --------------------------------------------------------------------
+def _write_lock(out: Path, **holder) -> Path:
+    import socket
+
+    from train.rundir import _process_start
+
+    out.mkdir(parents=True, exist_ok=True)
+    pid = holder.get("pid", os.getpid())
+    holder = {"pid": pid, "pid_start": _process_start(pid), "host": socket.gethostname(), "script": "finetune",
+              "started": "2026-01-01 00:00:00", "command": "accelerate launch train/finetune.py", **holder}
+    (out / ".lock").write_text(json.dumps(holder))
+    return out / ".lock"
+
+
+def test_a_dir_in_use_is_refused_naming_the_holder_and_nothing_is_written(run_setup, tmp_path):
+    from train.errors import RunError
+    from train.rundir import claim_output_dir
+
+    out = tmp_path / "busy"
+    with claim_output_dir(out, "compare", outputs=()):  # another run holds the dir (this process, alive)
+        with pytest.raises(RunError, match=rf"busy is in use by pid {os.getpid()} on host .* \(compare, started .*\) "
+                                           r"and that process is still running; wait for it"):
+            finetune(run_setup, out)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert not (out / ".lock").exists()
+    # a lock written on another host cannot be checked from here: refused, saying how to clear it
+    lock = _write_lock(out, host="gpu-node-7", pid=12345)
+    with pytest.raises(RunError, match=r"in use by pid 12345 on host 'gpu-node-7' .* on another host, so it cannot be "
+                                       r"checked from here; if that run is over, delete .*busy/\.lock"):
+        finetune(run_setup, out)
+    assert json.loads(lock.read_text())["host"] == "gpu-node-7"
+
+
+def test_a_stale_lock_is_named_and_replaced(run_setup, tmp_path, capsys):
+    out = tmp_path / "stale"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs: the run that held the lock was killed
+    _write_lock(out, pid=gone.pid, pid_start="1")
+    assert finetune(run_setup, out) == 0
+    assert f"removed a stale lock of {out}: pid {gone.pid} on host" in capsys.readouterr().out
+    assert (out / "final").is_dir() and not (out / ".lock").exists()  # released at the end
+
+
+def test_a_fresh_run_into_a_previous_run_is_refused_unless_overwrite(run_setup, reference_run, tmp_path, capsys):
+    from train.errors import RunError
+
+    out = tmp_path / "again"
+    shutil.copytree(reference_run, out)
+    before = dir_hash(out)
+    with pytest.raises(RunError, match=r"again holds a previous run \(config\.yaml, metrics\.jsonl, final/, checkpoints/, "
+                                       r"tensorboard/\); pass --resume to continue it, --overwrite to replace it"):
+        finetune(run_setup, out)
+    assert dir_hash(out) == before
+    with pytest.raises(RunError, match="pass one of them"):
+        finetune(run_setup, out, "--resume", "--overwrite")
+    (out / "metrics.jsonl").write_text('{"step": 99, "tasks": {}}\n')  # a line that is not this run's
+    (out / "notes.txt").write_text("mine")  # not an output: kept
+    assert finetune(run_setup, out, "--overwrite", "train.save_every=4") == 0
+    assert "--overwrite: removed the previous run's" in capsys.readouterr().out
+    assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [4]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_4"]  # no step_2 of the old run
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_resume_without_a_run_or_a_config_is_an_error_not_a_quickstart(tmp_path):
+    from train.errors import RunError
+
+    with pytest.raises(RunError, match=r"--resume: .*empty holds no run \(no config\.yaml\); pass the --output-dir of "
+                                       r"an earlier run, or --config to start one"):
+        main(["--output-dir", str(tmp_path / "empty"), "--resume"])
+    with pytest.raises(RunError, match=r"--resume: no --output-dir given"):
+        main(["--resume"])
+    assert not (tmp_path / "empty").exists() and not (REPO / "runs" / "quickstart" / ".lock").exists()
+
+
+def test_pretrain_refuses_a_dir_holding_a_previous_run_before_reading_data(tmp_path):
+    from train import pretrain
+    from train.errors import RunError
+
+    out = tmp_path / "mae"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 10, "loss": 0.5}\n')
+    with pytest.raises(RunError, match=r"mae holds a previous run \(metrics\.jsonl\); pass --resume to continue it, "
+                                       r"--overwrite to replace it"):
+        pretrain.main(["--config", str(REPO / "configs" / "pretrain_mae.yaml"), "--output-dir", str(out),
+                       "data.root=/nonexistent"])
+    assert (out / "metrics.jsonl").read_text() == '{"step": 10, "loss": 0.5}\n' and not (out / ".lock").exists()
+
+
+# ---- resume state ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("step, pattern", [("four", r"'step' must be an integer >= 0, got 'four'"),
+                                           (-2, r"'step' must be an integer >= 0, got -2"),
+                                           (2.5, r"'step' must be an integer >= 0, got 2\.5")])
+def test_resume_refuses_a_trainer_state_with_a_bad_step(run_setup, tmp_path, step, pattern):
+    from train.errors import RunError
+
+    out = tmp_path / "run"
+    assert finetune(run_setup, out, "--stop-at", "2") == 0
+    state = out / "checkpoints" / "step_2" / "trainer_state.json"
+    state.write_text(json.dumps({"step": step, "world": 1}))
+    with pytest.raises(RunError, match=rf"--resume: .*step_2/trainer_state\.json: {pattern}; delete .*step_2 to resume"):
+        main(["--output-dir", str(out), "--resume"])
+    assert not (out / "final").exists()
+
+
+def test_resume_with_another_global_batch_is_an_error_unless_asked(run_setup, tmp_path, capsys):
+    from train.errors import RunError
+
+    out = tmp_path / "run"
+    assert finetune(run_setup, out, "--stop-at", "2") == 0  # 1 process x batch 2
+    state = out / "checkpoints" / "step_2" / "trainer_state.json"
+    state.write_text(json.dumps({"step": 2, "world": 2}))  # as if written by 2 processes x batch 2 = global batch 4
+    with pytest.raises(RunError, match=r"written by 2 process\(es\) x train\.batch_size 2 = global batch 4; this run "
+                                       r"has 1 x 2 = 2\. pass train\.batch_size=4 to keep the global batch .* or pass "
+                                       r"--change-global-batch to go on with global batch 2"):
+        main(["--output-dir", str(out), "--resume"])
+    assert not (out / "final").exists()
+    kept = tmp_path / "kept"
+    shutil.copytree(out, kept)
+    assert main(["--output-dir", str(kept), "--resume", "train.batch_size=4"]) == 0  # the same global batch: allowed
+    assert "global batch 4 (1 process(es) x 4)" in capsys.readouterr().out
+    assert main(["--output-dir", str(out), "--resume", "--change-global-batch"]) == 0
+    text = capsys.readouterr().out
+    assert "going on with global batch 2 (--change-global-batch)" in text and (out / "final").is_dir()
+
+
+# ---- one clear error line (train/errors.py) ----------------------------------------------------------------------
+def test_a_config_error_is_one_line_and_the_traceback_only_with_debug(capsys):
+    from train.errors import RunError, run_cli
+
+    def bad_config():
+        try:
+            raise KeyError("eval_size")
+        except KeyError as e:  # a chained error, as the config decoder raises
+            raise ValueError("configs/x.yaml (with overrides).data: data.eval_size: must be an int >= 1, got 0") from e
+
+    assert run_cli(bad_config, argv=[]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: ValueError: configs/x.yaml (with overrides).data: data.eval_size: must be an int "
+                                ">= 1, got 0  [--debug for the traceback]"]
+    with pytest.raises(ValueError, match="data.eval_size"):
+        run_cli(bad_config, argv=["--debug"])
+    assert run_cli(lambda: (_ for _ in ()).throw(RunError("--output-dir x is in use\nby pid 1")), argv=[]) == 2
+    assert capsys.readouterr().err == "error: --output-dir x is in use by pid 1  [--debug for the traceback]\n"
+    assert run_cli(lambda: sys.exit("--resume: x is missing"), argv=[]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        run_cli(lambda: (_ for _ in ()).throw(RuntimeError("a bug")), argv=[])
+
+
+@pytest.mark.slow
+def test_a_config_error_under_a_two_process_launch_is_one_line_from_the_main_process(run_setup, tmp_path):
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", str(REPO / "train" / "finetune.py"),
+           "--config", str(run_setup / "tiny.yaml"), "--output-dir", str(tmp_path / "x"), "data.eval_size=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    ours = [ln for ln in text.splitlines() if ln.startswith("error")]
+    assert len(ours) == 1 and ours[0].startswith("error: ") and "data.eval_size: must be an int >= 1, got 0" in ours[0]
+    assert "train/config.py" not in text and "router/config.py" not in text  # no traceback from any process
+    proc = subprocess.run(cmd + ["--debug"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "train/config.py" in proc.stderr

@@ -4,6 +4,7 @@
     accelerate launch train/finetune.py --config configs/mtd_camvid_flowers.yaml --output-dir runs/x \\
         train.max_steps=2000 model.fusion=concat
     accelerate launch train/finetune.py --output-dir runs/x --resume     # continue from the latest checkpoint
+    accelerate launch train/finetune.py --output-dir runs/x --overwrite  # start afresh where a run was
     accelerate launch --multi_gpu --num_processes 2 train/finetune.py ...   # two processes (CPU: gloo)
 
 Each training batch holds one task (drawn by the data.tasks weights from a seeded schedule, so every process
@@ -11,6 +12,9 @@ draws the same task at the same step). The global batch is train.batch_size x pr
 processes, so two processes with batch b follow a one-process run with batch 2b.
 Phase 1 trains router and heads with the extractors frozen; from train.phase2_step the last
 ExtractorConfig.unfreeze_last blocks of each extractor train too, at train.phase2_lr_scale x lr.
+
+One run at a time per output dir (train/rundir.py): a lock names the run using it, and a fresh run into a dir
+holding a previous run is refused unless --overwrite. A config or data error is one line (--debug: traceback).
 
 The output dir gets config.yaml (resolved), metrics.jsonl (one line per evaluation), checkpoints/step_<n>/
 (accelerator.save_state, written to a temp dir and renamed), final/ (Router.save_pretrained) and
@@ -20,6 +24,7 @@ tensorboard/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -50,7 +55,15 @@ from train.data import (
     foreground_prior,
     prepare_experiment_data,
 )
+from train.errors import RunError, run_cli
 from train.metrics import GateMeter, json_safe, task_metrics
+from train.rundir import (
+    FINETUNE_OUTPUTS,
+    add_run_dir_args,
+    check_global_batch,
+    claim_output_dir,
+    read_trainer_state,
+)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -85,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the output dir's config.yaml with --resume)")
     p.add_argument("--output-dir", default=None, help="run folder (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+    p.add_argument("--change-global-batch", action="store_true",
+                   help="with --resume: allow another global batch (processes x train.batch_size) than the checkpoint's")
+    add_run_dir_args(p)
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="checkpoint and exit after this step, as an interruption would (the schedule still "
                         "runs to train.max_steps); continue later with --resume")
@@ -166,10 +182,7 @@ def check_checkpoint(ckpt: Path) -> int:
     for name in CHECKPOINT_FILES:
         if not (ckpt / name).is_file():
             raise SystemExit(f"--resume: {ckpt / name} is missing; {ckpt} was not written by train/finetune.py")
-    try:
-        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise SystemExit(f"--resume: {ckpt / 'trainer_state.json'} is not a trainer state ({e})") from e
+    step = read_trainer_state(ckpt)["step"]
     for f in sorted(ckpt.iterdir()):
         if f.suffix in (".bin", ".pkl", ".pt", ".pth"):
             try:
@@ -195,18 +208,23 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with contextlib.ExitStack() as run_dir:  # releases the output dir's lock however the run ends
+        return run(args, run_dir)
 
+
+def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> int:
     # ------------------------------------------------------------------------------------------------
     # config
-    if args.config is None and args.resume and args.output_dir and (Path(args.output_dir) / "config.yaml").is_file():
+    if args.resume and args.config is None:  # the run's own config; never a silent quickstart
+        if args.output_dir is None or not (Path(args.output_dir) / "config.yaml").is_file():
+            where = f"{args.output_dir} holds no run (no config.yaml)" if args.output_dir else "no --output-dir given"
+            raise RunError(f"--resume: {where}; pass the --output-dir of an earlier run, or --config to start one")
         config_path = Path(args.output_dir) / "config.yaml"
     else:
         config_path = Path(args.config) if args.config else DEFAULT_CONFIG
     cfg = ExperimentConfig.from_file(config_path, args.overrides)
     output_dir = Path(args.output_dir or Path("runs") / config_path.stem)
     t = cfg.train
-    if not args.resume and latest_checkpoint(output_dir) is not None:
-        raise SystemExit(f"{output_dir} already holds checkpoints; pass --resume to continue or pick another --output-dir")
     check_output_dir(output_dir)
 
     # ------------------------------------------------------------------------------------------------
@@ -224,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     main_process, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     say = accelerator.print
+    run_dir.enter_context(claim_output_dir(output_dir, "finetune", FINETUNE_OUTPUTS, resume=args.resume,
+                                           overwrite=args.overwrite, accelerator=accelerator))
     if cfg.data.synthetic is not None and all(not e.pretrained for e in cfg.model.extractors):
         say("quickstart: synthetic data + tiny random extractors; not a real model")
     elif all(not e.pretrained for e in cfg.model.extractors):
@@ -237,11 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     task_names = list(tasks)
     resolved = cfg.to_dict()
     saved_config = output_dir / "config.yaml"
+    resume_from = latest_checkpoint(output_dir) if args.resume else None
     if args.resume and saved_config.is_file():
         import yaml
 
-        changed = [k for k in config_differences(yaml.safe_load(saved_config.read_text()), resolved)
-                   if k not in RESUMABLE_CHANGES]
+        saved = yaml.safe_load(saved_config.read_text())
+        changed = [k for k in config_differences(saved, resolved) if k not in RESUMABLE_CHANGES]
+        if resume_from is not None:  # train.batch_size may change when the global batch stays (another process count)
+            note = check_global_batch(read_trainer_state(resume_from), saved["train"]["batch_size"], world,
+                                      t.batch_size, args.change_global_batch, resume_from)
+            if note is None or args.change_global_batch:
+                changed = [k for k in changed if k != "train.batch_size"]
+            if note:
+                say(f"note: {note}")
         if changed:
             raise SystemExit(f"--resume: the config differs from {saved_config} in {changed}; only "
                              f"{list(RESUMABLE_CHANGES)} may change when resuming")
@@ -351,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     start_step = 0
     metrics_path = output_dir / "metrics.jsonl"
     if args.resume:
-        ckpt = latest_checkpoint(output_dir)
+        ckpt = resume_from
         if ckpt is None:
             say(f"--resume: no checkpoint in {output_dir / 'checkpoints'}; starting from step 0")
         else:
@@ -581,4 +609,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

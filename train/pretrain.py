@@ -5,12 +5,14 @@
 Writes to the output dir: config.yaml (the resolved config), metrics.jsonl (one line per `train.log_every`
 optimizer steps), tb/ (with train.tensorboard) and final/ — a `local-dir` extractor checkpoint
 (config.json + model.safetensors with a plain timm ViT state dict) that
-``create_extractor("local-dir:<output-dir>/final")`` loads like any other extractor.
+``create_extractor("local-dir:<output-dir>/final")`` loads like any other extractor. A run into a dir holding a
+previous run is refused unless --overwrite, and a dir in use by another run is refused naming it (train/rundir.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -27,6 +29,8 @@ from tqdm.auto import tqdm
 
 from extractors.atomic import atomic_write_bytes
 from extractors.local_dir import save_extractor_dir
+from train.errors import run_cli
+from train.rundir import PRETRAIN_OUTPUTS, add_run_dir_args, claim_output_dir
 from train.selfsup.config import PretrainConfig, load_pretrain_config
 from train.selfsup.dino import DINOPretrainer
 from train.selfsup.encoder import build_encoder, saved_model_kwargs
@@ -87,14 +91,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML/JSON pretraining config (configs/pretrain_*.yaml)")
     parser.add_argument("--output-dir", required=True, help="run folder: config.yaml, metrics.jsonl, final/")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=20")
+    add_run_dir_args(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    with contextlib.ExitStack() as run_dir:  # releases the output dir's lock however the run ends
+        return run(args, run_dir)
+
+
+def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> Path:
     cfg = load_pretrain_config(args.config, args.overrides)
     t = cfg.train
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum_steps, mixed_precision=t.mixed_precision)
+    run_dir.enter_context(claim_output_dir(Path(args.output_dir), "pretrain", PRETRAIN_OUTPUTS,
+                                           overwrite=args.overwrite, accelerator=accelerator))
     set_seed(t.seed)
     if t.cpu_threads is not None and accelerator.device.type == "cpu":
         torch.set_num_threads(t.cpu_threads)
@@ -206,4 +218,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main))
