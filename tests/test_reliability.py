@@ -453,8 +453,9 @@ def test_non_images_in_predict_name_the_input(saved_router):
     ("data.tasks.0.eval_size=-4", r"data\.tasks\[shape_seg\]\.eval_size: must be an int >= 1, got -4"),
     ("data.tasks.1.max_val_items=0", r"data\.tasks\[shape_cls\]\.max_val_items: must be an int >= 1, got 0"),
     ("data.num_workers=-1", r"data\.num_workers: must be an int >= 0, got -1"),
-    ("model.stride=0", r"model\.stride: must be an int >= 1, got 0"),
-    ("model.width=0", r"model\.width: must be an int >= 1, got 0"),
+    ("model.stride=0", r"model: stride: expected a positive number of pixels per grid cell, got 0"),
+    ("model.width=0", r"model: width: expected a positive number of channels, got 0"),
+    ("model.gate.hidden=0", r"model\.gate\.hidden: must be an int >= 1, got 0"),
     ("model.head.seg_hidden=0", r"model\.head\.seg_hidden: must be an int >= 1, got 0"),
 ])
 def test_wrong_config_values_name_the_key(override, pattern):

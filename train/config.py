@@ -67,8 +67,8 @@ def check_eval_size(where: str, value: Any) -> None:
     check_size(where, value)
 
 
-# Model sizes an experiment checks at load (a zero stride would divide by zero, a zero width build empty layers).
-MODEL_SIZES = ("width", "stride", "levels", "gate.hidden", "head.seg_hidden", "head.cls_hidden")
+# Model sizes an experiment checks at load that RouterConfig does not (it checks width, stride, levels itself).
+MODEL_SIZES = ("gate.hidden", "head.seg_hidden", "head.cls_hidden")
 
 
 # Keys that may change between an interrupted run and its resumption (they do not change the trajectory).
