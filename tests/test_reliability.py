@@ -435,6 +435,52 @@ def test_non_images_in_predict_name_the_input(saved_router):
         model.predict([{"not": "an image"}], task="seg")
 
 
+def test_float_images_outside_0_1_are_refused_naming_the_range(saved_router):
+    model = saved_router[0]
+    photo = np.random.default_rng(0).uniform(0, 255, (6, 5, 3)).astype(np.float32)  # 0-255 data as float
+    with pytest.raises(ValueError, match=r"images\[1\]: float values in \[0\.\d+, 25\d\.\d+\]; expected \[0, 1\] "
+                                         r"\(divide 0-255 data by 255 or pass uint8\)"):
+        model.predict([np.zeros((4, 4), np.uint8), photo], task="seg")
+    normalised = (torch.rand(3, 8, 8) - 0.45) / 0.22  # ImageNet-normalised by the caller
+    with pytest.raises(ValueError, match=r"image: float values in \[-2\.\d+, 2\.\d+\]; expected \[0, 1\] \(pass "
+                                         r"un-normalised images"):
+        to_image_tensor(normalised)
+    with pytest.raises(ValueError, match=r"image: float values include NaN"):
+        to_image_tensor(torch.full((1, 2, 2), float("nan")))
+    nearly = torch.tensor([[[1.0004, -0.0002]]])  # resampling overshoot: clamped, not refused
+    assert to_image_tensor(nearly).tolist() == [[[1.0, 0.0]]]
+    assert to_image_tensor(photo / 255).dtype == torch.float32
+
+
+@pytest.mark.parametrize("reader", list(READERS))
+def test_mode_i_images_are_scaled_by_the_range_their_values_occupy(tmp_path, reader):
+    read = READERS[reader]
+    for values, scale in (([0, 51, 255], 255), ([0, 4095, 1000], 65535), ([0, 70000, 2**31 - 1], 2**31 - 1)):
+        arr = np.array([values], dtype=np.int32)
+        Image.fromarray(arr, mode="I").save(tmp_path / "i.tif")  # TIFF keeps 32-bit integers (mode I)
+        with Image.open(tmp_path / "i.tif") as im:
+            assert im.mode == "I"
+        torch.testing.assert_close(read(tmp_path / "i.tif")[0], torch.from_numpy(arr / scale).float())
+    Image.fromarray(np.array([[-5, 3]], dtype=np.int32), mode="I").save(tmp_path / "neg.tif")
+    with pytest.raises(ValueError, match=r"neg\.tif: mode I image with negative values \(min -5\)"):
+        read(tmp_path / "neg.tif")
+
+
+def test_pixel_budget_shrinks_large_images_with_a_note():
+    from router.inputs import DEFAULT_MAX_PIXELS, fit_pixel_budget
+
+    photo = torch.rand(3, 3000, 4000)  # 12 M pixels: a phone photo
+    small, note = fit_pixel_budget(photo, DEFAULT_MAX_PIXELS, "images[0]")
+    assert small.shape == (3, 1732, 2309) and small.shape[1] * small.shape[2] <= DEFAULT_MAX_PIXELS
+    assert abs(small.shape[2] / small.shape[1] - 4 / 3) < 1e-3 and 0 <= float(small.min()) <= float(small.max()) <= 1
+    assert note == ("images[0]: 3000x4000 (12.0 M pixels) is above max_pixels=4,000,000; predicted at 1732x2309 and "
+                    "resized back (pass max_pixels=None to predict at full size)")
+    same, none = fit_pixel_budget(photo, None)
+    assert same is photo and none is None
+    same, none = fit_pixel_budget(torch.rand(1, 2000, 2000), DEFAULT_MAX_PIXELS)
+    assert same.shape == (1, 2000, 2000) and none is None
+
+
 # ---- config: errors at start naming the key or file ------------------------------------------------------------
 @pytest.mark.parametrize("override, pattern", [
     ("model.gate.temperature=hot", r"model\.gate\.temperature: expected a number|model.gate.temperature"),

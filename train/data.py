@@ -44,7 +44,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from router.config import RouterConfig, TaskConfig
-from router.inputs import SIXTEEN_BIT_MODES
+from router.inputs import HIGH_DEPTH_MODES, high_depth_to_unit
 from train.config import DataConfig, DataTaskConfig, ExperimentConfig
 
 DATA_ENV = "BACKBONE_ROUTER_DATA"
@@ -314,7 +314,7 @@ def load_task_data(task: TaskConfig, source: DataTaskConfig, root: Path, data: D
 
     # Every file decoded once: truncated images, mask values and sizes fail here, before any training.
     checked = check_item_files(train + val, task, {} if decoded is None else decoded, progress)
-    channels = int(meta.get("channels", 1 if checked["modes"] <= {"L", "1", *SIXTEEN_BIT_MODES} else 3))
+    channels = int(meta.get("channels", 1 if checked["modes"] <= {"L", "1", *HIGH_DEPTH_MODES} else 3))
     return TaskData(task, source, folder, train, val, channels, carved, checked["mask_pixels"])
 
 
@@ -348,12 +348,13 @@ def load_experiment_data(cfg: ExperimentConfig, root: Path, progress: bool = Fal
 # ---- reading files ------------------------------------------------------------------------------------
 def read_image(path: Path, channels: int) -> torch.Tensor:
     """C x H x W float in [0, 1], as displayed (EXIF rotation applied, as in `Router.predict`), converted to the
-    dataset's channel count; palette / RGBA / CMYK via Pillow's RGB conversion, 16-bit scaled by 65535."""
+    dataset's channel count; palette / RGBA / CMYK via Pillow's RGB conversion, 16-bit scaled by 65535, mode I
+    by the range its values occupy (`router.inputs.high_depth_to_unit`)."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
-            if im.mode in SIXTEEN_BIT_MODES:  # Pillow's convert("L") would clip these at 255
-                t = torch.from_numpy(np.asarray(im, dtype=np.int32).astype(np.float32) / 65535.0)[None]
+            if im.mode in HIGH_DEPTH_MODES:  # Pillow's convert("L") would clip these at 255
+                t = torch.from_numpy(high_depth_to_unit(im, str(path)))[None]
                 return t.expand(channels, -1, -1).contiguous()
             im = im.convert("L" if channels == 1 else "RGB")
             arr = np.asarray(im, dtype=np.uint8).copy()
