@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -215,3 +216,25 @@ def test_gains_and_table_values(tmp_path):
     assert paths["sweeps_png"] == {} and set(paths["heatmaps"]) == {"gated_task", "gated_image"}
     heat = json.loads(paths["heatmap_values"].read_text())
     assert all(math.isnan(x) if x is not None else True for row in heat["gated_task"]["matrix"] for x in row)
+
+
+def test_levels_config_expands():
+    """configs/compare_levels.yaml: every fusion variant at the multi-level default and at levels [16], plus the peers."""
+    cfg, cmp = compare.load_configs(REPO / "configs" / "compare_levels.yaml")
+    assert [t.name for t in cfg.model.tasks] == ["mtd_defect_seg", "mtd_defect_type", "cfd_seg", "camvid_seg", "flowers_cls"]
+    assert {e.name: list(e.layers) for e in cfg.model.extractors} == {
+        "mnv2": [1, 2, 3, 4], "effl0": [1, 2, 3, 4], "ssl_r50": [1, 2, 3, 4], "mae": [1, 3, 5]}
+    variants = {v.name: v for v in compare.expand_variants(cmp, cfg.model)}
+    fusions = ["single_mnv2", "single_effl0", "single_ssl_r50", "single_mae", "mean", "concat", "gated_task",
+               "gated_image", "gated_token", "gatedcat_image"]
+    assert list(variants) == fusions + [f"{f}_l16" for f in fusions] + ["peer_unet_frozen", "peer_unet_finetuned"]
+    for f in fusions:
+        multi, one = variants[f].model, variants[f"{f}_l16"].model
+        assert multi.strides == [4, 8, 16, 32] and one.strides == [16]
+        assert multi.has_detail and not one.has_detail  # the detail stem comes with the stride-4 level
+        one_as_multi = dataclasses.replace(one, levels=multi.levels)
+        assert one_as_multi.to_dict() == multi.to_dict(), f  # the pair differs in its levels only
+    assert variants["gatedcat_image"].model.gate.combine == "concat"
+    assert cmp.peer_checkpoint.endswith("mobilenet_v2-b0353104.pth")
+    budget = compare.load_configs(REPO / "configs" / "compare_shared.yaml")[0].train
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr) == (budget.max_steps, budget.batch_size, budget.lr)

@@ -129,3 +129,27 @@ def test_compare_logs_gates_per_level(tmp_path, monkeypatch):
             for e in ("vit14", "vit16"):  # the logged gate is the mean over levels
                 assert per[None][e] == pytest.approx((per[8][e] + per[16][e]) / 2, abs=1e-6)
         assert heat[variant]["levels"] == [8, 16]
+
+
+def test_report_compares_level_settings():
+    """The best routed and the best variant of each level setting (read from the per-level gate rows), per task."""
+    from train.report import aggregate, gains, level_table, results_markdown
+
+    values = {"single_a": .30, "gated_image": .40, "single_a_l16": .35, "gated_image_l16": .20, "peer": .50}
+    levels = {"single_a": [4, 8], "gated_image": [4, 8], "single_a_l16": [16], "gated_image_l16": [16]}
+    kinds = {"single_a": "single", "gated_image": "routed", "single_a_l16": "single", "gated_image_l16": "routed",
+             "peer": "peer"}
+    rows = [{"variant": v, "seed": 0, "task": "t", "metric": "m", "value": x} for v, x in values.items()]
+    gate_rows = [{"variant": v, "seed": 0, "task": "t", "extractor": "a", "family": "f", "level": lv, "weight": 1.0}
+                 for v, lvs in levels.items() for lv in [None, *lvs]]
+    meta = {"tasks": ["t"], "primary": {"t": "m"}, "variants": list(values), "kinds": kinds, "extractors": ["a"],
+            "families": {"a": "f"}}
+    agg = aggregate(rows)
+    table = level_table(agg, meta, gate_rows)["t"]
+    assert list(table) == ["[4, 8]", "[16]"]  # the peer has no level rows: left out
+    assert table["[4, 8]"] == {"best_routed": "gated_image", "best_routed_value": pytest.approx(40.0),
+                               "best": "gated_image", "best_value": pytest.approx(40.0)}
+    assert table["[16]"]["best_routed"] == "gated_image_l16" and table["[16]"]["best"] == "single_a_l16"
+    md = results_markdown(agg, meta, gains(agg, meta), gate_rows)
+    assert "| t | 40.0 (gated_image) | 40.0 (gated_image) | 20.0 (gated_image_l16) | 35.0 (single_a_l16) | +5.0 |" in md
+    assert "Level settings" not in results_markdown(agg, meta, gains(agg, meta))  # no level rows: no table

@@ -127,6 +127,30 @@ def peer_table(agg: dict, meta: dict) -> dict[str, dict[str, Any]]:
     return out
 
 
+def level_table(agg: dict, meta: dict, gate_rows: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per task and level setting, the best routed variant and the best variant of any kind, in points.
+
+    A variant's level setting is the set of level strides of its per-level gate rows (every Router with levels logs
+    one row per level); settings are keyed like ``"[4, 8, 16, 32]"``, in order of appearance. Variants without
+    level rows (peers, runs from before levels) are left out.
+    """
+    table, kinds = primary_table(agg, meta), meta["kinds"]
+    levels = {v: lv for v in meta["variants"] if (lv := gate_levels(gate_rows, v))}
+    settings = list(dict.fromkeys(str(list(levels[v])) for v in meta["variants"] if v in levels))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for t in meta["tasks"]:
+        out[t] = {}
+        for setting in settings:
+            mine = [v for v in meta["variants"] if v in levels and str(list(levels[v])) == setting and table[v][t]]
+            entry: dict[str, Any] = {}
+            for key, pool in (("best_routed", [v for v in mine if kinds[v] == "routed"]), ("best", mine)):
+                if pool:
+                    value, name = max((table[v][t]["mean"], v) for v in pool)
+                    entry.update({key: name, f"{key}_value": 100 * value})
+            out[t][setting] = entry
+    return out
+
+
 # ---- tables --------------------------------------------------------------------------------------------
 def write_rows(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     """results.csv and results.json: one row per (variant, seed, task, metric)."""
@@ -145,8 +169,9 @@ def _fmt(a: dict | None) -> str:
     return "n/a" if a is None else f"{100 * a['mean']:.1f} ± {100 * a['std']:.1f}"
 
 
-def results_markdown(agg: dict, meta: dict, gain: dict) -> str:
-    """Per task mean ± std over seeds (points), best per column in bold, then the gains of the best routed."""
+def results_markdown(agg: dict, meta: dict, gain: dict, gate_rows: list[dict] | None = None) -> str:
+    """Per task mean ± std over seeds (points), best per column in bold; the peers and the level settings against
+    the best routed (when there are several settings in `gate_rows`); then the gains of the best routed."""
     tasks, variants = meta["tasks"], meta["variants"]
     table = primary_table(agg, meta)
     avgs = {v: task_average(table, v, tasks) for v in variants}
@@ -180,6 +205,23 @@ def results_markdown(agg: dict, meta: dict, gain: dict) -> str:
             vals = [f"{e['peers'][p]:.1f}" if p in e["peers"] else "n/a" for p in names]
             diffs = [f"{e['routed_minus_peer'][p]:+.1f}" if p in e.get("routed_minus_peer", {}) else "n/a" for p in names]
             lines.append(f"| {t} | {best} | " + " | ".join(vals + diffs) + " |")
+        lines.append("")
+    by_level = level_table(agg, meta, gate_rows or [])
+    settings = list(next(iter(by_level.values()), {}))
+    if len(settings) > 1:
+        cols = [f"{k} {s}" for s in settings for k in ("best routed", "best")]
+        diff = len(settings) == 2
+        lines += ["Level settings: the best variant of each setting per task (points):", "",
+                  "| task | " + " | ".join(cols) + (f" | best routed {settings[0]} - best {settings[1]} |" if diff else " |"),
+                  "|---|" + "---|" * (len(cols) + diff)]
+        for t, per in by_level.items():
+            cells = [f"{per[s][f'{k}_value']:.1f} ({per[s][k]})" if k in per[s] else "n/a"
+                     for s in settings for k in ("best_routed", "best")]
+            if diff:
+                a, b = per[settings[0]], per[settings[1]]
+                cells.append(f"{a['best_routed_value'] - b['best_value']:+.1f}" if "best_routed" in a and "best" in b
+                             else "n/a")
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
         lines.append("")
     if gain["best_routed"] is None:
         lines.append("No routed (gated) variant in this comparison: no gains to report.")
@@ -280,7 +322,7 @@ def plot_gate_heatmap(gate_rows: list[dict], variant: str, tasks: list[str], ext
                             color="black" if m[i, j] > 0.6 else "white")
         ax.set_title(f"mean gate weight: {variant}" if level is None else f"level stride {level}", fontsize=10)
     if panels[0][0] is not None:
-        fig.suptitle(f"mean gate weight per level: {variant}", fontsize=10)
+        fig.suptitle(f"mean gate weight per level: {variant}", fontsize=10, y=1.04)
     fig.colorbar(im, ax=list(axes[0]), fraction=0.04 / len(panels) ** 0.5, pad=0.02)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -336,14 +378,14 @@ def write_report(out_dir: str | Path, rows: list[dict], gate_rows: list[dict], s
     csv_path, json_path = write_rows(rows, out_dir)
     agg = aggregate(rows)
     gain = gains(agg, meta)
-    md = results_markdown(agg, meta, gain)
+    md = results_markdown(agg, meta, gain, gate_rows)
     paths: dict[str, Any] = {"csv": csv_path, "json": json_path, "md": out_dir / "results.md"}
     atomic_write_bytes(paths["md"], md.encode())
     for name, obj in (("gates", gate_rows), ("sweeps", sweep_rows)):
         paths[name] = out_dir / f"{name}.json"
         atomic_write_bytes(paths[name], (json.dumps(obj, indent=1) + "\n").encode())
     table = primary_table(agg, meta)
-    summary = {"meta": meta, "gains": gain, "peers": peer_table(agg, meta),
+    summary = {"meta": meta, "gains": gain, "peers": peer_table(agg, meta), "levels": level_table(agg, meta, gate_rows),
                "primary": {v: {t: (None if a is None else {k: a[k] for k in ("mean", "std", "n")}) for t, a in r.items()}
                            for v, r in table.items()}}
     paths["summary"] = out_dir / "summary.json"
@@ -376,6 +418,10 @@ def write_report(out_dir: str | Path, rows: list[dict], gate_rows: list[dict], s
 
 def load_run(run: Path) -> tuple[list[dict], list[dict], list[dict], dict]:
     """Metric, gate and sweep rows and the meta dict of a finished train/compare.py output dir."""
+    if (run / "results" / "meta.json").is_file():  # the per-(variant, seed) files: whatever is done, naming the rest
+        from train.results import load_partial
+
+        return load_partial(run)
     needed = [run / n for n in ("results.json", "gates.json", "sweeps.json", "summary.json")]
     if absent := [str(p) for p in needed if not p.is_file()]:
         raise FileNotFoundError(f"report: missing {absent}; is {run} a train/compare.py output dir?")
