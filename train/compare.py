@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         model.eval()
         results, gates, level_gates, sweeps = {}, {}, {}, {}
         names = model.extractor_names if isinstance(model, Router) else []  # a peer has no gate
-        levels = getattr(model.config, "levels", None) if isinstance(model, Router) else None
+        levels = model.config.strides if isinstance(model, Router) else None
         for n in served:
             tcfg, vs = tasks[n].task, views[n]["val"]
             meter = task_metrics(tcfg.type, tcfg.classes, tcfg.ignore_index, device)

@@ -177,7 +177,7 @@ class GateMeter:
         if gate_levels is None:
             return
         if self.levels is None:
-            raise ValueError("GateMeter: got per-level gates but no levels; pass GateMeter(names, levels=model.config.levels)")
+            raise ValueError("GateMeter: got per-level gates but no levels; pass GateMeter(names, levels=model.config.strides)")
         want = (gate.shape[0], len(self.levels), e)
         if gate_levels.ndim < 3 or tuple(gate_levels.shape[:3]) != want:
             raise ValueError(f"GateMeter: gate_levels of shape {tuple(gate_levels.shape)}, expected {want} (x h x w) "
