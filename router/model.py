@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TypedDict
@@ -17,16 +18,19 @@ from torch import nn
 
 from extractors import Extractor, ExtractorOutput, check_images, create_extractor
 from extractors.atomic import atomic_save_safetensors, verify_checksums
-from extractors.checkpoints import key_problems
+from extractors.checkpoints import TORCH_SUFFIXES, key_problems
+from extractors.hub import resolve_model_dir
 from heads import ClsHead, SegHead, TopDownDecoder
 
 from .align import Aligner, grid_size, resample
+from .card import router_card, write_card
 from .config import FORMAT_VERSION, RouterConfig, TaskConfig, load_yaml_or_json
 from .detail import DetailStem
 from .gate import TaskGate
 from .inputs import to_image_list
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+WEIGHT_FILE_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)  # a spec ending so names a local weight file
 
 
 class RouterOutput(TypedDict, total=False):
@@ -277,35 +281,81 @@ class Router(nn.Module):
                 out.append(ecfg.name)
         return out
 
-    def save_pretrained(self, directory: str | os.PathLike, full: bool = False) -> Path:
-        """Write config.json + model.safetensors. By default, frozen pretrained extractors are left out.
+    def save_pretrained(self, directory: str | os.PathLike, full: bool = False,
+                        card_data: dict | None = None) -> Path:
+        """Write config.json + model.safetensors + README.md (a model card with Hub metadata).
 
-        >>> model.save_pretrained("runs/x/final"); Router.from_pretrained("runs/x/final")
+        By default, frozen pretrained extractors are left out (their specs rebuild them). `card_data` adds what
+        only the caller knows to the card: metrics, gate weights per task and level, datasets, license, a gate
+        heatmap image (see :mod:`router.card`).
+
+        >>> model.save_pretrained("runs/x/final", card_data={"metrics": {"demo_seg": {"mIoU": 0.71}}})
+        >>> Router.from_pretrained("runs/x/final")
         """
         directory = Path(directory)
         saved = self.extractor_names if full else self.saved_extractors()
+        card = router_card(self.config, {n: e.info for n, e in self.extractors.items()}, saved, card_data)
         skip = tuple(f"extractors.{n}." for n in self.extractor_names if n not in saved)
         state = {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
         metadata = {"format": "backbone-router", "saved_extractors": json.dumps(saved)}
         atomic_save_safetensors(state, directory / WEIGHTS_NAME, metadata=metadata)
         self.config.save_json(directory / CONFIG_NAME)
+        write_card(directory, card, card_data)
         return directory
 
+    def push_to_hub(self, repo_id: str, private: bool | None = None,
+                    commit_message: str = "Upload backbone-router model", token: str | None = None,
+                    full: bool = False, card_data: dict | None = None, revision: str | None = None) -> str:
+        """Create (or reuse) the Hub repo `repo_id` and upload what `save_pretrained` writes, card included.
+
+        Extractors left out of model.safetensors must be rebuildable from their spec on another machine: a
+        frozen pretrained extractor whose spec or checkpoint is a local file or dir is an error unless
+        ``full=True`` (which uploads every extractor's weights). Returns the commit URL.
+
+        >>> model.push_to_hub("org/my-router", private=True)
+        >>> Router.from_pretrained("org/my-router")
+        """
+        from huggingface_hub import HfApi
+
+        saved = self.extractor_names if full else self.saved_extractors()
+        local = [e.name for e in self.config.extractors if e.name not in saved and local_weights(e)]
+        if local:
+            raise ValueError(
+                f"push_to_hub: extractor(s) {local} take their weights from a local file or dir "
+                f"({[self.config.extractor(n).checkpoint or self.config.extractor(n).spec for n in local]}) that "
+                "a user of the Hub repo does not have; pass full=True to upload their weights too")
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, token=token)
+        with tempfile.TemporaryDirectory(prefix="backbone_router_push_") as tmp:
+            self.save_pretrained(tmp, full=full, card_data={"model_id": repo.repo_id, **(card_data or {})})
+            commit = api.upload_folder(repo_id=repo.repo_id, folder_path=tmp, commit_message=commit_message,
+                                       token=token, revision=revision)
+        return str(getattr(commit, "commit_url", commit))
+
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> Router:
-        """Rebuild from config.json, then load model.safetensors with strict key checks.
+    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
+                        token: str | bool | None = None, map_location: str = "cpu") -> Router:
+        """Rebuild from config.json, then load model.safetensors with strict key checks and checksums.
+
+        Args:
+            name_or_path: a save_pretrained directory, or a Hub repo id ("org/name") found in the HF cache
+                (and on the hub unless offline) through ``huggingface_hub.snapshot_download``.
+            revision, cache_dir, token: as in ``snapshot_download`` (a branch, tag or commit hash).
+            local_files_only: only the HF cache; None means "when HF_HUB_OFFLINE is set".
+            map_location: device the tensors are read to.
 
         Unexpected keys are an error; missing keys are allowed only for frozen pretrained extractors,
         which the extractor specs rebuild.
+
+        >>> model = Router.from_pretrained("org/my-router", revision="main")
         """
-        directory = Path(directory)
+        directory = resolve_model_dir(name_or_path, (CONFIG_NAME, WEIGHTS_NAME), what="Router.from_pretrained",
+                                      revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                      token=token)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        if not directory.is_dir():
-            raise FileNotFoundError(f"Router.from_pretrained: {directory} is not a directory")
         raw = load_yaml_or_json(config_path)
         config = RouterConfig.from_dict(raw, where=str(config_path))
-        if not weights_path.is_file():
-            raise FileNotFoundError(f"Router.from_pretrained: {weights_path} does not exist")
         try:
             with safe_open(str(weights_path), framework="pt", device=map_location) as f:
                 metadata = f.metadata() or {}
@@ -349,6 +399,13 @@ class Router(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"fusion={c.fusion}, levels={c.strides}, widths={c.widths}, detail={c.has_detail}"
+
+
+def local_weights(ecfg) -> bool:
+    """Whether an extractor's weights come from a file or dir on this machine (its checkpoint or spec)."""
+    rest = ecfg.spec.split(":", 1)[-1]
+    return bool(ecfg.checkpoint) or ecfg.spec.startswith(("local-dir:", "timm:local-dir:", "open_clip:local-dir:")) \
+        or Path(rest).expanduser().exists() or rest.endswith(WEIGHT_FILE_SUFFIXES)
 
 
 def upgrade_state_v1(state: dict[str, torch.Tensor], config: RouterConfig) -> dict[str, torch.Tensor]:

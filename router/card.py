@@ -1,0 +1,206 @@
+"""The model card (README.md) that `Router.save_pretrained` writes: Hub metadata, then what the model is made
+of (tasks and classes, extractors with their specs and families, fusion and levels) and, when the caller
+knows them, the gate weights per task and level and the metrics of the run that produced it.
+
+``card_data`` (all keys optional; an unknown key is an error)::
+
+    metrics:    {task: {metric: number}}              e.g. finetune's final evaluation (non-numbers are skipped)
+    gate:       {task: {stride: {extractor: weight}}}  GateMeter.compute_levels(), or {task: {extractor: weight}}
+    datasets:   [hub dataset id, ...] or {task: hub dataset id}   (a dict also gives Hub eval results)
+    license:    a Hub license id, e.g. "apache-2.0"
+    base_model: hub model id(s); default: those the extractor specs name (timm tags, hf repo ids)
+    gate_image: a PNG file (e.g. compare's gate heatmap), copied next to the card as gate_heatmap.png
+    model_id:   how users load it, in the usage snippet (push_to_hub sets the repo id)
+    notes:      free text, printed under the title
+
+>>> card = router_card(model.config, {n: e.info for n, e in model.extractors.items()}, saved=[], card_data={})
+>>> card.data.library_name
+'backbone-router'
+"""
+
+from __future__ import annotations
+
+import numbers
+import shutil
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from extractors import ExtractorInfo
+from extractors.hub import looks_like_path
+
+from .config import RouterConfig
+
+LIBRARY_NAME = "backbone-router"
+GATE_IMAGE_NAME = "gate_heatmap.png"
+CARD_KEYS = ("metrics", "gate", "datasets", "license", "base_model", "gate_image", "model_id", "notes")
+PIPELINES = {"seg": "image-segmentation", "cls": "image-classification"}
+
+
+def check_card_data(card_data: dict[str, Any] | None, config: RouterConfig) -> dict[str, Any]:
+    """`card_data` with its keys and task / extractor names checked; errors name the key."""
+    card_data = dict(card_data or {})
+    if unknown := sorted(set(card_data) - set(CARD_KEYS)):
+        raise ValueError(f"card_data: unknown key(s) {unknown}; expected some of {list(CARD_KEYS)}")
+    tasks, names = [t.name for t in config.tasks], [e.name for e in config.extractors]
+    for key in ("metrics", "gate"):
+        if bad := sorted(set(card_data.get(key) or {}) - set(tasks)):
+            raise ValueError(f"card_data.{key}: unknown task(s) {bad}; the model's tasks are {tasks}")
+    for task, levels in (card_data.get("gate") or {}).items():
+        for row in gate_rows(levels).values():
+            if bad := sorted(set(row) - set(names)):
+                raise ValueError(f"card_data.gate.{task}: unknown extractor(s) {bad}; the model's are {names}")
+    datasets = card_data.get("datasets")
+    if isinstance(datasets, dict) and (bad := sorted(set(datasets) - set(tasks))):
+        raise ValueError(f"card_data.datasets: unknown task(s) {bad}; the model's tasks are {tasks}")
+    image = card_data.get("gate_image")
+    if image is not None and not Path(image).is_file():
+        raise FileNotFoundError(f"card_data.gate_image: {image} does not exist")
+    return card_data
+
+
+def gate_rows(levels: dict) -> dict[str, dict[str, float]]:
+    """{stride: {extractor: w}} -> {"stride 8": {...}}; a flat {extractor: w} -> {"mean over levels": {...}}."""
+    if levels and all(isinstance(v, dict) for v in levels.values()):
+        return {f"stride {s}": dict(row) for s, row in levels.items()}
+    return {"mean over levels": dict(levels)}
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics dict (lists such as per-class values or curves are left to metrics.jsonl)."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, numbers.Real) and not isinstance(v, bool) and not k.startswith("_")}
+
+
+def spec_base_models(config: RouterConfig) -> list[str]:
+    """Hub model ids that the pretrained extractor specs name: ``timm:<name>.<tag>`` -> ``timm/<name>.<tag>``,
+    ``timm:hf-hub:<id>`` and ``hf:<repo id>`` -> the id."""
+    out = []
+    for e in config.extractors:
+        if not e.pretrained or e.checkpoint:
+            continue
+        backend, _, rest = e.spec.partition(":")
+        if backend == "timm" and rest.startswith("hf-hub:"):
+            out.append(rest.removeprefix("hf-hub:").split("@")[0])
+        elif backend == "timm" and "." in rest and ":" not in rest:
+            out.append(f"timm/{rest}")
+        elif backend == "hf" and rest.count("/") == 1 and not looks_like_path(rest) and not Path(rest).exists():
+            out.append(rest)
+    return list(dict.fromkeys(out))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _deciding(config: RouterConfig, gate: dict | None, infos: dict[str, ExtractorInfo]) -> str:
+    """The extractor with the largest weight averaged over the reported levels, and its family."""
+    if config.fusion == "single":
+        return f"{config.single} ({infos[config.single].family}, only)"
+    if config.fusion != "gated":
+        return f"all equally ({config.fusion})"
+    if not gate:
+        return "not measured"
+    rows = list(gate_rows(gate).values())
+    mean = {e: sum(r.get(e, 0.0) for r in rows) / len(rows) for e in infos}
+    best = max(mean, key=mean.get)
+    return f"{best} ({infos[best].family}, {mean[best]:.2f})"
+
+
+def card_metadata(config: RouterConfig, card_data: dict[str, Any]) -> ModelCardData:
+    """The Hub's YAML header: library, pipeline, tags, datasets, metrics, eval results, license, base models."""
+    types_ = [t.type for t in config.tasks]
+    pipeline = PIPELINES["seg"] if "seg" in types_ else PIPELINES["cls"]
+    backends = sorted({e.spec.split(":", 1)[0] for e in config.extractors if ":" in e.spec})
+    tags = [LIBRARY_NAME, *sorted({PIPELINES[t] for t in types_}), f"fusion-{config.fusion}", *backends]
+    metrics = {t: scalar_metrics(m) for t, m in (card_data.get("metrics") or {}).items()}
+    datasets = card_data.get("datasets")
+    by_task = datasets if isinstance(datasets, dict) else {}
+    eval_results = [
+        EvalResult(task_type=PIPELINES[config.task(t).type], task_name=t, dataset_type=by_task[t],
+                   dataset_name=by_task[t], metric_type=name, metric_name=name, metric_value=round(value, 4))
+        for t, values in metrics.items() if t in by_task for name, value in values.items()
+    ]
+    base = card_data.get("base_model", spec_base_models(config))
+    return ModelCardData(
+        library_name=LIBRARY_NAME, pipeline_tag=pipeline, tags=tags, license=card_data.get("license"),
+        datasets=sorted(set(by_task.values())) if by_task else (list(datasets) if datasets else None),
+        metrics=sorted({n for values in metrics.values() for n in values}) or None,
+        base_model=base or None, model_name=(card_data.get("model_id") or "backbone-router model") if eval_results else None,
+        eval_results=eval_results or None,
+    )
+
+
+def router_card(config: RouterConfig, infos: dict[str, ExtractorInfo], saved: list[str],
+                card_data: dict[str, Any] | None = None) -> ModelCard:
+    """The model card of a Router: metadata header + tasks, extractors, routing, gate and metrics sections.
+
+    Args:
+        config: the model's RouterConfig.
+        infos: extractor name -> its ExtractorInfo (resolved family, widths, strides).
+        saved: the extractors whose weights are in model.safetensors.
+        card_data: optional facts from the run (see the module docstring).
+    """
+    card_data = check_card_data(card_data, config)
+    gates, metrics = card_data.get("gate") or {}, card_data.get("metrics") or {}
+    model_id = card_data.get("model_id") or "<this repo id or folder>"
+    c, g = config, config.gate
+    first = c.tasks[0]
+    parts = [
+        f"# {card_data.get('model_id') or 'backbone-router model'}",
+        card_data.get("notes", "").strip(),
+        f"A backbone-router model: {len(c.extractors)} extractor(s) aligned to a pyramid of "
+        f"levels (strides {c.strides}), weighed per task and level by `{c.fusion}` fusion, and shared heads for "
+        f"{len(c.tasks)} task(s).",
+        "## Use\n\n```python\nfrom router import Router\n\n"
+        f"model = Router.from_pretrained({model_id!r})\n"
+        f"out = model.predict(images, task={first.name!r})  # "
+        + ("class masks at each image's size" if first.type == "seg" else "class indices") + "\n```",
+        "## Tasks\n\n" + _table(
+            ["task", "type", "classes", "decided by (gate: extractor, family, weight)", "metrics"],
+            [[t.name, t.type, ", ".join(t.classes), _deciding(c, gates.get(t.name), infos),
+              ", ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics.get(t.name, {})).items()) or "n/a"]
+             for t in c.tasks]),
+        "## Extractors\n\n" + _table(
+            ["name", "spec", "family", "layers", "widths", "strides", "weights"],
+            [[e.name, f"`{e.spec}`", infos[e.name].family, list(infos[e.name].layers), list(infos[e.name].widths),
+              list(infos[e.name].strides),
+              "in model.safetensors" if e.name in saved else f"from the spec{' + ' + e.checkpoint if e.checkpoint else ''}"]
+             for e in c.extractors]),
+        "## Fusion and levels\n\n" + "\n".join([
+            f"- fusion: `{c.fusion}`" + (f" (extractor `{c.single}`)" if c.fusion == "single" else ""),
+            f"- levels (strides): {c.strides}, widths {c.widths}",
+            f"- detail path: {'yes' if c.has_detail else 'no'}; top-down decoder: "
+            + (f"yes (`{c.head.decoder_block}` blocks)" if len(c.strides) > 1 else "no (one level)"),
+            *([f"- gate: granularity `{g.granularity}`, content `{g.content}`, combine `{g.combine}`, top-k "
+               f"{g.top_k or 'all'}, temperature {g.temperature}, task embedding `{g.task_embedding}`"
+               + (f" from `{g.text_encoder}`" if g.task_embedding == "text" else "")] if c.fusion == "gated" else []),
+        ]),
+    ]
+    if gates or card_data.get("gate_image"):
+        section = ["## Gate", "Mean gate weight per extractor (columns: name and family) at each level."]
+        if card_data.get("gate_image"):
+            section.append(f"![gate weights per task and level]({GATE_IMAGE_NAME})")
+        names = [e.name for e in c.extractors]
+        for task, levels in gates.items():
+            section.append(f"**{task}**\n\n" + _table(
+                ["level", *[f"{n} ({infos[n].family})" for n in names]],
+                [[lv, *[f"{row[n]:.3f}" if n in row else "n/a" for n in names]] for lv, row in gate_rows(levels).items()]))
+        parts.append("\n\n".join(section))
+    if any(scalar_metrics(m) for m in metrics.values()):
+        rows = [[t, k, f"{v:.4f}"] for t, m in metrics.items() for k, v in scalar_metrics(m).items()]
+        parts.append("## Metrics\n\n" + _table(["task", "metric", "value"], rows))
+    body = "\n\n".join(p for p in parts if p)
+    return ModelCard(f"---\n{card_metadata(config, card_data).to_yaml()}\n---\n\n{body}\n")
+
+
+def write_card(directory: Path, card: ModelCard, card_data: dict[str, Any] | None) -> None:
+    """README.md (and the gate image, when given) into `directory`."""
+    from extractors.atomic import atomic_write_bytes
+
+    atomic_write_bytes(directory / "README.md", str(card).encode())
+    if card_data and card_data.get("gate_image"):
+        shutil.copyfile(card_data["gate_image"], directory / GATE_IMAGE_NAME)

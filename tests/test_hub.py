@@ -1,0 +1,204 @@
+"""Hub-native models through the real cache code path, offline: Router.from_pretrained("org/name") from a Hugging
+Face cache layout in the tests' HF_HOME, partial caches, push_to_hub (recorded, no network), the model card."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, RepoUrl
+
+from extractors.hub import repo_cache_dir
+from router import Router, RouterConfig
+
+TINY = {
+    "extractors": [
+        {"spec": "timm:vit_small_patch16_224", "name": "vit", "pretrained": False, "family": "semantic",
+         "kwargs": {"embed_dim": 16, "depth": 1, "num_heads": 2, "img_size": 32}},
+        {"spec": "timm:resnet10t", "name": "cnn", "pretrained": False, "family": "geometric", "layers": [2, 3]},
+    ],
+    "tasks": [
+        {"name": "seg_a", "type": "seg", "classes": ["bg", "crack"]},
+        {"name": "cls_b", "type": "cls", "classes": ["x", "y", "z"]},
+    ],
+    "fusion": "gated", "width": 16, "levels": [8, 16],
+    "gate": {"granularity": "image", "hidden": 8}, "head": {"seg_hidden": 8, "cls_hidden": 8},
+}
+
+
+def tiny_router(seed: int = 0) -> Router:
+    torch.manual_seed(seed)
+    return Router(RouterConfig.from_dict(TINY)).eval()
+
+
+def cache_snapshot(repo_id: str, folder: Path, refs: tuple[str, ...] = ("main",)) -> Path:
+    """Put `folder`'s files into the HF cache as huggingface_hub lays it out: blobs named by their hash,
+    snapshots/<commit>/<file> symlinks to them, refs/<branch or tag> holding the commit. Returns the snapshot."""
+    repo = repo_cache_dir(repo_id)
+    commit = hashlib.sha1(f"{repo_id}{folder}{uuid.uuid4()}".encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for f in sorted(folder.iterdir()):
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture
+def repo_id():
+    """A fresh repo id whose cache folder is removed after the test (the HF_HOME lives for the session)."""
+    rid = f"org/router-{uuid.uuid4().hex[:8]}"
+    yield rid
+    shutil.rmtree(repo_cache_dir(rid), ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(1)
+    return torch.rand(2, 3, 40, 56)
+
+
+def assert_same_outputs(a: Router, b: Router, images: torch.Tensor) -> None:
+    for task, key in (("seg_a", "seg"), ("cls_b", "cls")):
+        oa, ob = a(images, task=task), b(images, task=task)
+        assert torch.equal(oa[key], ob[key]) and torch.equal(oa["gate_levels"], ob["gate_levels"])
+
+
+def test_from_pretrained_loads_a_repo_id_and_its_revisions_from_the_hf_cache_offline(tmp_path, repo_id, images):
+    main, tagged = tiny_router(0), tiny_router(1)
+    main.save_pretrained(tmp_path / "main")
+    tagged.save_pretrained(tmp_path / "v1")
+    snap_main = cache_snapshot(repo_id, tmp_path / "main")
+    snap_v1 = cache_snapshot(repo_id, tmp_path / "v1", refs=("v1",))
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+    with torch.no_grad():
+        assert_same_outputs(Router.from_pretrained(repo_id).eval(), main, images)
+        assert_same_outputs(Router.from_pretrained(repo_id, revision="v1").eval(), tagged, images)
+        assert_same_outputs(Router.from_pretrained(repo_id, revision=snap_v1.name).eval(), tagged, images)
+        # the same files through an explicit cache_dir
+        assert_same_outputs(Router.from_pretrained(repo_id, cache_dir=snap_main.parents[2],
+                                                   local_files_only=True).eval(), main, images)
+    assert sorted(p.name for p in snap_main.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_partial_or_absent_cache_errors_name_the_cache_dir_the_missing_file_and_offline(tmp_path, repo_id):
+    tiny_router().save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()  # config cached, weights not (an interrupted download)
+    snapshot = cache_snapshot(repo_id, tmp_path / "m")
+    with pytest.raises(FileNotFoundError) as err:
+        Router.from_pretrained(repo_id)
+    msg = str(err.value)
+    assert str(snapshot) in msg and "lacks model.safetensors" in msg and "HF_HUB_OFFLINE is set" in msg
+
+    with pytest.raises(FileNotFoundError) as err:
+        Router.from_pretrained("org/never-cached")
+    msg = str(err.value)
+    assert str(repo_cache_dir("org/never-cached")) in msg and "HF_HUB_OFFLINE is set" in msg
+
+    with pytest.raises(FileNotFoundError, match=r"revision 'v9'"):
+        Router.from_pretrained(repo_id, revision="v9")
+    with pytest.raises(FileNotFoundError, match=r"nowhere is not a directory"):
+        Router.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.fixture
+def recorded_hub(monkeypatch):
+    """HfApi.create_repo / upload_folder replaced by recorders: what would be created and uploaded."""
+    calls = {}
+
+    def create_repo(self, repo_id, *, token=None, private=None, exist_ok=False, **kw):
+        calls["create_repo"] = {"repo_id": repo_id, "private": private, "exist_ok": exist_ok}
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message=None, **kw):
+        folder = Path(folder_path)
+        calls["upload_folder"] = {"repo_id": repo_id, "commit_message": commit_message,
+                                  "files": sorted(p.name for p in folder.iterdir())}
+        shutil.copytree(folder, calls["copy"])  # the temp dir is gone after push_to_hub returns
+        return f"https://huggingface.co/{repo_id}/commit/abc"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_push_to_hub_uploads_the_saved_model_and_its_card(tmp_path, recorded_hub, images):
+    model = tiny_router()
+    recorded_hub["copy"] = tmp_path / "uploaded"
+    url = model.push_to_hub("org/my-router", private=True, commit_message="first",
+                            card_data={"metrics": {"seg_a": {"mIoU": 0.5}}})
+    assert url == "https://huggingface.co/org/my-router/commit/abc"
+    assert recorded_hub["create_repo"] == {"repo_id": "org/my-router", "private": True, "exist_ok": True}
+    up = recorded_hub["upload_folder"]
+    assert up["repo_id"] == "org/my-router" and up["commit_message"] == "first"
+    assert up["files"] == ["README.md", "config.json", "model.safetensors"]
+    card = ModelCard.load(tmp_path / "uploaded" / "README.md")
+    assert card.data.library_name == "backbone-router" and card.data.pipeline_tag == "image-segmentation"
+    assert card.data.metrics == ["mIoU"]
+    assert "Router.from_pretrained('org/my-router')" in card.text
+    with torch.no_grad():
+        assert_same_outputs(Router.from_pretrained(tmp_path / "uploaded").eval(), model, images)
+
+
+def test_push_to_hub_refuses_extractors_whose_weights_are_local_files(tmp_path, recorded_hub):
+    data = {**TINY, "extractors": [{**TINY["extractors"][0], "pretrained": True}, TINY["extractors"][1]]}
+    weights = tmp_path / "vit.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(tiny_router().extractors["vit"].model.state_dict(), str(weights))
+    data["extractors"][0]["checkpoint"] = str(weights)
+    model = Router(RouterConfig.from_dict(data))
+    with pytest.raises(ValueError, match=r"extractor\(s\) \['vit'\] take their weights from a local file.*full=True"):
+        model.push_to_hub("org/x")
+    assert "upload_folder" not in recorded_hub
+    recorded_hub["copy"] = tmp_path / "uploaded"
+    model.push_to_hub("org/x", full=True)
+    assert recorded_hub["upload_folder"]["files"] == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_model_card_has_hub_metadata_tasks_extractors_levels_and_gate_tables(tmp_path):
+    model = tiny_router()
+    heat = tmp_path / "heat.png"
+    heat.write_bytes(b"\x89PNG fake")
+    gate = {"seg_a": {8: {"vit": 0.2, "cnn": 0.8}, 16: {"vit": 0.4, "cnn": 0.6}},
+            "cls_b": {"vit": 0.9, "cnn": 0.1}}
+    metrics = {"seg_a": {"mIoU": 0.61234, "per_class_iou": [0.9, 0.3]}, "cls_b": {"accuracy": 0.75}}
+    model.save_pretrained(tmp_path / "m", card_data={
+        "metrics": metrics, "gate": gate, "datasets": {"seg_a": "org/cracks", "cls_b": "org/shapes"},
+        "license": "apache-2.0", "gate_image": str(heat)})
+    assert (tmp_path / "m" / "gate_heatmap.png").read_bytes() == heat.read_bytes()
+    card = ModelCard.load(tmp_path / "m" / "README.md")
+    d = card.data
+    assert (d.library_name, d.pipeline_tag, d.license) == ("backbone-router", "image-segmentation", "apache-2.0")
+    assert d.tags == ["backbone-router", "image-classification", "image-segmentation", "fusion-gated", "timm"]
+    assert d.datasets == ["org/cracks", "org/shapes"] and d.metrics == ["accuracy", "mIoU"]
+    assert sorted((r.task_name, r.metric_type, r.metric_value) for r in d.eval_results) == [
+        ("cls_b", "accuracy", 0.75), ("seg_a", "mIoU", 0.6123)]
+    text = card.text
+    assert "| seg_a | seg | bg, crack | cnn (geometric, 0.70) | mIoU 0.6123 |" in text
+    assert "| cls_b | cls | x, y, z | vit (semantic, 0.90) | accuracy 0.7500 |" in text
+    assert "| vit | `timm:vit_small_patch16_224` | semantic | [0] | [16] | [16] | in model.safetensors |" in text
+    assert "- levels (strides): [8, 16], widths [16, 16]" in text
+    assert "| level | vit (semantic) | cnn (geometric) |" in text and "| stride 8 | 0.200 | 0.800 |" in text
+    assert "| mean over levels | 0.900 | 0.100 |" in text and "![gate weights per task and level](gate_heatmap.png)" in text
+
+    # without card data the card still has the metadata and the structure, and no empty sections
+    model.save_pretrained(tmp_path / "plain")
+    plain = ModelCard.load(tmp_path / "plain" / "README.md")
+    assert plain.data.metrics is None and "## Gate" not in plain.text and "## Extractors" in plain.text
+    with pytest.raises(ValueError, match=r"card_data: unknown key\(s\) \['metric'\]"):
+        model.save_pretrained(tmp_path / "bad", card_data={"metric": {}})
+    with pytest.raises(ValueError, match=r"card_data.gate.seg_a: unknown extractor\(s\) \['dino'\]"):
+        model.save_pretrained(tmp_path / "bad", card_data={"gate": {"seg_a": {"dino": 1.0}}})
