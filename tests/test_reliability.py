@@ -765,3 +765,110 @@ def test_a_config_error_under_a_two_process_launch_is_one_line_from_the_main_pro
     assert "train/config.py" not in text and "router/config.py" not in text  # no traceback from any process
     proc = subprocess.run(cmd + ["--debug"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "train/config.py" in proc.stderr
+
+
+# ---- a comparison never loses a finished result (train/results.py) --------------------------------------------------
+COMPARE_TINY = REPO / "configs" / "compare_tiny.yaml"
+# Runs train/compare.py with test-only patches: a short process-group timeout (TEST_PG_TIMEOUT_S), a SIGKILL in place
+# of writing one result (TEST_KILL_AT_SAVE="<variant>@<seed>"), a slow seed (TEST_SLOW_SEED="<seed>@<seconds>" per variant).
+COMPARE_WRAPPER = """
+import datetime, os, signal, sys
+import torch.distributed as dist
+if os.environ.get("TEST_PG_TIMEOUT_S"):
+    _init = dist.init_process_group
+    def init_process_group(*a, **k):
+        k["timeout"] = datetime.timedelta(seconds=float(os.environ["TEST_PG_TIMEOUT_S"]))
+        return _init(*a, **k)
+    dist.init_process_group = init_process_group
+if os.environ.get("TEST_KILL_AT_SAVE"):
+    import train.results as results
+    _save = results.ResultStore.save
+    def save(self, variant, seed, *a, **k):
+        if f"{variant}@{seed}" == os.environ["TEST_KILL_AT_SAVE"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _save(self, variant, seed, *a, **k)
+    results.ResultStore.save = save
+if os.environ.get("TEST_SLOW_SEED"):
+    import time
+    import train.compare as compare
+    slow_seed, seconds = os.environ["TEST_SLOW_SEED"].split("@")
+    _build = compare.build_router
+    def build_router(variant, shared, seed, priors):
+        if seed == int(slow_seed):
+            time.sleep(float(seconds))
+        return _build(variant, shared, seed, priors)
+    compare.build_router = build_router
+from train.compare import main
+from train.errors import run_cli
+sys.exit(run_cli(lambda: main(sys.argv[1:])))
+"""
+
+
+def compare_args(out: Path, cache: Path, *extra: str) -> list[str]:
+    flags = [a for a in extra if a.startswith("--")]  # before the overrides (argparse does not intermix them)
+    return ["--config", str(COMPARE_TINY), "--output-dir", str(out), *flags, f"compare.cache_dir={cache}",
+            "compare.variants=[concat, gated_token]", *[a for a in extra if a not in flags]]
+
+
+def run_compare(tmp_path: Path, args: list[str], processes: int = 1, **env) -> subprocess.CompletedProcess:
+    wrapper = tmp_path / "compare_wrapper.py"
+    wrapper.write_text(COMPARE_WRAPPER)
+    if processes == 1:
+        cmd = [sys.executable, str(wrapper), *args]
+    else:
+        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_machines", "1", "--mixed_precision",
+               "no", "--dynamo_backend", "no", "--multi_gpu", "--num_processes", str(processes), str(wrapper), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def test_a_killed_comparison_keeps_its_results_reports_them_and_resumes_to_the_same_numbers(tmp_path):
+    from train import report
+
+    cache, seeds = tmp_path / "cache", "compare.seeds=[0, 1]"
+    full = run_compare(tmp_path, compare_args(tmp_path / "full", cache, seeds))
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "killed"
+    killed = run_compare(tmp_path, compare_args(out, cache, seeds), TEST_KILL_AT_SAVE="concat@1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert sorted(p.relative_to(out / "results").as_posix() for p in (out / "results").glob("*/seed_*.json")) == [
+        "concat/seed_0.json", "gated_token/seed_0.json"]  # seed 0 was on disk the moment it was done
+    assert not (out / "results.json").exists()
+    # a report from what is done, naming what is missing
+    assert report.main([str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["seed"] for r in rows} == {0} and {r["variant"] for r in rows} == {"concat", "gated_token"}
+    md = (out / "results.md").read_text()
+    assert "- concat: not finished: seed(s) [1] missing" in md and "- gated_token: not finished: seed(s) [1]" in md
+    # a fresh run into it is refused; --resume trains seed 1 only and ends with the uninterrupted numbers
+    from train import compare
+    from train.errors import RunError
+
+    with pytest.raises(RunError, match=r"killed holds a previous run \(config\.yaml, results/, .*\); pass --resume"):
+        compare.main(compare_args(out, cache, seeds))
+    resumed = run_compare(tmp_path, compare_args(out, cache, seeds, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "--resume: 2 of 4 (variant, seed) results done; training seed(s) [1]" in resumed.stdout
+    key = lambda r: (r["variant"], r["seed"], r["task"], r["metric"])  # noqa: E731
+    a = sorted(json.loads((out / "results.json").read_text()), key=key)
+    b = sorted(json.loads((tmp_path / "full" / "results.json").read_text()), key=key)
+    assert a == b
+    # a result trained under other settings is never mixed in
+    with pytest.raises(RunError, match=r"concat/seed_0\.json was trained with other settings \(they differ in "
+                                       r"\['train\.lr'\]\); resume with the settings of that run"):
+        compare.main(compare_args(out, cache, seeds, "--resume", "train.lr=0.01"))
+    assert a == sorted(json.loads((out / "results.json").read_text()), key=key)  # nothing was touched
+
+
+@pytest.mark.slow
+def test_uneven_seeds_on_two_processes_with_a_short_timeout_lose_nothing(tmp_path):
+    # 3 seeds on 2 processes: process 1 is done with its one seed long before process 0 with its two (seed 2 made
+    # slow: 2 x 5 s). With a 4 s process-group timeout, a process waiting at a collective for the other (as the old
+    # final gather did) dies.
+    out = tmp_path / "uneven"
+    proc = run_compare(tmp_path, compare_args(out, tmp_path / "cache", "compare.seeds=[0, 1, 2]"), processes=2,
+                       TEST_PG_TIMEOUT_S="4", TEST_SLOW_SEED="2@5")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert {(r["variant"], r["seed"]) for r in rows} == {(v, s) for v in ("concat", "gated_token") for s in (0, 1, 2)}
+    assert not list((out / "results").glob(".plan-*")) and not (out / ".lock").exists()

@@ -26,11 +26,16 @@ the mask or label travelling with its view); each training batch uses one view.
 
 The output dir gets results.csv / results.json (rows variant, seed, task, metric, value), gates.json,
 sweeps.json, summary.json, results.md and the plots of :mod:`train.report`, plus config.yaml (resolved).
+Each (variant, seed) result is written to results/<variant>/seed_<seed>.json the moment it is done
+(:mod:`train.results`); processes never wait for each other at a collective while one trains; ``--resume``
+trains the seeds that still miss a result, and ``report.py <output dir>`` reports whatever is done. One run at a
+time per output dir, no overwrite without --overwrite (:mod:`train.rundir`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -56,8 +61,8 @@ from extractors import Extractor, create_extractor
 from extractors.atomic import atomic_write_bytes
 from heads.losses import build_loss
 from router import Router, RouterConfig
-from router.config import _from_dict, load_yaml_or_json
-from train.config import ExperimentConfig, TrainConfig, apply_override
+from router.config import _from_dict
+from train.config import ExperimentConfig, TrainConfig, apply_override, load_config_file
 from train.data import (
     TaskData,
     TaskDataset,
@@ -65,11 +70,14 @@ from train.data import (
     foreground_prior,
     prepare_experiment_data,
 )
+from train.errors import run_cli
 from train.feature_cache import FeatureCache
 from train.finetune import lr_factor
-from train.metrics import GateMeter, json_safe, task_metrics
+from train.metrics import GateMeter, task_metrics
 from train.peers import PEER_VARIANTS, UnetPeer, build_peer, encoder_state
 from train.report import write_report
+from train.results import ResultStore, collect, missing_notes, publish_plan, read_plan, remove_plan
+from train.rundir import COMPARE_OUTPUTS, add_run_dir_args, claim_output_dir
 
 VARIANT_RE = re.compile(r"^(single|mean|concat|gated_(task|image|token)(_top(\d+))?)$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -119,7 +127,7 @@ def load_configs(path: str | Path, overrides: list[str] | None = None) -> tuple[
     ([0, 1], 20)
     """
     path = Path(path)
-    data = load_yaml_or_json(path)
+    data = load_config_file(path)
     if "compare" not in data:
         raise ValueError(f"{path}: missing the 'compare' section (variants, seeds, views, cache_dir)")
     raw_compare = data.pop("compare")
@@ -360,12 +368,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="experiment YAML with model / data / train / compare sections")
     p.add_argument("--output-dir", default=None, help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="train only the seeds whose results the output dir misses")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200 compare.seeds=[0,1]")
+    add_run_dir_args(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with contextlib.ExitStack() as run_dir:  # releases the output dir's lock however the run ends
+        return run(args, run_dir)
+
+
+def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> int:
     cfg, cmp = load_configs(args.config, args.overrides)
     output_dir = Path(args.output_dir or Path("runs") / Path(args.config).stem)
     t = cfg.train
@@ -378,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(cpu=multi_cpu or None)
     main_process, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     device, say = accelerator.device, accelerator.print
+    lock = run_dir.enter_context(claim_output_dir(output_dir, "compare", COMPARE_OUTPUTS, resume=args.resume,
+                                                  overwrite=args.overwrite, accelerator=accelerator))
     timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------------
@@ -398,8 +415,13 @@ def main(argv: list[str] | None = None) -> int:
     serves = {v.name: list(seg_classes) if v.kind == "peer" else task_names for v in variants}
     notes = {p: f"segmentation tasks only (an smp U-Net): no rows for {[n for n in task_names if n not in seg_classes]}"
              for p in peer_names if len(seg_classes) < len(task_names)}
+    resolved = {**cfg.to_dict(), "compare": dataclasses.asdict(cmp)}
+    pairs = ResultStore(output_dir, resolved, {v.name: {"kind": v.kind, **v.model.to_dict()} for v in variants})
+    todo = pairs.seeds_to_train(cmp.seeds)  # a result of other settings in the dir is an error here, in every process
+    if args.resume:
+        say(f"--resume: {len(variants) * len(cmp.seeds) - len(pairs.missing(cmp.seeds))} of "
+            f"{len(variants) * len(cmp.seeds)} (variant, seed) results done; training seed(s) {todo}")
     if main_process:
-        resolved = {**cfg.to_dict(), "compare": dataclasses.asdict(cmp)}
         atomic_write_bytes(output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
     views: dict[str, dict[str, ViewSet]] = {}
     for n, td in tasks.items():
@@ -433,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(len(vs) * len(vs.images) for s in views.values() for vs in s.values()) * len(cached)
     with tqdm(total=total, desc="features", unit="img", disable=not accelerator.is_local_main_process,
               dynamic_ncols=True) as bar:
-        if not main_process:  # the main process fills the cache first; the others then read it
-            accelerator.wait_for_everyone()
+        if not main_process:  # the main process fills the cache first; the others then read it (no collective)
+            todo = read_plan(output_dir, lock.token)
         for n in task_names:
             feats[n] = {}
             for split, vs in views[n].items():
@@ -446,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                     bar.update(len(vs) * len(vs.images) * len(cached))
                 feats[n][split] = memo[key]
         if main_process:
-            accelerator.wait_for_everyone()
+            publish_plan(output_dir, lock.token, todo)
     timings["features_s"] = time.perf_counter() - t0
     forward_calls = {n: e.forward_calls - calls_before[n] for n, e in shared.items()}
     cache_stats = cache.stats() if cache is not None else {"hits": 0, "misses": 0}
@@ -492,13 +514,31 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         return results, gates, level_gates, sweeps
 
+    meta = {
+        "tasks": task_names, "task_types": {n: tasks[n].task.type for n in task_names}, "primary": primary,
+        "variants": [v.name for v in variants], "kinds": {v.name: v.kind for v in variants}, "notes": notes,
+        "peer_checkpoint": cmp.peer_checkpoint if peer_names else None,
+        "extractors": list(shared), "families": families, "seeds": cmp.seeds,
+        "budget": {"max_steps": t.max_steps, "batch_size": t.batch_size, "lr": t.lr, "views": cmp.views,
+                   "image_size": cfg.data.image_size, "eval_size": cfg.data.eval_size,
+                   "train_items": {n: len(views[n]["train"]) for n in task_names},
+                   "val_items": {n: len(views[n]["val"]) for n in task_names}},
+        "cache": {"dir": cmp.cache_dir, **cache_stats, "extractor_forward_calls": forward_calls,
+                  "live": {k: x for k, x in live.items() if x}},
+        "timings_s": dict(timings),
+        "command": " ".join(["accelerate launch train/compare.py", "--config", str(args.config), "--output-dir",
+                             str(output_dir), *args.overrides]),
+    }
+    if main_process:  # what a report of a run that has not finished needs (report.py <output dir>)
+        pairs.save_meta(meta)
+
     # ------------------------------------------------------------------------------------------------
     # training: per seed, every variant on the same batches
-    my_seeds = cmp.seeds[rank::world]
+    my_seeds = todo[rank::world]
     rows, gate_rows, sweep_rows = [], [], []
-    train_time = {v.name: 0.0 for v in variants}
     A = t.grad_accum_steps
     for seed in my_seeds:
+        train_time = {v.name: 0.0 for v in variants}
         models = {}
         for v in variants:
             if v.kind == "peer":
@@ -557,47 +597,24 @@ def main(argv: list[str] | None = None) -> int:
                               for lv, per in (level_gates[n] or {}).items() for e, w in per.items()]
             for n, s in sweeps.items():
                 sweep_rows.append({"variant": name, "seed": seed, "task": n, **s})
+            pairs.save(name, seed, rows, gate_rows, sweep_rows, train_time[name])  # on disk now, atomically
             say(f"seed {seed} {name:<22} " + "  ".join(f"{n} {primary[n]} {results[n][primary[n]]:.4f}" for n in results))
         del models, opts
 
     # ------------------------------------------------------------------------------------------------
-    # gather the processes' rows, then the report
-    part = output_dir / f".rows-{rank}.json"
-    atomic_write_bytes(part, json.dumps(json_safe({"rows": rows, "gates": gate_rows, "sweeps": sweep_rows,
-                                                   "train_s": train_time})).encode())
-    accelerator.wait_for_everyone()
+    # the report, from the result files: the main process waits for the others' files (no collective)
     if main_process:
-        rows, gate_rows, sweep_rows, train_s = [], [], [], {v.name: 0.0 for v in variants}
-        for r in range(world):
-            p = output_dir / f".rows-{r}.json"
-            got = json.loads(p.read_text())
-            rows += got["rows"]
-            gate_rows += got["gates"]
-            sweep_rows += got["sweeps"]
-            for k, s in got["train_s"].items():
-                train_s[k] += s
-            p.unlink()
-        meta = {
-            "tasks": task_names, "task_types": {n: tasks[n].task.type for n in task_names}, "primary": primary,
-            "variants": [v.name for v in variants], "kinds": {v.name: v.kind for v in variants}, "notes": notes,
-            "peer_checkpoint": cmp.peer_checkpoint if peer_names else None,
-            "extractors": list(shared), "families": families, "seeds": cmp.seeds,
-            "budget": {"max_steps": t.max_steps, "batch_size": t.batch_size, "lr": t.lr, "views": cmp.views,
-                       "image_size": cfg.data.image_size, "eval_size": cfg.data.eval_size,
-                       "train_items": {n: len(views[n]["train"]) for n in task_names},
-                       "val_items": {n: len(views[n]["val"]) for n in task_names}},
-            "cache": {"dir": cmp.cache_dir, **cache_stats, "extractor_forward_calls": forward_calls,
-                      "live": {k: x for k, x in live.items() if x}},
-            "timings_s": {**timings, "train_per_variant": train_s},
-            "command": " ".join(["accelerate launch train/compare.py", "--config", str(args.config), "--output-dir",
-                                 str(output_dir), *args.overrides]),
-        }
+        pairs.wait(cmp.seeds, say=say)
+        remove_plan(output_dir, lock.token)
+        done = collect(pairs, cmp.seeds)
+        rows, gate_rows, sweep_rows, train_s = done["rows"], done["gates"], done["sweeps"], done["train_s"]
+        meta["notes"] = {**notes, **missing_notes(done["missing"])}
+        meta["timings_s"]["train_per_variant"] = train_s
         paths = write_report(output_dir, rows, gate_rows, sweep_rows, meta)
         say(f"\nreport: {paths['md']}\n" + Path(paths["md"]).read_text())
-    accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

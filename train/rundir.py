@@ -30,6 +30,7 @@ import shutil
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ class RunLock:
 
     def __init__(self, path: Path | None, text: str = "", notes: Sequence[str] = ()):
         self.path, self.text, self.notes = path, text, list(notes)
+        self.token = ""  # the same random string in every process of this run (names this run's own files)
 
     def release(self) -> None:
         """Remove the lock file if it is still ours."""
@@ -205,23 +207,25 @@ def claim_output_dir(output_dir: Path, script: str, outputs: Sequence[str], *, r
     """Lock the output dir for this run and apply the overwrite rule; every process raises the same RunError.
 
     With an accelerator of several processes, the main process decides (and removes old outputs on --overwrite)
-    and sends the outcome to the others; only it holds the lock file. Use the result as a context manager.
+    and sends the outcome to the others; only it holds the lock file. Use the result as a context manager; its
+    ``token`` is the same in every process.
     """
     if resume and overwrite:
         raise RunError("--resume continues the run in --output-dir and --overwrite replaces it; pass one of them")
     main = accelerator is None or accelerator.is_main_process
-    lock, outcome = RunLock(None), [None]
+    lock, outcome = RunLock(None), [None, uuid.uuid4().hex[:12]]
     if main:
         try:
             lock = _claim_main(Path(output_dir), script, outputs, resume, overwrite)
         except RunError as e:
-            outcome = [str(e)]
+            outcome[0] = str(e)
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         outcome = broadcast_object_list(outcome)
     if outcome[0] is not None:
         raise RunError(outcome[0])
+    lock.token = outcome[1]
     for note in lock.notes:
         print(f"note: {note}", flush=True)
     return lock
