@@ -4,6 +4,8 @@ Specs name the library and the model the way users know them::
 
     timm:<name>[.<tag>]                 timm.create_model(name, pretrained=...)
     open_clip:<arch>[/<tag or file>]    the image tower of an open_clip model
+    open_clip:hf-hub:<org/repo>         ... saved in open_clip's own format, from the HF cache / the hub
+    open_clip:local-dir:<dir>           ... or from a folder
     hf:<repo id or local dir>           a transformers vision model (Dinov2Model, CLIPVisionModel, ...)
     local-dir:<dir>                     a checkpoint this package wrote (config.json + model.safetensors)
     <registered name>                   anything added with `register_extractor`

@@ -22,17 +22,18 @@ error, never a silent random init.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from torch import nn
 
 from .base import Extractor, ExtractorInfo
 from .factory import register_extractor, resolve_layers
+from .hub import hub_offline, looks_like_path, missing_files_error
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # what from_pretrained reads
 # model_type -> (transformers class name, default (mean, std), prefix tokens besides registers)
 MODEL_TYPES = {
     "dinov2": ("Dinov2Model", IMAGENET, 1),
@@ -43,12 +44,6 @@ MODEL_TYPES = {
     "siglip_vision_model": ("SiglipVisionModel", HALF, 0),
     "siglip": ("SiglipVisionModel", HALF, 0),
 }
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub.constants import HF_HUB_OFFLINE
-
-    return bool(HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 def resolve_hf_source(source: str, what: str = "model") -> tuple[str, bool]:
@@ -64,10 +59,9 @@ def resolve_hf_source(source: str, what: str = "model") -> tuple[str, bool]:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"hf:{source}: {path / 'config.json'} does not exist; expected a save_pretrained dir")
         return str(path), True
-    looks_like_path = source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.sep + os.sep in source
-    if looks_like_path:
+    if looks_like_path(source):
         raise FileNotFoundError(f"hf:{source}: directory {path} does not exist (expected a {what} save_pretrained dir)")
-    if not _hub_offline():
+    if not hub_offline():
         return source, False
     from huggingface_hub import try_to_load_from_cache
 
@@ -80,6 +74,18 @@ def resolve_hf_source(source: str, what: str = "model") -> tuple[str, bool]:
             "download the repo on a machine with access"
         )
     return source, True
+
+
+def weights_missing_error(location: str, path: str, local_only: bool) -> FileNotFoundError:
+    """A dir or cached repo with config.json but no weights: the error names the folder, the files and the
+    offline setting (transformers' own OSError names neither)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    wanted = [f"{WEIGHT_NAMES[0]} (or {', '.join(WEIGHT_NAMES[1:])})"]
+    if Path(path).is_dir():
+        return missing_files_error(f"hf:{location}", Path(path), wanted, local_only=True)
+    return missing_files_error(f"hf:{location}", Path(try_to_load_from_cache(path, "config.json")).parent, wanted,
+                               local_only, repo_id=path)
 
 
 def _read_preprocessor_config(source: str, local_only: bool) -> dict:
@@ -120,9 +126,12 @@ def create_hf_vision_model(source: str, pretrained: bool, checkpoint: str | None
     if not pretrained:
         model = cls(config, **extra)
     else:
-        model, info = cls.from_pretrained(
-            path, config=config, local_files_only=local_only, output_loading_info=True, **extra
-        )
+        try:
+            model, info = cls.from_pretrained(
+                path, config=config, local_files_only=local_only, output_loading_info=True, **extra
+            )
+        except OSError as e:  # config found, weights not: a partial cache or download
+            raise weights_missing_error(location, path, local_only) from e
         problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
         if problems:
             raise ValueError(

@@ -84,3 +84,24 @@ def resolve_model_dir(name_or_path: str | os.PathLike, files: Sequence[str], *, 
     if missing := [f for f in files if not (snapshot / f).is_file()]:
         raise missing_files_error(what, snapshot, missing, local_only, repo_id=source)
     return snapshot
+
+
+def resolve_model_file(repo_id: str, candidates: Sequence[str], *, what: str, revision: str | None = None,
+                       cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
+                       token: str | bool | None = None) -> Path:
+    """The first of `candidates` (file names, in order of preference) that repo `repo_id` has: from the HF cache,
+    or downloaded (``hf_hub_download``) unless offline. None found is an error naming the cache dir, the
+    candidates and the offline setting."""
+    from huggingface_hub import hf_hub_download
+
+    local_only = hub_offline() if local_files_only is None else bool(local_files_only)
+    causes = []
+    for name in candidates:
+        try:
+            return Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir,
+                                        local_files_only=local_only, token=token))
+        except Exception as e:  # not in the cache / not in the repo / no access: try the next name
+            causes.append(f"{name}: {type(e).__name__}")
+    raise FileNotFoundError(
+        f"{what}: repo {repo_id!r} has none of {list(candidates)} in the HF cache {repo_cache_dir(repo_id, cache_dir)} "
+        f"({offline_note(local_only)}; a partial download lacks its weights). Tried: {'; '.join(causes)}")

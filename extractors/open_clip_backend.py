@@ -1,4 +1,13 @@
-"""`open_clip:<arch>[/<tag or weight file>]`: the image tower of an open_clip model as an extractor.
+"""`open_clip:<arch>[/<tag or weight file>]`, `open_clip:hf-hub:<org/repo>`, `open_clip:local-dir:<dir>`: the image
+tower of an open_clip model as an extractor.
+
+``hf-hub:`` and ``local-dir:`` are open_clip's own names for a model saved by ``open_clip.push_to_hf_hub`` /
+``save_for_hf`` (``open_clip_config.json`` + ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``):
+the config and its ``preprocess_cfg`` come from the folder or the repo's snapshot in the HF cache (the hub unless
+``HF_HUB_OFFLINE``), the weights are read safely and checked strictly. Whatever the name, the config is read
+first and a tower this backend cannot serve (a timm tower such as SigLIP's, a ModifiedResNet) is refused
+before any weights are fetched; a cached repo lacking its weights is an error naming the cache dir, the
+files looked for and the offline setting.
 
 Spec rule: the text after the first ``/`` names the weights. It is a weight *file* when it ends with
 ``.safetensors``, ``.pt``, ``.pth`` or ``.bin`` (``open_clip:ViT-B-32//abs/path/w.bin`` for an absolute
@@ -23,6 +32,7 @@ it as an :class:`extractors.text.TextEncoder`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -37,6 +47,10 @@ from .factory import register_extractor, resolve_layers
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip's own model names: a Hub repo or a folder with open_clip_config.json
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                          "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
 _configs_added = False
 
 
@@ -52,7 +66,13 @@ def import_open_clip():
 
 
 def parse_open_clip_spec(rest: str) -> tuple[str, str | None, str | None]:
-    """``"<arch>[/<tag or file>]"`` -> (arch, tag, file); a file ends with a weight suffix."""
+    """``"<arch>[/<tag or file>]"`` -> (arch, tag, file); a file ends with a weight suffix. open_clip's own
+    ``hf-hub:<org/repo>`` and ``local-dir:<dir>`` names are kept whole as the arch (their '/' is part of the name)."""
+    if rest.startswith(SCHEMAS):
+        schema, _, name = rest.partition(":")
+        if not name:
+            raise ValueError(f"open_clip spec {rest!r}: name a repo or dir after '{schema}:'")
+        return rest, None, None
     arch, _, weights = rest.partition("/")
     if not arch:
         raise ValueError(f"open_clip spec {rest!r}: needs an architecture, e.g. 'open_clip:ViT-B-32/laion2b_s34b_b79k'")
@@ -61,6 +81,48 @@ def parse_open_clip_spec(rest: str) -> tuple[str, str | None, str | None]:
     if weights.endswith(WEIGHT_SUFFIXES):
         return arch, None, weights
     return arch, weights, None
+
+
+def schema_dir(arch: str) -> Path:
+    """The folder holding open_clip_config.json of ``local-dir:<dir>`` or ``hf-hub:<repo>`` (its cached snapshot;
+    only that config is fetched here, so a tower this backend cannot serve is refused before its weights)."""
+    from .hub import resolve_model_dir
+
+    schema, _, name = arch.partition(":")
+    if schema == "local-dir":
+        name = str(Path(name).expanduser().resolve())  # a path, even when it looks like 'org/name'
+    return resolve_model_dir(name, (OPEN_CLIP_CONFIG,), what=f"open_clip:{arch}")
+
+
+def schema_weights(arch: str, directory: Path) -> str:
+    """The weight file of a ``local-dir:`` / ``hf-hub:`` model, by open_clip's order of preference."""
+    from .hub import resolve_model_file
+
+    schema, _, name = arch.partition(":")
+    if schema == "hf-hub":
+        return str(resolve_model_file(name, OPEN_CLIP_WEIGHT_NAMES, what=f"open_clip:{arch}"))
+    if found := [directory / n for n in OPEN_CLIP_WEIGHT_NAMES if (directory / n).is_file()]:
+        return str(found[0])
+    raise FileNotFoundError(f"open_clip:{arch}: {directory} has none of {list(OPEN_CLIP_WEIGHT_NAMES)}; pass "
+                            "checkpoint=<weight file> or pretrained=False")
+
+
+def check_vision_tower(arch: str, model_cfg: dict) -> None:
+    """Refuse, before any weights are fetched, a config whose image tower is not open_clip's VisionTransformer."""
+    vision = model_cfg.get("vision_cfg") or {}
+    if vision.get("timm_model_name"):
+        kind = f"a timm model ({vision['timm_model_name']})"
+    elif isinstance(vision.get("layers"), (list, tuple)):
+        kind = "a ModifiedResNet"
+    else:
+        return
+    raise ValueError(f"open_clip:{arch}: the image tower is {kind}; only open_clip's VisionTransformer is supported "
+                     "(use the timm backend for timm or ResNet towers, e.g. 'timm:<name>' or 'timm:hf-hub:<repo>')")
+
+
+def open_clip_name(arch: str) -> str:
+    """The name open_clip itself is given: a named arch as it is, a schema as ``local-dir:<resolved dir>``."""
+    return f"local-dir:{schema_dir(arch)}" if arch.startswith(SCHEMAS) else arch
 
 
 @contextmanager
@@ -146,14 +208,34 @@ def load_open_clip_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def create_open_clip_model(arch: str, tag: str | None, weights: str | None, pretrained: bool, **kwargs) -> nn.Module:
-    """An open_clip CLIP model with weights from `weights` (a file), the tag, or random if not pretrained."""
+    """An open_clip CLIP model with weights from `weights` (a file), the tag, or random if not pretrained.
+
+    `arch` is a model config name or open_clip's ``hf-hub:<repo>`` / ``local-dir:<dir>``; either way the config
+    is read and an unsupported image tower refused before any weights are fetched.
+    """
     open_clip = import_open_clip()
-    if open_clip.get_model_config(arch) is None:
+    if arch.startswith(SCHEMAS):
+        directory = schema_dir(arch)
+        try:
+            model_cfg = json.loads((directory / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"open_clip:{arch}: {directory / OPEN_CLIP_CONFIG} is not an open_clip config with "
+                             f"'model_cfg' ({type(e).__name__}: {e})") from e
+        check_vision_tower(arch, model_cfg)
+        if pretrained and weights is None:
+            weights = schema_weights(arch, directory)
+        with _quiet_random_init_warning():
+            model = open_clip.create_model(f"local-dir:{directory}", load_weights=False, **kwargs)
+        if pretrained:
+            load_open_clip_weights(model, weights)
+        return model.eval()
+    model_cfg = open_clip.get_model_config(arch)
+    if model_cfg is None:
         raise ValueError(
             f"open_clip: unknown architecture {arch!r}; known: {open_clip.list_models()} (model configs in "
-            f"open_clip and {MODEL_CONFIG_DIR}). 'hf-hub:' and 'local-dir:' open_clip models are not supported: "
-            "use the architecture name with a weight file"
+            f"open_clip and {MODEL_CONFIG_DIR}), or open_clip's 'hf-hub:<org/repo>' / 'local-dir:<dir>'"
         )
+    check_vision_tower(f"{arch}/{tag}" if tag else arch, model_cfg)
     tag_cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
     if tag and not tag_cfg:
         raise ValueError(
@@ -263,7 +345,8 @@ class OpenClipExtractor(Extractor):
         """The CLIP text tower of this model as a frozen `extractors.text.TextEncoder`."""
         from .text import OpenClipTextEncoder
 
-        return OpenClipTextEncoder(self.clip_model, import_open_clip().get_tokenizer(self.arch), name=f"open_clip:{self.arch}")
+        tokenizer = import_open_clip().get_tokenizer(open_clip_name(self.arch))
+        return OpenClipTextEncoder(self.clip_model, tokenizer, name=f"open_clip:{self.arch}")
 
 
 @register_extractor("open_clip")

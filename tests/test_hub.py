@@ -56,11 +56,22 @@ def cache_snapshot(repo_id: str, folder: Path, refs: tuple[str, ...] = ("main",)
 
 
 @pytest.fixture
-def repo_id():
-    """A fresh repo id whose cache folder is removed after the test (the HF_HOME lives for the session)."""
-    rid = f"org/router-{uuid.uuid4().hex[:8]}"
-    yield rid
-    shutil.rmtree(repo_cache_dir(rid), ignore_errors=True)
+def new_repo_id():
+    """Fresh repo ids whose cache folders are removed after the test (the HF_HOME lives for the session)."""
+    made = []
+
+    def make(kind: str = "router") -> str:
+        made.append(f"org/{kind}-{uuid.uuid4().hex[:8]}")
+        return made[-1]
+
+    yield make
+    for rid in made:
+        shutil.rmtree(repo_cache_dir(rid), ignore_errors=True)
+
+
+@pytest.fixture
+def repo_id(new_repo_id):
+    return new_repo_id()
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +213,121 @@ def test_model_card_has_hub_metadata_tasks_extractors_levels_and_gate_tables(tmp
         model.save_pretrained(tmp_path / "bad", card_data={"metric": {}})
     with pytest.raises(ValueError, match=r"card_data.gate.seg_a: unknown extractor\(s\) \['dino'\]"):
         model.save_pretrained(tmp_path / "bad", card_data={"gate": {"seg_a": {"dino": 1.0}}})
+
+
+# ---- extractors and text encoders in their libraries' own formats, from the cache --------------------------
+def save_open_clip(directory: Path, mean=(0.1, 0.2, 0.3), **config_changes) -> torch.nn.Module:
+    """A tiny random open_clip model written by open_clip's own save_for_hf (open_clip_config.json +
+    open_clip_model.safetensors). Its OpenAI tokenizer has no files to save, as on the Hub."""
+    from types import SimpleNamespace
+
+    from open_clip.push_to_hf_hub import save_for_hf
+
+    from extractors.open_clip_backend import import_open_clip
+
+    open_clip = import_open_clip()
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-vit-p16", force_preprocess_cfg={"mean": mean}).eval()
+    cfg = {**open_clip.get_model_config("tiny-vit-p16"), **config_changes}
+    save_for_hf(model, SimpleNamespace(save_pretrained=lambda d: None), cfg, str(directory), safe_serialization=True)
+    return model
+
+
+def test_open_clip_hf_hub_and_local_dir_specs_load_open_clips_own_format(tmp_path, new_repo_id):
+    from extractors import create_extractor
+    from extractors.open_clip_backend import OpenClipExtractor, import_open_clip
+
+    model = save_open_clip(tmp_path / "clip")
+    assert sorted(p.name for p in (tmp_path / "clip").iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    repo = new_repo_id("clip")
+    cache_snapshot(repo, tmp_path / "clip")
+    ref = OpenClipExtractor(model, None, "tiny-vit-p16")
+    x = torch.rand(2, 3, 48, 80)
+    with torch.no_grad():
+        want = ref(x)
+        for spec in (f"open_clip:local-dir:{tmp_path / 'clip'}", f"open_clip:hf-hub:{repo}"):
+            ext = create_extractor(spec).eval()
+            got = ext(x)
+            assert torch.equal(got["pooled"], want["pooled"]) and torch.equal(got["dense"][0], want["dense"][0]), spec
+            assert ext.info.mean == (0.1, 0.2, 0.3) and ext.info.name == spec
+        # the text tower and its tokenizer come from the same cached config
+        text = ext.text_encoder().encode(["a crack in concrete"])
+        tokens = import_open_clip().get_tokenizer("tiny-vit-p16")(["a crack in concrete"])
+        assert torch.equal(text, torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1))
+
+
+def test_open_clip_towers_it_cannot_serve_are_refused_before_any_weights_are_fetched(tmp_path, new_repo_id):
+    from extractors import create_extractor
+
+    save_open_clip(tmp_path / "timm_tower", vision_cfg={"image_size": 64, "timm_model_name": "vit_tiny_patch16_224"})
+    (tmp_path / "timm_tower" / "open_clip_model.safetensors").unlink()  # nothing to fetch: only the config is read
+    repo = new_repo_id("siglip")
+    cache_snapshot(repo, tmp_path / "timm_tower")
+    with pytest.raises(ValueError, match=r"image tower is a timm model \(vit_tiny_patch16_224\); only open_clip's Vis"):
+        create_extractor(f"open_clip:hf-hub:{repo}")
+    # named configs too: no webli weights are cached, yet the error is about the tower, not the weights
+    with pytest.raises(ValueError, match=r"ViT-B-16-SigLIP/webli: the image tower is a timm model"):
+        create_extractor("open_clip:ViT-B-16-SigLIP/webli")
+    with pytest.raises(ValueError, match=r"RN50/openai: the image tower is a ModifiedResNet"):
+        create_extractor("open_clip:RN50/openai")
+
+
+def test_partial_caches_name_the_cache_dir_the_missing_file_and_offline(tmp_path, new_repo_id):
+    import transformers as tf
+
+    from extractors import create_extractor
+
+    save_open_clip(tmp_path / "clip")
+    (tmp_path / "clip" / "open_clip_model.safetensors").unlink()
+    repo = new_repo_id("clip")
+    cache_snapshot(repo, tmp_path / "clip")
+    with pytest.raises(FileNotFoundError) as err:
+        create_extractor(f"open_clip:hf-hub:{repo}")
+    msg = str(err.value)
+    assert str(repo_cache_dir(repo)) in msg and "open_clip_model.safetensors" in msg and "HF_HUB_OFFLINE is set" in msg
+
+    cfg = tf.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                          image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    tf.Dinov2Model(cfg).save_pretrained(tmp_path / "dino")
+    full, partial = new_repo_id("dino"), new_repo_id("dino")
+    cache_snapshot(full, tmp_path / "dino")
+    (tmp_path / "dino" / "model.safetensors").unlink()
+    snapshot = cache_snapshot(partial, tmp_path / "dino")
+    with pytest.raises(FileNotFoundError) as err:
+        create_extractor(f"hf:{partial}")
+    msg = str(err.value)
+    assert str(snapshot) in msg and "lacks model.safetensors" in msg and "HF_HUB_OFFLINE is set" in msg
+    # the complete repo loads, every tensor from the cache
+    ext = create_extractor(f"hf:{full}")
+    ref = tf.Dinov2Model.from_pretrained(repo_cache_dir(full) / "snapshots" / (repo_cache_dir(full) / "refs" / "main").read_text())
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in ext.model.state_dict().items())
+
+
+def test_text_encoder_truncates_at_sentence_bert_max_seq_length(tmp_path, new_repo_id):
+    import json
+
+    import transformers as tf
+
+    from extractors.text import create_text_encoder, minilm_dir
+
+    d = tmp_path / "st"
+    d.mkdir()
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm_dir() / name, d / name)
+    torch.manual_seed(0)
+    tf.BertModel(tf.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                               max_position_embeddings=64)).save_pretrained(d)
+    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 6, "do_lower_case": False}))
+    repo = new_repo_id("st")
+    cache_snapshot(repo, d)
+    a, b = "cracks in old concrete walls near windows", "cracks in old concrete floors after rain today"
+    for spec in (f"hf:{d}", f"hf:{repo}"):
+        enc = create_text_encoder(spec)
+        assert enc.max_length == 6, spec
+        va, vb = enc.encode([a, b])  # [CLS] + 4 word pieces + [SEP]: the same first four words, the same vector
+        assert torch.equal(va, vb)
+    (d / "sentence_bert_config.json").unlink()  # without it: the model's own limit (64 positions)
+    enc = create_text_encoder(f"hf:{d}")
+    va, vb = enc.encode([a, b])
+    assert enc.max_length == 64 and not torch.allclose(va, vb)
