@@ -9,6 +9,10 @@ config.json::
      "source": {"method": "mae", ...}}          # free-form provenance
 
 model.safetensors holds the timm model's state dict under timm's own key names.
+
+A Router that saved such an extractor's weights in its own model.safetensors (trained or unfrozen) does not need
+the folder again: given ``architecture=`` (the folder's config.json, :func:`local_dir_architecture`) and
+``pretrained=False``, the extractor is rebuilt without reading the folder.
 """
 
 from __future__ import annotations
@@ -63,6 +67,11 @@ def read_extractor_config(directory: Path) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return check_extractor_config(config, path)
+
+
+def check_extractor_config(config: dict, path: Path | str) -> dict:
+    """A local-dir config.json (from its folder, or passed as `architecture=`): format, version, keys, backend."""
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{path}: 'format' must be {FORMAT!r}, got {config.get('format') if isinstance(config, dict) else config!r}")
     if config.get("format_version", 0) > FORMAT_VERSION:
@@ -81,10 +90,22 @@ def read_extractor_config(directory: Path) -> dict:
     return config
 
 
+def local_dir_architecture(spec: str) -> dict | None:
+    """The config.json of a ``local-dir:<dir>`` spec (all it takes to rebuild the extractor without its folder);
+    None for other specs."""
+    if not spec.startswith("local-dir:"):
+        return None
+    return read_extractor_config(Path(spec.split(":", 1)[1]))
+
+
 @register_extractor("local-dir")
-def _build_local_dir(directory: str, layers=None, pretrained=True, checkpoint=None, **kwargs) -> Extractor:
+def _build_local_dir(directory: str, layers=None, pretrained=True, checkpoint=None, architecture=None,
+                     **kwargs) -> Extractor:
     directory = Path(directory)
-    config = read_extractor_config(directory)
+    if architecture is not None and not pretrained:  # weights come from elsewhere: the folder is not needed
+        config = check_extractor_config(architecture, f"local-dir:{directory} (architecture=)")
+    else:
+        config = read_extractor_config(directory)
     model = create_timm_model(config["model_name"], pretrained=False, checkpoint=None, **{**config.get("model_kwargs", {}), **kwargs})
     if pretrained:
         weights = Path(checkpoint) if checkpoint is not None else directory / WEIGHTS_NAME

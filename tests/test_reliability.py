@@ -872,3 +872,41 @@ def test_uneven_seeds_on_two_processes_with_a_short_timeout_lose_nothing(tmp_pat
     rows = json.loads((out / "results.json").read_text())
     assert {(r["variant"], r["seed"]) for r in rows} == {(v, s) for v in ("concat", "gated_token") for s in (0, 1, 2)}
     assert not list((out / "results").glob(".plan-*")) and not (out / ".lock").exists()
+
+
+# ---- portable saved models ----------------------------------------------------------------------------------------
+def test_a_local_dir_extractor_rebuilds_from_its_architecture_without_the_folder(saved_extractor_dir, tmp_path):
+    from extractors.local_dir import local_dir_architecture
+
+    folder = tmp_path / "mae"
+    shutil.copytree(saved_extractor_dir, folder)
+    spec = f"local-dir:{folder}"
+    arch = local_dir_architecture(spec)
+    original = create_extractor(spec).eval()
+    x = torch.rand(1, 3, 32, 32)
+    shutil.rmtree(folder)  # the run folder of the pretraining is gone
+    with pytest.raises(FileNotFoundError, match=r"mae/config\.json does not exist"):
+        create_extractor(spec, pretrained=False)
+    rebuilt = create_extractor(spec, pretrained=False, architecture=arch).eval()
+    rebuilt.load_state_dict(original.state_dict())  # the weights a Router saved in its own model.safetensors
+    torch.testing.assert_close(rebuilt(x)["pooled"], original(x)["pooled"], rtol=0, atol=0)
+    assert rebuilt.info.family == original.info.family and rebuilt.info.layers == original.info.layers
+    with pytest.raises(ValueError, match=r"mae \(architecture=\): 'format' must be 'backbone-router-extractor'"):
+        create_extractor(spec, pretrained=False, architecture={"model_name": "vit_small_patch16_224"})
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12 item 9: Router.save_pretrained has to write each saved local-dir "
+                                       "extractor's architecture (extractors.local_dir.local_dir_architecture) into "
+                                       "its config kwargs; router/model.py is the lead's to wire")
+def test_a_router_holding_its_extractor_weights_loads_after_the_local_dir_is_gone(saved_extractor_dir, tmp_path):
+    folder = tmp_path / "mae"
+    shutil.copytree(saved_extractor_dir, folder)
+    cfg = router_config()
+    cfg["extractors"] = [{"spec": f"local-dir:{folder}", "name": "p16", "frozen": False}]  # fine-tuned: saved inside
+    model = Router(RouterConfig.from_dict(cfg)).eval()
+    saved = model.save_pretrained(tmp_path / "router")
+    x = torch.rand(1, 3, 32, 32)
+    expected = model(x, task="seg")["seg"]
+    shutil.rmtree(folder)
+    loaded = Router.from_pretrained(saved)
+    torch.testing.assert_close(loaded(x, task="seg")["seg"], expected, rtol=0, atol=0)
