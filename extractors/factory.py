@@ -3,6 +3,7 @@
 Specs name the library and the model the way users know them::
 
     timm:<name>[.<tag>]                 timm.create_model(name, pretrained=...)
+    timm:local-dir:<dir>, timm:hf-hub:<org/repo>   timm's own saved format (save_for_hf / push_to_hf_hub)
     open_clip:<arch>[/<tag or file>]    the image tower of an open_clip model
     open_clip:hf-hub:<org/repo>         ... saved in open_clip's own format, from the HF cache / the hub
     open_clip:local-dir:<dir>           ... or from a folder

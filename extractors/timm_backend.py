@@ -1,8 +1,17 @@
-"""`timm:<name>[.<tag>]`: any timm ViT or CNN through `forward_intermediates`."""
+"""`timm:<name>[.<tag>]`: any timm ViT or CNN through `forward_intermediates`.
+
+`timm:local-dir:<dir>` and `timm:hf-hub:<org/repo>` are timm's own names for a model saved in its format
+(`timm.models.push_to_hf_hub` / `save_for_hf`: config.json with `architecture`, `model_args` and `pretrained_cfg`,
+plus model.safetensors or pytorch_model.bin); `timm.create_model` builds them. The architecture is read from
+config.json first (ViTs get `dynamic_img_size`), and a cached repo lacking its weights is an error naming the
+cache dir, the files looked for and the offline setting.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import timm
 import torch
@@ -13,6 +22,9 @@ from .base import Extractor, ExtractorInfo
 from .checkpoints import load_into_timm_model
 from .factory import register_extractor, resolve_layers
 
+TIMM_SCHEMAS = ("local-dir:", "hf-hub:")
+TIMM_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")  # what timm loads from a local-dir / hf-hub model
+
 
 def is_vit(model: nn.Module) -> bool:
     return hasattr(model, "patch_embed") and hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")
@@ -20,7 +32,11 @@ def is_vit(model: nn.Module) -> bool:
 
 def create_timm_model(name: str, pretrained: bool, checkpoint: str | None, **kwargs) -> nn.Module:
     """`timm.create_model` with weights from `checkpoint`, the HF cache or the hub; never silently random."""
-    if "dynamic_img_size" not in kwargs and _is_vit_name(name):
+    if name.startswith(TIMM_SCHEMAS):
+        arch = schema_architecture(name, weights=pretrained and checkpoint is None)
+    else:
+        arch = name
+    if "dynamic_img_size" not in kwargs and _is_vit_name(arch):
         kwargs["dynamic_img_size"] = True  # any H, W: position embeddings are interpolated
     if checkpoint is not None or not pretrained:
         model = timm.create_model(name, pretrained=False, **kwargs)
@@ -39,6 +55,32 @@ def create_timm_model(name: str, pretrained: bool, checkpoint: str | None, **kwa
             f"Pass checkpoint=<weight file> to load local weights, or pretrained=False for random weights. "
             f"Cause: {type(e).__name__}: {e}"
         ) from e
+
+
+def schema_architecture(name: str, weights: bool) -> str:
+    """The timm architecture of a ``local-dir:`` / ``hf-hub:`` name, from its config.json; with `weights`, the
+    weight file is looked for too (in the dir, or the repo's snapshot in the HF cache) so that a partial cache
+    is a clear error before timm's own."""
+    from .hub import resolve_model_dir, resolve_model_file
+
+    schema, _, source = name.partition(":")
+    if schema == "local-dir":
+        directory = resolve_model_dir(Path(source).expanduser(), ("config.json",), what=f"timm:{name}")
+        config_path = directory / "config.json"
+        if weights and not any((directory / w).is_file() for w in TIMM_WEIGHT_NAMES):
+            raise FileNotFoundError(f"timm:{name}: {directory} has none of {list(TIMM_WEIGHT_NAMES)}; pass "
+                                    "checkpoint=<weight file> or pretrained=False")
+    else:
+        repo, _, revision = source.partition("@")
+        config_path = resolve_model_file(repo, ("config.json",), what=f"timm:{name}", revision=revision or None)
+        if weights:
+            resolve_model_file(repo, TIMM_WEIGHT_NAMES, what=f"timm:{name}", revision=revision or None)
+    try:
+        return json.loads(config_path.read_text())["architecture"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"timm:{name}: {config_path} is not a timm config.json with 'architecture' "
+                         f"({type(e).__name__}: {e}); timm's save_for_hf / push_to_hf_hub write one (a folder in this package's "
+                         "own format loads as 'local-dir:<dir>')") from e
 
 
 def _is_vit_name(name: str) -> bool:

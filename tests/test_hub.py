@@ -331,3 +331,45 @@ def test_text_encoder_truncates_at_sentence_bert_max_seq_length(tmp_path, new_re
     enc = create_text_encoder(f"hf:{d}")
     va, vb = enc.encode([a, b])
     assert enc.max_length == 64 and not torch.allclose(va, vb)
+
+
+def test_timm_local_dir_and_hf_hub_specs_load_timms_own_format(tmp_path, new_repo_id):
+    import timm
+    from timm.models import save_for_hf
+
+    from extractors import create_extractor
+    from extractors.local_dir import save_extractor_dir
+    from extractors.timm_backend import TimmExtractor
+
+    args = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32}
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, **args).eval()
+    save_for_hf(model, str(tmp_path / "vit"), model_args=args, safe_serialization=True)
+    assert sorted(p.name for p in (tmp_path / "vit").iterdir()) == ["config.json", "model.safetensors"]
+    repo = new_repo_id("vit")
+    cache_snapshot(repo, tmp_path / "vit")
+    ref_model = timm.create_model("vit_small_patch16_224", pretrained=False, dynamic_img_size=True, **args)
+    ref_model.load_state_dict(model.state_dict())
+    ref = TimmExtractor(ref_model.eval(), None)
+    x = torch.rand(2, 3, 48, 80)  # not the saved 32 x 32: position embeddings are interpolated
+    with torch.no_grad():
+        want = ref(x)
+        for spec in (f"timm:local-dir:{tmp_path / 'vit'}", f"timm:hf-hub:{repo}"):
+            ext = create_extractor(spec).eval()
+            got = ext(x)
+            assert torch.equal(got["dense"][0], want["dense"][0]) and torch.equal(got["pooled"], want["pooled"]), spec
+            assert ext.info.patch_size == 16 and ext.info.widths == (32,)
+
+    # a cached repo without its weights, and this package's own older format under the timm name
+    (tmp_path / "vit" / "model.safetensors").unlink()
+    partial = new_repo_id("vit")
+    cache_snapshot(partial, tmp_path / "vit")
+    with pytest.raises(FileNotFoundError) as err:
+        create_extractor(f"timm:hf-hub:{partial}")
+    msg = str(err.value)
+    assert str(repo_cache_dir(partial)) in msg and "'model.safetensors', 'pytorch_model.bin'" in msg
+    assert "HF_HUB_OFFLINE is set" in msg
+    save_extractor_dir(ref, tmp_path / "old", "vit_small_patch16_224", args)
+    with pytest.raises(ValueError, match=r"not a timm config.json with 'architecture'.*loads as 'local-dir:<dir>'"):
+        create_extractor(f"timm:local-dir:{tmp_path / 'old'}")
+    assert create_extractor(f"local-dir:{tmp_path / 'old'}").info.widths == (32,)  # old folders still load
