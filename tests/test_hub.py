@@ -233,6 +233,20 @@ def save_open_clip(directory: Path, mean=(0.1, 0.2, 0.3), **config_changes) -> t
     return model
 
 
+def partial_cache_message(folder: Path, weights: str, spec_prefix: str, repo: str) -> str:
+    """Cache `folder` without its `weights` file as `repo`; loading `spec_prefix + repo` must fail naming the repo's
+    cache dir and the offline setting. Returns the error message."""
+    from extractors import create_extractor
+
+    (folder / weights).unlink()
+    cache_snapshot(repo, folder)
+    with pytest.raises(FileNotFoundError) as err:
+        create_extractor(spec_prefix + repo)
+    msg = str(err.value)
+    assert str(repo_cache_dir(repo)) in msg and "HF_HUB_OFFLINE is set" in msg
+    return msg
+
+
 def test_open_clip_hf_hub_and_local_dir_specs_load_open_clips_own_format(tmp_path, new_repo_id):
     from extractors import create_extractor
     from extractors.open_clip_backend import OpenClipExtractor, import_open_clip
@@ -278,13 +292,8 @@ def test_partial_caches_name_the_cache_dir_the_missing_file_and_offline(tmp_path
     from extractors import create_extractor
 
     save_open_clip(tmp_path / "clip")
-    (tmp_path / "clip" / "open_clip_model.safetensors").unlink()
-    repo = new_repo_id("clip")
-    cache_snapshot(repo, tmp_path / "clip")
-    with pytest.raises(FileNotFoundError) as err:
-        create_extractor(f"open_clip:hf-hub:{repo}")
-    msg = str(err.value)
-    assert str(repo_cache_dir(repo)) in msg and "open_clip_model.safetensors" in msg and "HF_HUB_OFFLINE is set" in msg
+    msg = partial_cache_message(tmp_path / "clip", "open_clip_model.safetensors", "open_clip:hf-hub:", new_repo_id())
+    assert "open_clip_model.safetensors" in msg
 
     cfg = tf.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
                           image_size=28, patch_size=14)
@@ -361,14 +370,8 @@ def test_timm_local_dir_and_hf_hub_specs_load_timms_own_format(tmp_path, new_rep
             assert ext.info.patch_size == 16 and ext.info.widths == (32,)
 
     # a cached repo without its weights, and this package's own older format under the timm name
-    (tmp_path / "vit" / "model.safetensors").unlink()
-    partial = new_repo_id("vit")
-    cache_snapshot(partial, tmp_path / "vit")
-    with pytest.raises(FileNotFoundError) as err:
-        create_extractor(f"timm:hf-hub:{partial}")
-    msg = str(err.value)
-    assert str(repo_cache_dir(partial)) in msg and "'model.safetensors', 'pytorch_model.bin'" in msg
-    assert "HF_HUB_OFFLINE is set" in msg
+    msg = partial_cache_message(tmp_path / "vit", "model.safetensors", "timm:hf-hub:", new_repo_id())
+    assert "'model.safetensors', 'pytorch_model.bin'" in msg
     save_extractor_dir(ref, tmp_path / "old", "vit_small_patch16_224", args)
     with pytest.raises(ValueError, match=r"not a timm config.json with 'architecture'.*loads as 'local-dir:<dir>'"):
         create_extractor(f"timm:local-dir:{tmp_path / 'old'}")
