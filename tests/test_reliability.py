@@ -197,13 +197,13 @@ ROUTER_FAULTS = {
                      r"model\.safetensors: tensor\(s\) \['seg_head\.outputs\.seg\.weight'\] do not match their CRC-32"),
     "config_not_json": (lambda d: (d / "config.json").write_text("{'extractors': oops"),
                         r"config\.json: not valid JSON"),
-    "newer_format_version": (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "format_version": 2})),
-                             r"config\.json: format_version 2 is newer than this package reads \(1\)"),
+    "newer_format_version": (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "format_version": 3})),
+                             r"config\.json: format_version 3 is newer than this package reads \(2\)"),
     "another_models_keys": (lambda d: save_file({"backbone.conv1.weight": torch.zeros(3)}, str(d / "model.safetensors"),
                                                 metadata={"saved_extractors": "[\"p16\"]"}),
                             r"model\.safetensors: does not fit .*unexpected keys \['backbone\.conv1\.weight'\]"),
-    "shape_mismatch": (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "width": 24})),
-                       r"model\.safetensors: does not fit .*shape mismatches .*'aligners\.p16\.proj\.weight: file \(16, 32, 1, 1\) vs model \(24, 32, 1, 1\)'"),
+    "shape_mismatch": (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "level_widths": [24]})),
+                       r"model\.safetensors: does not fit .*shape mismatches .*'aligners\.p16\.levels\.16\.proj\.weight: file \(16, 32, 1, 1\) vs model \(24, 32, 1, 1\)'"),
 }
 
 
