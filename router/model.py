@@ -7,11 +7,13 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TypedDict
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -20,6 +22,7 @@ from extractors import Extractor, ExtractorOutput, check_images, create_extracto
 from extractors.atomic import atomic_save_safetensors, verify_checksums
 from extractors.checkpoints import TORCH_SUFFIXES, key_problems
 from extractors.hub import resolve_model_dir
+from extractors.local_dir import local_dir_architecture
 from heads import ClsHead, SegHead, TopDownDecoder
 
 from .align import Aligner, grid_size, resample
@@ -27,7 +30,7 @@ from .card import router_card, write_card
 from .config import FORMAT_VERSION, RouterConfig, TaskConfig, load_yaml_or_json
 from .detail import DetailStem
 from .gate import TaskGate
-from .inputs import to_image_list
+from .inputs import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 WEIGHT_FILE_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)  # a spec ending so names a local weight file
@@ -249,11 +252,12 @@ class Router(nn.Module):
         return out
 
     @torch.inference_mode()
-    def predict(self, images, task: str) -> list[torch.Tensor] | torch.Tensor:
+    def predict(self, images, task: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[torch.Tensor] | torch.Tensor:
         """Predictions for PIL images, NumPy arrays or tensors of any size, one image at a time.
 
         Segmentation tasks return a list of H x W class-index masks at each image's original size;
-        classification tasks return a tensor of class indices, one per image.
+        classification tasks return a tensor of class indices, one per image (empty for no images). An image
+        above `max_pixels` is shrunk for the forward pass (with a warning) and its logits resized back.
 
         >>> masks = model.predict([Image.open("a.png"), np.zeros((97, 130), np.uint8)], task="demo_seg")
         """
@@ -263,12 +267,23 @@ class Router(nn.Module):
         try:
             device = next(self.parameters()).device
             preds = []
-            for image in to_image_list(images):
-                out = self(image[None].to(device), task=task)
-                preds.append(out["seg"][0].argmax(0).cpu() if tcfg.type == "seg" else out["cls"][0].argmax().cpu())
+            for i, image in enumerate(to_image_list(images)):
+                small, note = fit_pixel_budget(image, max_pixels, f"images[{i}]")
+                if note:
+                    warnings.warn(note, stacklevel=2)
+                out = self(small[None].to(device), task=task)
+                if tcfg.type == "seg":
+                    logits = out["seg"]
+                    if logits.shape[-2:] != image.shape[-2:]:
+                        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+                    preds.append(logits[0].argmax(0).cpu())
+                else:
+                    preds.append(out["cls"][0].argmax().cpu())
         finally:
             self.train(was_training)
-        return preds if tcfg.type == "seg" else torch.stack(preds)
+        if tcfg.type == "seg":
+            return preds
+        return torch.stack(preds) if preds else torch.empty(0, dtype=torch.long)
 
     # ---- save / load -----------------------------------------------------------------------------
     def saved_extractors(self) -> list[str]:
@@ -299,7 +314,11 @@ class Router(nn.Module):
         state = {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
         metadata = {"format": "backbone-router", "saved_extractors": json.dumps(saved)}
         atomic_save_safetensors(state, directory / WEIGHTS_NAME, metadata=metadata)
-        self.config.save_json(directory / CONFIG_NAME)
+        config = RouterConfig.from_dict(self.config.to_dict())
+        for ecfg in config.extractors:  # a saved local-dir extractor rebuilds without its folder
+            if ecfg.name in saved and (arch := local_dir_architecture(ecfg.spec)) is not None:
+                ecfg.kwargs = {**ecfg.kwargs, "architecture": arch}
+        config.save_json(directory / CONFIG_NAME)
         write_card(directory, card, card_data)
         return directory
 

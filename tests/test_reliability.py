@@ -895,9 +895,6 @@ def test_a_local_dir_extractor_rebuilds_from_its_architecture_without_the_folder
         create_extractor(spec, pretrained=False, architecture={"model_name": "vit_small_patch16_224"})
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 9: Router.save_pretrained has to write each saved local-dir "
-                                       "extractor's architecture (extractors.local_dir.local_dir_architecture) into "
-                                       "its config kwargs; router/model.py is the lead's to wire")
 def test_a_router_holding_its_extractor_weights_loads_after_the_local_dir_is_gone(saved_extractor_dir, tmp_path):
     folder = tmp_path / "mae"
     shutil.copytree(saved_extractor_dir, folder)
@@ -910,3 +907,15 @@ def test_a_router_holding_its_extractor_weights_loads_after_the_local_dir_is_gon
     shutil.rmtree(folder)
     loaded = Router.from_pretrained(saved)
     torch.testing.assert_close(loaded(x, task="seg")["seg"], expected, rtol=0, atol=0)
+
+
+def test_predict_shrinks_images_above_the_pixel_budget_and_answers_at_the_original_size(saved_router):
+    model = saved_router[0]
+    image = torch.rand(3, 120, 200)
+    with pytest.warns(UserWarning, match=r"images\[0\]"):
+        (small,) = model.predict([image], task="seg", max_pixels=6000)
+    (full,) = model.predict([image], task="seg", max_pixels=None)
+    assert small.shape == full.shape == (120, 200)
+    assert (small == full).float().mean() > 0.5  # the same image at ~1/4 of the pixels: mostly the same classes
+    empty = model.predict([], task="cls")
+    assert empty.shape == (0,) and empty.dtype == torch.long
