@@ -165,6 +165,11 @@ def test_from_pretrained_on_the_output_predicts(one_process):
     ckpt = load_file(str(run / "checkpoints/step_8/model.safetensors"))
     own = model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in ckpt.items() if k.startswith(("seg_head", "gate", "extractors.vit14")))
+    # the model card carries the run's final metrics and the gate per task and level
+    card = (run / "final" / "README.md").read_text()
+    final = metrics(run)[-1]["tasks"]
+    assert f"{final['shape_cls']['accuracy']:.4f}"[:5] in card and "shape_seg" in card
+    assert "library_name: backbone-router" in card and "## Gate" in card and "## Metrics" in card
 
 
 def test_non_finite_loss_stops_naming_step_and_task(setup):

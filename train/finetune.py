@@ -413,26 +413,27 @@ def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> int:
         for n, loader in eval_loaders.items():
             tcfg = tasks[n].task
             meter = task_metrics(tcfg.type, tcfg.classes, tcfg.ignore_index, accelerator.device)
-            gates = GateMeter(names)
+            gates = GateMeter(names, levels=unwrapped.config.strides)
             for batch in loader:
                 with accelerator.autocast():
                     out = unwrapped(batch["images"], task=n)
                 logits = out[tcfg.type].float()
-                gate = out["gate"].float()
+                gate, levels = out["gate"].float(), out["gate_levels"].float()
                 part = {"pred": logits.argmax(1), "target": batch["target"],
-                        "gate": gate if gate.ndim == 2 else gate.mean(dim=(2, 3))}
+                        "gate": gate if gate.ndim == 2 else gate.mean(dim=(2, 3)),
+                        "gate_levels": levels if levels.ndim == 3 else levels.mean(dim=(3, 4))}
                 if tcfg.type == "seg" and tcfg.num_classes == 2:
                     part["fg_prob"] = F.softmax(logits, dim=1)[:, 1]
                 part = accelerator.gather_for_metrics(part)
                 if main_process:
                     meter.update(part["pred"], part["target"], part.get("fg_prob"))
-                    gates.update(part["gate"])
+                    gates.update(part["gate"], part["gate_levels"])
             if main_process:
-                results[n] = {**meter.compute(), "gate": gates.compute()}
+                results[n] = {**meter.compute(), "gate": gates.compute(), "_gate_levels": gates.compute_levels()}
                 results[n]["_headline"] = meter.headline(results[n])
         set_train_mode(unwrapped, t.freeze_bn_stats)
         if main_process:
-            record = {"step": step, "tasks": {n: {k: v for k, v in r.items() if k != "_headline"} for n, r in results.items()}}
+            record = {"step": step, "tasks": {n: {k: v for k, v in r.items() if not k.startswith("_")} for n, r in results.items()}}
             lines = metrics_path.read_text() if metrics_path.is_file() else ""
             atomic_write_bytes(metrics_path, (lines + json.dumps(json_safe(record)) + "\n").encode())
             flat = {}
@@ -595,7 +596,9 @@ def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> int:
     if main_process:
         final, tmp = output_dir / "final", output_dir / ".tmp_final"
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp)
+        card = {"metrics": {n: {k: v for k, v in r.items() if not k.startswith("_") and k != "gate"} for n, r in results.items()},
+                "gate": {n: r["_gate_levels"] for n, r in results.items() if r.get("_gate_levels")}}
+        unwrapped.save_pretrained(tmp, card_data=card)  # the model card carries the run's metrics and gates
         replace_dir(tmp, final)
         say(f"\nrun finished: {output_dir} (step {t.max_steps})")
         for n, r in results.items():
