@@ -79,3 +79,19 @@ def test_every_row_has_time_memory_flops_and_mfu(summary):
         assert math.isclose(r["mfu"], r["tflops_per_s"] / 1.0)
     assert {(a["phase"], a["on"]) for a in summary["ablations"]} == {
         ("inference", True), ("inference", False), ("train_step", True), ("train_step", False)}
+
+
+def test_the_sync_audit_blames_package_source_not_a_virtualenv_inside_the_checkout():
+    """CI builds .ci-venv inside the repository: torch's optimizer lines there are a library's, not ours."""
+    from types import SimpleNamespace
+
+    from train.benchmark import REPO, repo_line
+
+    def at(rel: str):
+        return SimpleNamespace(filename=str(REPO / rel), lineno=7)
+
+    assert repo_line(at("router/model.py")) == "router/model.py:7"
+    assert repo_line(at(".ci-venv/lib/python3.11/site-packages/torch/optim/adamw.py")) is None
+    assert repo_line(at(".venv/lib/python3.12/site-packages/torch/optim/adam.py")) is None
+    assert repo_line(at("train/benchmark.py")) is None  # the audit's own driver
+    assert repo_line(SimpleNamespace(filename="/usr/lib/python3/torch/nn/functional.py", lineno=1)) is None

@@ -163,6 +163,19 @@ AUDIT_DRIVERS = {Path(__file__).resolve()}  # scripts whose lines are never blam
 SYNC_CALLS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero"}
 
 
+PACKAGE_DIRS = ("extractors", "router", "heads", "train")
+
+
+def repo_line(frame) -> str | None:
+    """'router/model.py:123' when `frame` runs this package's own source (not an audit driver, not a
+    virtual environment that happens to live inside the checkout, as CI's .ci-venv does); else None."""
+    path = Path(frame.filename).resolve()
+    if REPO not in path.parents or path in AUDIT_DRIVERS:
+        return None
+    rel = path.relative_to(REPO)
+    return f"{rel}:{frame.lineno}" if rel.parts[0] in PACKAGE_DIRS else None
+
+
 class HostSyncAudit(TorchFunctionMode):
     """Records tensor calls that wait for the device (item, tolist, bool(tensor), .cpu(), nonzero, list
     indices, which are copied host -> device) with the repository line that made them."""
@@ -185,9 +198,8 @@ class HostSyncAudit(TorchFunctionMode):
     @staticmethod
     def _caller() -> str:
         for frame in inspect.stack()[2:]:
-            path = Path(frame.filename).resolve()
-            if REPO in path.parents and path not in AUDIT_DRIVERS and ".venv" not in path.parts:
-                return f"{path.relative_to(REPO)}:{frame.lineno}"
+            if where := repo_line(frame):
+                return where
         frame = inspect.stack()[2]
         parts = Path(frame.filename).parts
         where = "/".join(parts[parts.index("site-packages") + 1:]) if "site-packages" in parts else frame.filename

@@ -526,13 +526,12 @@ def cuda_sync_warnings():
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" not in str(message):
             return saved(message, category, filename, lineno, file, line)
-        from train.benchmark import AUDIT_DRIVERS
+        from train.benchmark import repo_line
 
         where = f"{filename}:{lineno} (a library)"
         for frame in inspect.stack()[1:]:
-            path = Path(frame.filename).resolve()
-            if REPO in path.parents and path not in AUDIT_DRIVERS:
-                where = f"{path.relative_to(REPO)}:{frame.lineno}"
+            if ours := repo_line(frame):
+                where = ours
                 break
         found[where] = found.get(where, 0) + 1
 
