@@ -1,7 +1,7 @@
 """Shared segmentation / classification heads and their losses."""
 
 from heads.cls import ClsHead
-from heads.decoder import DECODER_BLOCKS, TopDownDecoder
+from heads.decoder import DECODER_BLOCKS, DECODER_OUTPUTS, TopDownDecoder
 from heads.losses import (
     LOSSES,
     BinaryCrossEntropyLoss,
@@ -22,6 +22,7 @@ __all__ = [
     "ClsHead",
     "TopDownDecoder",
     "DECODER_BLOCKS",
+    "DECODER_OUTPUTS",
     "build_loss",
     "LOSSES",
     "LossTermConfig",

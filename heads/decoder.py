@@ -5,6 +5,11 @@ convolution to the next finer level's width (before upsampling, a quarter of the
 upsampled onto that level's grid, added to its fused map, and merged by a 3 x 3 block (a full
 convolution, or depthwise 3 x 3 + pointwise 1 x 1 with ``block="separable"``) with a channel LayerNorm
 and GELU. Coarse context thus reaches the fine grid, where the segmentation head reads it.
+
+``output="fuse"`` (UPerNet's fuse step) returns, instead of the finest running map alone, every level's
+map after its merge (the coarsest level as it came in) resampled to the finest grid, concatenated and
+mixed by a 1 x 1 convolution + LayerNorm + GELU to ``out_width`` channels. The head then reads the coarse
+levels at their full width, not through the finest level's few channels.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 DECODER_BLOCKS = ("conv", "separable")
+DECODER_OUTPUTS = ("finest", "fuse")
 
 
 def merge_block(width: int, block: str) -> nn.Sequential:
@@ -27,30 +33,51 @@ def merge_block(width: int, block: str) -> nn.Sequential:
 
 
 class TopDownDecoder(nn.Module):
-    """Maps of widths ``widths`` (finest level first) -> B x widths[0] x h_0 x w_0.
+    """Maps of widths ``widths`` (finest level first) -> B x out_width x h_0 x w_0.
+
+    ``out_width`` is ``widths[0]`` for ``output="finest"``; for ``output="fuse"`` it is given (default: the
+    coarsest level's width).
 
     >>> dec = TopDownDecoder([16, 32, 64])
     >>> maps = [torch.rand(2, 16, 28, 30), torch.rand(2, 32, 14, 15), torch.rand(2, 64, 7, 8)]
     >>> tuple(dec(maps).shape)
     (2, 16, 28, 30)
+    >>> tuple(TopDownDecoder([16, 32, 64], output="fuse")(maps).shape)
+    (2, 64, 28, 30)
     """
 
-    def __init__(self, widths: list[int], block: str = "separable"):
+    def __init__(self, widths: list[int], block: str = "separable", output: str = "finest",
+                 out_width: int | None = None):
         super().__init__()
         if len(widths) < 2:
             raise ValueError(f"TopDownDecoder: needs >= 2 levels, got widths {widths}")
         if block not in DECODER_BLOCKS:
             raise ValueError(f"TopDownDecoder.block: expected one of {DECODER_BLOCKS}, got {block!r}")
+        if output not in DECODER_OUTPUTS:
+            raise ValueError(f"TopDownDecoder.output: expected one of {DECODER_OUTPUTS}, got {output!r}")
+        if output == "finest" and out_width not in (None, widths[0]):
+            raise ValueError(f"TopDownDecoder: output 'finest' has the finest width {widths[0]}, got out_width {out_width}")
         self.widths = list(widths)
+        self.output = output
+        self.out_width = widths[0] if output == "finest" else (out_width or widths[-1])
         # lateral[i] takes level i + 1's running map to level i's width; merge[i] merges at level i.
         self.lateral = nn.ModuleList(nn.Conv2d(widths[i + 1], widths[i], 1) for i in range(len(widths) - 1))
         self.merge = nn.ModuleList(merge_block(widths[i], block) for i in range(len(widths) - 1))
+        if output == "fuse":
+            self.fuse = nn.Sequential(nn.Conv2d(sum(widths), self.out_width, 1), LayerNorm2d(self.out_width), nn.GELU())
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         if len(maps) != len(self.widths):
             raise ValueError(f"TopDownDecoder: expected {len(self.widths)} maps (finest first), got {len(maps)}")
         x = maps[-1]
+        merged = [x]
         for i in range(len(maps) - 2, -1, -1):
             up = F.interpolate(self.lateral[i](x), size=maps[i].shape[-2:], mode="bilinear", align_corners=False)
             x = self.merge[i](maps[i] + up)
-        return x
+            merged.append(x)
+        if self.output == "finest":
+            return x
+        size = x.shape[-2:]
+        merged = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                  for m in reversed(merged)]
+        return self.fuse(torch.cat(merged, dim=1))

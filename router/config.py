@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from extractors.base import FAMILIES
-from heads.decoder import DECODER_BLOCKS
+from heads.decoder import DECODER_BLOCKS, DECODER_OUTPUTS
 from heads.seg import SEG_TRUNKS
 
 FORMAT_VERSION = 2  # 2: `levels` (a pyramid) and `detail`; 1: one grid (`stride`), read as levels: [stride]
@@ -74,6 +74,8 @@ class GateConfig:
     #                          extractors before running them) or "features" (the aligned extractor maps)
     temperature: float = 1.0  # softmax temperature of the gate logits
     top_k: int | None = None  # keep the k largest weights per row and renormalize; None keeps all
+    top_k_levels: str = "shared"  # several levels: "shared" keeps the same k extractors at every level (those
+    #                               with the largest weight averaged over levels: k run), "each" per level
     hidden: int = 64  # width of the gate MLP and of the task embedding
     stem_scale: int = 8  # content "pixels": image pixels per grid cell the stem sees (8: its stride-8 output
     #                      is the grid; 4 or 2: a quarter / a sixteenth of the work, output resampled to the grid)
@@ -97,6 +99,8 @@ class GateConfig:
             raise ValueError(f"gate.temperature: must be > 0, got {self.temperature}")
         if self.combine not in ("sum", "concat"):
             raise ValueError(f"gate.combine: expected 'sum' or 'concat', got {self.combine!r}")
+        if self.top_k_levels not in ("shared", "each"):
+            raise ValueError(f"gate.top_k_levels: expected 'shared' or 'each', got {self.top_k_levels!r}")
         if self.stem_scale not in (2, 4, 8):
             raise ValueError(f"gate.stem_scale: expected 2, 4 or 8 pixels per grid cell, got {self.stem_scale!r}")
 
@@ -106,6 +110,7 @@ class HeadConfig:
     seg_hidden: int = 128  # channels of the shared segmentation trunk
     seg_trunk: str = "conv"  # "conv": 3x3 convolution; "separable": depthwise 3x3 + pointwise 1x1 (~1/9 the work)
     decoder_block: str = "separable"  # merge block of the top-down decoder (levels > 1): "separable" or "conv"
+    decoder_output: str = "finest"  # what the seg head reads (levels > 1): "finest" map, or "fuse" of all levels
     cls_pooling: str = "mean"  # "mean" or "attention" pooling of the fused map
     cls_hidden: int = 256  # hidden width of the shared classification MLP
     dropout: float = 0.0  # dropout before the per-task outputs
@@ -115,6 +120,8 @@ class HeadConfig:
             raise ValueError(f"head.seg_trunk: expected one of {SEG_TRUNKS}, got {self.seg_trunk!r}")
         if self.decoder_block not in DECODER_BLOCKS:
             raise ValueError(f"head.decoder_block: expected one of {DECODER_BLOCKS}, got {self.decoder_block!r}")
+        if self.decoder_output not in DECODER_OUTPUTS:
+            raise ValueError(f"head.decoder_output: expected one of {DECODER_OUTPUTS}, got {self.decoder_output!r}")
 
 
 @dataclass

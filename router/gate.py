@@ -10,9 +10,21 @@ from torch import nn
 from .config import GateConfig
 
 
-def top_k_renormalize(weights: torch.Tensor, k: int, dim: int = 1) -> torch.Tensor:
-    """Keep the k largest weights along `dim` (ties: the lower index), zero the rest, renormalize to 1."""
-    idx = weights.topk(k, dim=dim).indices
+def top_k_renormalize(weights: torch.Tensor, k: int, dim: int = 1, score: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the k largest weights along `dim` (ties: the lower index), zero the rest, renormalize to 1.
+
+    With `score` (broadcastable to `weights`), the k entries are those with the largest score instead, e.g.
+    the weights averaged over levels, so that every level keeps the same k extractors.
+
+    >>> w = torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.5, 0.4]]])     # 1 image x 2 levels x 3 extractors
+    >>> top_k_renormalize(w, 1, dim=2)                               # per level: two extractors would run
+    tensor([[[1., 0., 0.],
+             [0., 1., 0.]]])
+    >>> top_k_renormalize(w, 1, dim=2, score=w.mean(1, keepdim=True))   # shared: one runs
+    tensor([[[0., 1., 0.],
+             [0., 1., 0.]]])
+    """
+    idx = (weights if score is None else score.expand_as(weights)).topk(k, dim=dim).indices
     kept = torch.zeros_like(weights).scatter(dim, idx, weights.gather(dim, idx))
     return kept / kept.sum(dim=dim, keepdim=True)
 
@@ -52,7 +64,8 @@ class TaskGate(nn.Module):
     plus the pooled content (B x L x E). ``token``: task embedding plus the local content at every cell of
     the gate's grid (B x L x E x h x w). Content comes from a small pixel stem (``content="pixels"``) or
     from the aligned extractor maps (``content="features"``). One MLP gives all L x E logits, so with one
-    level this is exactly the single-grid gate.
+    level this is exactly the single-grid gate. Top-k keeps the same k extractors at every level
+    (``top_k_levels="shared"``, so k extractors run) or each level's own k (``"each"``).
     """
 
     def __init__(self, num_extractors: int, task_names: list[str], cfg: GateConfig, feature_width: int,
@@ -116,7 +129,9 @@ class TaskGate(nn.Module):
         weights = (logits / self.cfg.temperature).softmax(dim=2)
         aux = self.aux_loss(weights)
         if self.cfg.top_k is not None and self.cfg.top_k < self.num_extractors:
-            weights = top_k_renormalize(weights, self.cfg.top_k, dim=2)
+            shared = self.cfg.top_k_levels == "shared" and self.num_levels > 1
+            weights = top_k_renormalize(weights, self.cfg.top_k, dim=2,
+                                        score=weights.mean(dim=1, keepdim=True) if shared else None)
         return weights, aux
 
     def aux_loss(self, weights: torch.Tensor) -> torch.Tensor:

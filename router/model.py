@@ -91,12 +91,15 @@ class Router(nn.Module):
                                  text_embeddings, num_levels=len(levels))
         if config.has_detail:
             self.detail = DetailStem(widths[0])
-        if len(levels) > 1:
-            self.decoder = TopDownDecoder(widths, block=config.head.decoder_block)
+        h = config.head
+        seg_width = widths[0]
+        if len(levels) > 1:  # "fuse": the head reads all levels mixed at the stride-16 width
+            self.decoder = TopDownDecoder(widths, block=h.decoder_block, output=h.decoder_output,
+                                          out_width=config.width if h.decoder_output == "fuse" else None)
+            seg_width = self.decoder.out_width
         seg = {t.name: t.num_classes for t in config.tasks if t.type == "seg"}
         cls = {t.name: t.num_classes for t in config.tasks if t.type == "cls"}
-        h = config.head
-        self.seg_head = SegHead(widths[0], seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk)
+        self.seg_head = SegHead(seg_width, seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk)
         self.cls_head = ClsHead(widths[-1], cls, pooling=h.cls_pooling, hidden=h.cls_hidden, dropout=h.dropout,
                                 pooled_dim=widths[-1])
 

@@ -124,6 +124,22 @@ def test_top_k_skips_extractors_unused_at_every_level():
     assert out["gate_levels"][:, :, 2].eq(1).all()
 
 
+@pytest.mark.parametrize("scope,ran", [("shared", [False, True, False]), ("each", [True, True, False])])
+def test_top_1_shared_across_levels_runs_one_extractor(scope, ran):
+    """Levels that prefer different extractors: top_k_levels "shared" keeps the one with the largest weight
+    averaged over levels at every level (one extractor runs); "each" keeps each level's own choice."""
+    model = Router(make_config(top_k=1, gate={"granularity": "image", "top_k": 1, "hidden": 16, "top_k_levels": scope})).eval()
+    bias = torch.tensor([[9.0, 0, 0], [0, 9.2, 0], [0, 9.2, 0], [9.0, 0, 0]])  # p14, p16, p16, p14 by level:
+    with torch.no_grad():                                                       # p16 has the larger mean
+        model.gate.mlp[-1].weight.zero_()
+        model.gate.mlp[-1].bias.copy_(bias.flatten())
+        out = model(torch.rand(2, 3, 50, 70), task="seg_a")
+    assert out["ran"].tolist() == ran
+    chosen = out["gate_levels"].argmax(dim=2)[0].tolist()
+    assert chosen == ([1, 1, 1, 1] if scope == "shared" else [0, 1, 1, 0])
+    assert out["gate_levels"].max(dim=2).values.eq(1).all()
+
+
 def test_tap_assignment_cnn_by_stride_vit_by_depth_and_borrowing():
     cnn = ExtractorInfo("cnn", 64, (24, 32, 48, 64), (4, 8, 16, 32), 32, (1, 2, 3, 4), (0.5,) * 3, (0.5,) * 3)
     got = {s: [(t.index, t.factor) for t in taps] for s, taps in assign_taps(cnn, [4, 8, 16, 32]).items()}
@@ -135,6 +151,27 @@ def test_tap_assignment_cnn_by_stride_vit_by_depth_and_borrowing():
     got = {s: [(t.index, t.factor) for t in taps] for s, taps in assign_taps(vit, [4, 8, 16, 32]).items()}
     assert got == {4: [(0, 4)], 8: [(0, 2)], 16: [(1, 0)], 32: [(1, -2)]}  # DPT: shallow block to fine levels
     assert {s: [t.factor for t in taps] for s, taps in assign_taps(cnn, [16]).items()} == {16: [0, 0, 0, 0]}
+
+
+@pytest.mark.parametrize("size", [(97, 130), (61, 45)])
+def test_fuse_decoder_output_reads_every_level_at_the_stride_16_width(size):
+    """head.decoder_output: fuse: the seg head reads all levels mixed at `width` channels, at the finest grid;
+    every level's decoded map reaches the fuse (a gradient reaches each level's merge and the coarsest map)."""
+    torch.manual_seed(0)
+    cfg = make_config(level_widths=[8, 8, 16, 24], head={"seg_hidden": 16, "cls_hidden": 16, "decoder_output": "fuse"})
+    model = Router(cfg)
+    assert model.decoder.out_width == 16 and model.seg_head.in_dim == 16
+    assert model.decoder.fuse[0].in_channels == 8 + 8 + 16 + 24
+    maps = [torch.rand(2, w, math.ceil(size[0] / s), math.ceil(size[1] / s), requires_grad=True)
+            for w, s in zip([8, 8, 16, 24], [4, 8, 16, 32])]
+    fused = model.decoder(maps)
+    assert tuple(fused.shape) == (2, 16, *maps[0].shape[-2:])
+    fused.square().sum().backward()
+    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in maps)
+    out = model(torch.rand(2, 3, *size), task="seg_a")
+    assert out["seg"].shape == (2, 2, *size)
+    with pytest.raises(ValueError, match=r"head.decoder_output: expected one of \('finest', 'fuse'\), got 'all'"):
+        make_config(head={"decoder_output": "all"})
 
 
 def test_bad_levels_are_errors_naming_the_key():
