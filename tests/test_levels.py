@@ -168,6 +168,17 @@ def test_fuse_decoder_output_reads_every_level_at_the_stride_16_width(size):
     assert tuple(fused.shape) == (2, 16, *maps[0].shape[-2:])
     fused.square().sum().backward()
     assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in maps)
+    # Each level's slice of the 1x1 weights on its own grid, then resampled and summed: the same map as
+    # resampling every level to the finest grid, concatenating and applying the 1x1 convolution there.
+    dec, merged = model.decoder, []
+    x = maps[-1]
+    merged.append(x)
+    for i in range(len(maps) - 2, -1, -1):
+        x = dec.merge[i](maps[i] + F.interpolate(dec.lateral[i](x), size=maps[i].shape[-2:], mode="bilinear"))
+        merged.append(x)
+    grid = maps[0].shape[-2:]
+    cat = torch.cat([F.interpolate(m, size=grid, mode="bilinear") for m in reversed(merged)], dim=1)
+    torch.testing.assert_close(fused, dec.fuse(cat), atol=1e-5, rtol=1e-5)
     out = model(torch.rand(2, 3, *size), task="seg_a")
     assert out["seg"].shape == (2, 2, *size)
     with pytest.raises(ValueError, match=r"head.decoder_output: expected one of \('finest', 'fuse'\), got 'all'"):
