@@ -21,7 +21,8 @@ from extractors.base import FAMILIES
 from heads.decoder import DECODER_BLOCKS, DECODER_OUTPUTS
 from heads.seg import SEG_TRUNKS
 
-FORMAT_VERSION = 2  # 2: `levels` (a pyramid) and `detail`; 1: one grid (`stride`), read as levels: [stride]
+FORMAT_VERSION = 3  # 3: head.decoder_output defaults to "fuse" (2 had only the finest map: read as "finest");
+#                     2: `levels` (a pyramid) and `detail`; 1: one grid (`stride`), read as levels: [stride]
 FUSIONS = ("single", "mean", "concat", "gated")
 GRANULARITIES = ("task", "image", "token")
 TASK_TYPES = ("seg", "cls")
@@ -110,7 +111,7 @@ class HeadConfig:
     seg_hidden: int = 128  # channels of the shared segmentation trunk
     seg_trunk: str = "conv"  # "conv": 3x3 convolution; "separable": depthwise 3x3 + pointwise 1x1 (~1/9 the work)
     decoder_block: str = "separable"  # merge block of the top-down decoder (levels > 1): "separable" or "conv"
-    decoder_output: str = "finest"  # what the seg head reads (levels > 1): "finest" map, or "fuse" of all levels
+    decoder_output: str = "fuse"  # what the seg head reads (levels > 1): "fuse" of all levels, or the "finest" map
     cls_pooling: str = "mean"  # "mean" or "attention" pooling of the fused map
     cls_hidden: int = 256  # hidden width of the shared classification MLP
     dropout: float = 0.0  # dropout before the per-task outputs
@@ -207,10 +208,14 @@ class RouterConfig:
         """Build from a plain dict; an unknown key or a wrong type is an error naming its path.
 
         A format-1 dict (one grid, written before levels existed) reads as ``levels: [stride]`` with no
-        detail stem: the same model, parameter for parameter.
+        detail stem, a format-2 dict (before the fuse decoder output) with ``head.decoder_output: finest``:
+        the same model, parameter for parameter.
         """
-        if isinstance(data, dict) and data.get("format_version", FORMAT_VERSION) < 2:
-            data = {**data, "format_version": FORMAT_VERSION, "levels": [data.get("stride", 16)], "detail": False}
+        version = data.get("format_version", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
+        if version < 2:
+            data = {**data, "levels": [data.get("stride", 16)], "detail": False}
+        if version < 3 and isinstance(data.get("head", {}), dict):  # another type: the decoder names the error
+            data = {**data, "format_version": FORMAT_VERSION, "head": {"decoder_output": "finest", **data.get("head", {})}}
         return _from_dict(cls, data, where)
 
     def to_dict(self) -> dict[str, Any]:
