@@ -376,3 +376,68 @@ def test_timm_local_dir_and_hf_hub_specs_load_timms_own_format(tmp_path, new_rep
     with pytest.raises(ValueError, match=r"not a timm config.json with 'architecture'.*loads as 'local-dir:<dir>'"):
         create_extractor(f"timm:local-dir:{tmp_path / 'old'}")
     assert create_extractor(f"local-dir:{tmp_path / 'old'}").info.widths == (32,)  # old folders still load
+
+
+# ---- extractors this package writes are in timm's format, and travel with a pushed Router ---------------------
+def test_imgsim_converter_writes_timms_format_that_timm_and_create_extractor_open(tmp_path):
+    import timm
+
+    from extractors import create_extractor
+    from train.imgsim_extractor import PREFIX, write_imgsim_extractor
+
+    torch.manual_seed(0)  # a stand-in for imgsim's model.pth: a ResNet-50 under module.pre.* with a 2048 -> 768 head
+    fake = {PREFIX + k: v for k, v in timm.create_model("resnet50", pretrained=False, num_classes=768).state_dict().items()}
+    torch.save(fake, tmp_path / "model.pth")
+    out = write_imgsim_extractor(tmp_path / "r50", weights=tmp_path / "model.pth")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    opened = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert opened.num_classes == 0 and opened.num_features == 2048
+    trunk = {k[len(PREFIX):]: v for k, v in fake.items() if not k.startswith(PREFIX + "fc.")}
+    assert opened.state_dict().keys() == trunk.keys() and all(torch.equal(v, trunk[k]) for k, v in opened.state_dict().items())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = (create_extractor(s).eval() for s in (f"timm:local-dir:{out}", f"local-dir:{out}"))
+        assert torch.equal(a(x)["pooled"], b(x)["pooled"])
+        assert torch.equal(a(x)["pooled"], opened.eval().forward_head(opened.forward_features(a.preprocess(x)), pre_logits=True))
+    assert a.info.family == "morphological" and a.info.layers == (3, 4) and a.info.widths == (1024, 2048)
+    assert a.info.mean == (0.485, 0.456, 0.406) and a.info.strides == (16, 32)
+
+
+def test_push_to_hub_uploads_what_a_hub_user_can_rebuild_and_refuses_the_rest(tmp_path, recorded_hub, images):
+    import transformers as tf
+
+    from extractors import create_extractor
+    from extractors.timm_backend import save_timm_extractor
+
+    args = {"embed_dim": 16, "depth": 1, "num_heads": 2, "img_size": 32}
+    torch.manual_seed(0)
+    save_timm_extractor(create_extractor("timm:vit_small_patch16_224", pretrained=False, family="morphological",
+                                         **args), tmp_path / "ssl", args, {"method": "test"})
+    vit = {"spec": f"timm:local-dir:{tmp_path / 'ssl'}", "name": "vit"}
+    # fine-tuned (weights saved), or frozen with full=True: the folder's config.json travels in the Router's
+    for extractor, full in (({**vit, "frozen": False}, False), (vit, True)):
+        torch.manual_seed(0)
+        model = Router(RouterConfig.from_dict({**TINY, "extractors": [extractor, TINY["extractors"][1]]})).eval()
+        recorded_hub["copy"] = tmp_path / f"up_{full}"
+        model.push_to_hub("org/x", full=full)
+        assert recorded_hub["upload_folder"]["files"] == ["README.md", "config.json", "model.safetensors"]
+        (tmp_path / "ssl").rename(tmp_path / "away")  # the Hub user has no such folder
+        with torch.no_grad():
+            back = Router.from_pretrained(tmp_path / f"up_{full}").eval()
+            assert_same_outputs(back, model, images)
+        assert back.extractors["vit"].info.family == "morphological"
+        (tmp_path / "away").rename(tmp_path / "ssl")
+    # frozen and not uploaded: refused before anything is created
+    recorded_hub.clear()
+    model = Router(RouterConfig.from_dict({**TINY, "extractors": [vit, TINY["extractors"][1]]}))
+    with pytest.raises(ValueError, match=r"\['vit'\] take their weights from a local file or dir.*ssl.*full=True"):
+        model.push_to_hub("org/x")
+    assert recorded_hub == {}
+    # an hf:<dir> model reads its config.json from the folder even for saved weights: refused even with full=True
+    tf.Dinov2Model(tf.Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                   image_size=28, patch_size=14)).save_pretrained(tmp_path / "dino")
+    dino = {"spec": f"hf:{tmp_path / 'dino'}", "name": "dino", "pretrained": False}
+    model = Router(RouterConfig.from_dict({**TINY, "extractors": [dino, TINY["extractors"][1]]}))
+    with pytest.raises(ValueError, match=r"\['dino'\] need \['its architecture, from the folder .*dino'\].*timm:local-dir"):
+        model.push_to_hub("org/x", full=True)
+    assert recorded_hub == {}
