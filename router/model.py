@@ -319,7 +319,7 @@ class Router(nn.Module):
             if ecfg.name in saved and (arch := local_dir_architecture(ecfg.spec)) is not None:
                 ecfg.kwargs = {**ecfg.kwargs, "architecture": arch}
         config.save_json(directory / CONFIG_NAME)
-        write_card(directory, card, card_data)
+        write_card(directory, card, card_data, self.config, {n: e.info for n, e in self.extractors.items()})
         return directory
 
     def push_to_hub(self, repo_id: str, private: bool | None = None,

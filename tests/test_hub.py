@@ -9,6 +9,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, RepoUrl
@@ -213,6 +214,28 @@ def test_model_card_has_hub_metadata_tasks_extractors_levels_and_gate_tables(tmp
         model.save_pretrained(tmp_path / "bad", card_data={"metric": {}})
     with pytest.raises(ValueError, match=r"card_data.gate.seg_a: unknown extractor\(s\) \['dino'\]"):
         model.save_pretrained(tmp_path / "bad", card_data={"gate": {"seg_a": {"dino": 1.0}}})
+
+
+def test_save_pretrained_draws_the_gate_heatmap_next_to_the_card(tmp_path):
+    from PIL import Image
+
+    from router.card import card_gate_panels
+
+    model = tiny_router()
+    gate = {"seg_a": {8: {"vit": 0.2, "cnn": 0.8}, 16: {"vit": 0.4, "cnn": 0.6}}, "cls_b": {"16": {"vit": 0.9, "cnn": 0.1}}}
+    model.save_pretrained(tmp_path / "m", card_data={"gate": gate})
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "README.md", "config.json", "gate_heatmap.png", "model.safetensors"]  # no temp files left behind
+    with Image.open(tmp_path / "m" / "gate_heatmap.png") as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1] > 100  # two level panels side by side
+    assert "![gate weights per task and level](gate_heatmap.png)" in (tmp_path / "m" / "README.md").read_text()
+    # what is drawn: one panel per level (JSON's string strides too), NaN where a task has no weight at a level
+    (s8, m8), (s16, m16) = card_gate_panels(gate, ["seg_a", "cls_b"], ["vit", "cnn"])
+    assert (s8, s16) == (8, 16) and m8[0].tolist() == [0.2, 0.8] and np.isnan(m8[1]).all()
+    assert m16.tolist() == [[0.4, 0.6], [0.9, 0.1]]
+    # a task with only the mean over levels: one panel of means
+    [(level, mean)] = card_gate_panels({**gate, "cls_b": {"vit": 0.9, "cnn": 0.1}}, ["seg_a", "cls_b"], ["vit", "cnn"])
+    assert level is None and np.allclose(mean, [[0.3, 0.7], [0.9, 0.1]])
 
 
 # ---- extractors and text encoders in their libraries' own formats, from the cache --------------------------
