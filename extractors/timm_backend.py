@@ -101,7 +101,7 @@ def save_timm_extractor(extractor: TimmExtractor, directory: str | os.PathLike, 
     Args:
         extractor: a :class:`TimmExtractor` (e.g. train/pretrain.py's encoder).
         directory: the folder to write (created if needed).
-        model_args: timm.create_model kwargs that rebuild the architecture (timm >= 1.0.20 records them
+        model_args: timm.create_model kwargs that rebuild the architecture (recent timm records them
             itself; older versions need them here).
         source: free-form provenance (method, steps, data), kept under config.json's ``"backbone_router"``.
 
