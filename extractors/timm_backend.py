@@ -5,12 +5,17 @@
 plus model.safetensors or pytorch_model.bin); `timm.create_model` builds them. The architecture is read from
 config.json first (ViTs get `dynamic_img_size`), and a cached repo lacking its weights is an error naming the
 cache dir, the files looked for and the offline setting.
+
+:func:`save_timm_extractor` writes that format (what train/pretrain.py and the imgsim converter save), with this
+package's own facts about the extractor (dense layers, family, provenance) under config.json's
+``"backbone_router"`` key, which timm ignores.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import timm
@@ -18,12 +23,19 @@ import torch
 from huggingface_hub.constants import HF_HUB_CACHE
 from torch import nn
 
+from .atomic import atomic_save_safetensors, atomic_write_bytes
 from .base import Extractor, ExtractorInfo
 from .checkpoints import load_into_timm_model
 from .factory import register_extractor, resolve_layers
 
 TIMM_SCHEMAS = ("local-dir:", "hf-hub:")
 TIMM_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")  # what timm loads from a local-dir / hf-hub model
+OWN_KEY = "backbone_router"  # config.json key with this package's facts: layers, family, source (timm ignores it)
+# pretrained_cfg keys that describe saved weights of any origin (preprocessing, input, classifier); the rest
+# (tag, license, hf_hub_id, paper, ...) belongs to the architecture's published weights, not to ours
+PRETRAINED_CFG_KEYS = ("input_size", "fixed_input_size", "min_input_size", "test_input_size", "interpolation",
+                       "crop_pct", "test_crop_pct", "crop_mode", "mean", "std", "num_classes", "pool_size",
+                       "test_pool_size", "first_conv", "classifier", "custom_load")
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -33,7 +45,10 @@ def is_vit(model: nn.Module) -> bool:
 def create_timm_model(name: str, pretrained: bool, checkpoint: str | None, **kwargs) -> nn.Module:
     """`timm.create_model` with weights from `checkpoint`, the HF cache or the hub; never silently random."""
     if name.startswith(TIMM_SCHEMAS):
-        arch = schema_architecture(name, weights=pretrained and checkpoint is None)
+        config = schema_config(name, weights=pretrained and checkpoint is None)
+        arch = config["architecture"]
+        if name.startswith("local-dir:") and pretrained and checkpoint is None:  # read by us: strict keys, CRC-32
+            checkpoint = str(next(p for w in TIMM_WEIGHT_NAMES if (p := Path(config["_dir"]) / w).is_file()))
     else:
         arch = name
     if "dynamic_img_size" not in kwargs and _is_vit_name(arch):
@@ -57,10 +72,61 @@ def create_timm_model(name: str, pretrained: bool, checkpoint: str | None, **kwa
         ) from e
 
 
-def schema_architecture(name: str, weights: bool) -> str:
-    """The timm architecture of a ``local-dir:`` / ``hf-hub:`` name, from its config.json; with `weights`, the
-    weight file is looked for too (in the dir, or the repo's snapshot in the HF cache) so that a partial cache
-    is a clear error before timm's own."""
+def model_from_timm_config(config: dict, where: str, **kwargs) -> nn.Module:
+    """A randomly initialized timm model from a timm config.json dict alone (architecture, model_args,
+    pretrained_cfg): what rebuilds a saved extractor whose folder is gone."""
+    if not is_timm_config(config):
+        raise ValueError(f"{where}: not a timm config.json (expected 'architecture', 'pretrained_cfg'; got keys "
+                         f"{sorted(config) if isinstance(config, dict) else config!r})")
+    model = create_timm_model(config["architecture"], pretrained=False, checkpoint=None,
+                              **{**config.get("model_args", {}), **kwargs})
+    pre = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("pretrained_cfg", {}).items()}
+    model.pretrained_cfg = {**model.pretrained_cfg, **pre}
+    return model
+
+
+def is_timm_config(config) -> bool:
+    """Whether a config.json dict is timm's (``architecture`` at the top), not this package's older format."""
+    return isinstance(config, dict) and isinstance(config.get("architecture"), str) and "format" not in config
+
+
+def save_timm_extractor(extractor: TimmExtractor, directory: str | os.PathLike, model_args: dict | None = None,
+                        source: dict | None = None) -> Path:
+    """Write a timm-built extractor in timm's own format (timm's ``save_for_hf`` layout: config.json with
+    ``architecture``, ``model_args`` and ``pretrained_cfg``, plus model.safetensors), each file atomically.
+
+    ``timm.create_model("local-dir:<directory>")`` opens it, and ``create_extractor("timm:local-dir:<directory>")``
+    (or ``"local-dir:<directory>"``) gives the same extractor: weights, mean / std, layers, family.
+
+    Args:
+        extractor: a :class:`TimmExtractor` (e.g. train/pretrain.py's encoder).
+        directory: the folder to write (created if needed).
+        model_args: timm.create_model kwargs that rebuild the architecture (recent timm records them
+            itself; older versions need them here).
+        source: free-form provenance (method, steps, data), kept under config.json's ``"backbone_router"``.
+
+    >>> ext = create_extractor("timm:vit_small_patch16_224", pretrained=False, embed_dim=32, depth=2, num_heads=2)
+    >>> save_timm_extractor(ext, "runs/x/final", {"embed_dim": 32, "depth": 2, "num_heads": 2})
+    >>> timm.create_model("local-dir:runs/x/final", pretrained=True)  # or create_extractor("timm:local-dir:runs/x/final")
+    """
+    from timm.models._hub import save_config_for_hf
+
+    directory, info, model = Path(directory), extractor.info, extractor.model
+    own = {"layers": list(info.layers), "family": info.family, "source": source or {}}
+    with tempfile.TemporaryDirectory() as tmp:  # timm writes its config in place; ours is renamed in whole
+        save_config_for_hf(model, str(Path(tmp) / "config.json"), model_config={OWN_KEY: own}, model_args=model_args)
+        config = json.loads((Path(tmp) / "config.json").read_text())
+    config["pretrained_cfg"] = {k: v for k, v in config["pretrained_cfg"].items() if k in PRETRAINED_CFG_KEYS}
+    config["pretrained_cfg"].update(mean=list(info.mean), std=list(info.std))
+    atomic_save_safetensors(model.state_dict(), directory / TIMM_WEIGHT_NAMES[0])
+    atomic_write_bytes(directory / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    return directory
+
+
+def schema_config(name: str, weights: bool) -> dict:
+    """The timm config.json of a ``local-dir:`` / ``hf-hub:`` name (with ``"_dir"``, the folder it was read from);
+    with `weights`, the weight file is looked for too (in the dir, or the repo's snapshot in the HF cache) so that a
+    partial cache is a clear error before timm's own."""
     from .hub import resolve_model_dir, resolve_model_file
 
     schema, _, source = name.partition(":")
@@ -76,11 +142,15 @@ def schema_architecture(name: str, weights: bool) -> str:
         if weights:
             resolve_model_file(repo, TIMM_WEIGHT_NAMES, what=f"timm:{name}", revision=revision or None)
     try:
-        return json.loads(config_path.read_text())["architecture"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        config = e
+    if not is_timm_config(config):
         raise ValueError(f"timm:{name}: {config_path} is not a timm config.json with 'architecture' "
-                         f"({type(e).__name__}: {e}); timm's save_for_hf / push_to_hf_hub write one (a folder in this package's "
-                         "own format loads as 'local-dir:<dir>')") from e
+                         f"({config if isinstance(config, Exception) else 'keys ' + str(sorted(config))}); timm's "
+                         "save_for_hf / push_to_hf_hub write one (a folder in this package's own format loads as "
+                         "'local-dir:<dir>')")
+    return {**config, "_dir": str(config_path.parent)}
 
 
 def _is_vit_name(name: str) -> bool:
@@ -159,8 +229,29 @@ class TimmExtractor(Extractor):
 
 
 @register_extractor("timm")
-def _build_timm(name: str, layers=None, pretrained=True, checkpoint=None, **kwargs) -> TimmExtractor:
+def _build_timm(name: str, layers=None, pretrained=True, checkpoint=None, architecture=None, **kwargs) -> TimmExtractor:
     if not name:
         raise ValueError("timm extractor spec needs a model name, e.g. 'timm:vit_small_patch14_dinov2.lvd142m'")
-    model = create_timm_model(name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
-    return TimmExtractor(model, layers)
+    if not name.startswith(TIMM_SCHEMAS):
+        if architecture is not None:
+            raise ValueError(f"timm:{name}: architecture= is for 'local-dir:' / 'hf-hub:' names, whose folder may be gone")
+        return TimmExtractor(create_timm_model(name, pretrained=pretrained, checkpoint=checkpoint, **kwargs), layers)
+    if architecture is not None and not pretrained:  # weights come from elsewhere: the folder is not needed
+        config = architecture
+        model = model_from_timm_config(architecture, f"timm:{name} (architecture=)", **kwargs)
+    else:
+        config = schema_config(name, weights=pretrained and checkpoint is None)
+        model = create_timm_model(name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+    own = config.get(OWN_KEY) or {}
+    ext = TimmExtractor(model, layers if layers is not None else tuple(own.get("layers") or ()) or None)
+    return ext.set_family(own.get("family", "semantic"))
+
+
+def timm_dir_architecture(spec: str) -> dict | None:
+    """The timm config.json of a ``timm:local-dir:<dir>`` spec (all it takes to rebuild the extractor without its
+    folder, as ``architecture=``); None for other specs."""
+    if not spec.startswith("timm:local-dir:"):
+        return None
+    config = schema_config(spec.removeprefix("timm:"), weights=False)
+    config.pop("_dir")
+    return config

@@ -9,7 +9,8 @@ knows them, the gate weights per task and level and the metrics of the run that 
     datasets:   [hub dataset id, ...] or {task: hub dataset id}   (a dict also gives Hub eval results)
     license:    a Hub license id, e.g. "apache-2.0"
     base_model: hub model id(s); default: those the extractor specs name (timm tags, hf repo ids)
-    gate_image: a PNG file (e.g. compare's gate heatmap), copied next to the card as gate_heatmap.png
+    gate_image: a PNG file (e.g. compare's gate heatmap), copied next to the card as gate_heatmap.png; without
+                it, a known `gate` is drawn there (:func:`plot_gate_panels`, the heatmap train/report.py draws too)
     model_id:   how users load it, in the usage snippet (push_to_hub sets the repo id)
     notes:      free text, printed under the title
 
@@ -20,14 +21,17 @@ knows them, the gate weights per task and level and the metrics of the run that 
 
 from __future__ import annotations
 
+import io
+import math
 import numbers
-import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from extractors import ExtractorInfo
+from extractors.atomic import atomic_write_bytes
 from extractors.hub import looks_like_path
 
 from .config import RouterConfig
@@ -65,6 +69,50 @@ def gate_rows(levels: dict) -> dict[str, dict[str, float]]:
     if levels and all(isinstance(v, dict) for v in levels.values()):
         return {f"stride {s}": dict(row) for s, row in levels.items()}
     return {"mean over levels": dict(levels)}
+
+
+def card_gate_panels(gate: dict, tasks: list[str], extractors: list[str]) -> list[tuple[int | None, np.ndarray]]:
+    """card_data's gate as heatmap panels: (stride, tasks x extractors) per level, finest first, when every task
+    has per-level weights; else one (None, mean over levels) panel. NaN where a weight is unknown."""
+    def matrix(rows: dict[str, dict[str, float]]) -> np.ndarray:
+        return np.array([[float(rows.get(t, {}).get(e, math.nan)) for e in extractors] for t in tasks])
+
+    per_level = {t: {int(s): row for s, row in levels.items()} for t, levels in gate.items()
+                 if levels and all(isinstance(v, dict) for v in levels.values())}
+    if len(per_level) == len(gate):
+        strides = sorted({s for levels in per_level.values() for s in levels})
+        return [(s, matrix({t: levels.get(s, {}) for t, levels in per_level.items()})) for s in strides]
+    mean = {t: {e: float(np.mean([r[e] for r in gate_rows(levels).values() if e in r]))
+                for e in extractors if any(e in r for r in gate_rows(levels).values())} for t, levels in gate.items()}
+    return [(None, matrix(mean))]
+
+
+def plot_gate_panels(panels: list[tuple[int | None, np.ndarray]], tasks: list[str], extractors: list[str],
+                     families: dict[str, str], title: str, path: Path) -> Path:
+    """One task x extractor heatmap per level, each extractor labelled by its family, written atomically as a PNG
+    (matplotlib's Agg canvas through a bare Figure: no pyplot, no global backend switch)."""
+    from matplotlib.figure import Figure
+
+    w, h = 1.2 * len(extractors) + 0.6, 0.6 * len(tasks) + 1.8  # a panel; the task labels and colour bar: + 2.5
+    fig = Figure(figsize=(w * len(panels) + 2.5, h))
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    for k, (ax, (level, m)) in enumerate(zip(axes[0], panels)):
+        im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(extractors)), [f"{e}\n({families.get(e, '?')})" for e in extractors], fontsize=8)
+        ax.set_yticks(range(len(tasks)), tasks if k == 0 else [""] * len(tasks), fontsize=8)
+        for i in range(len(tasks)):
+            for j in range(len(extractors)):
+                if np.isfinite(m[i, j]):
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                            color="black" if m[i, j] > 0.6 else "white")
+        ax.set_title(f"mean gate weight: {title}" if level is None else f"level stride {level}", fontsize=10)
+    if panels[0][0] is not None:
+        fig.suptitle(f"mean gate weight per level: {title}", fontsize=10, y=1.04)
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.04 / len(panels) ** 0.5, pad=0.02)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -182,7 +230,7 @@ def router_card(config: RouterConfig, infos: dict[str, ExtractorInfo], saved: li
     ]
     if gates or card_data.get("gate_image"):
         section = ["## Gate", "Mean gate weight per extractor (columns: name and family) at each level."]
-        if card_data.get("gate_image"):
+        if card_data.get("gate_image") or any(gates.values()):  # given, or drawn by write_card
             section.append(f"![gate weights per task and level]({GATE_IMAGE_NAME})")
         names = [e.name for e in c.extractors]
         for task, levels in gates.items():
@@ -197,10 +245,17 @@ def router_card(config: RouterConfig, infos: dict[str, ExtractorInfo], saved: li
     return ModelCard(f"---\n{card_metadata(config, card_data).to_yaml()}\n---\n\n{body}\n")
 
 
-def write_card(directory: Path, card: ModelCard, card_data: dict[str, Any] | None) -> None:
-    """README.md (and the gate image, when given) into `directory`."""
-    from extractors.atomic import atomic_write_bytes
-
+def write_card(directory: Path, card: ModelCard, card_data: dict[str, Any] | None, config: RouterConfig,
+               infos: dict[str, ExtractorInfo]) -> None:
+    """README.md and the gate heatmap it shows (card_data's gate_image, else drawn from its gate) into `directory`,
+    each written atomically."""
+    card_data = card_data or {}
     atomic_write_bytes(directory / "README.md", str(card).encode())
-    if card_data and card_data.get("gate_image"):
-        shutil.copyfile(card_data["gate_image"], directory / GATE_IMAGE_NAME)
+    gates = {t.name: card_data["gate"][t.name] for t in config.tasks if (card_data.get("gate") or {}).get(t.name)}
+    if card_data.get("gate_image"):
+        atomic_write_bytes(directory / GATE_IMAGE_NAME, Path(card_data["gate_image"]).read_bytes())
+    elif gates:
+        names = [e.name for e in config.extractors]
+        plot_gate_panels(card_gate_panels(gates, list(gates), names), list(gates), names,
+                         {n: infos[n].family for n in names}, card_data.get("model_id") or "this model",
+                         directory / GATE_IMAGE_NAME)

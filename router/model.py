@@ -20,7 +20,8 @@ from torch import nn
 
 from extractors import Extractor, ExtractorOutput, check_images, create_extractor
 from extractors.atomic import atomic_save_safetensors, verify_checksums
-from extractors.checkpoints import TORCH_SUFFIXES, key_problems
+from extractors.checkpoints import key_problems
+from extractors.factory import local_files_needed
 from extractors.hub import resolve_model_dir
 from extractors.local_dir import local_dir_architecture
 from heads import ClsHead, SegHead, TopDownDecoder
@@ -33,7 +34,6 @@ from .gate import TaskGate
 from .inputs import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-WEIGHT_FILE_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)  # a spec ending so names a local weight file
 
 
 class RouterOutput(TypedDict, total=False):
@@ -322,7 +322,7 @@ class Router(nn.Module):
             if ecfg.name in saved and (arch := local_dir_architecture(ecfg.spec)) is not None:
                 ecfg.kwargs = {**ecfg.kwargs, "architecture": arch}
         config.save_json(directory / CONFIG_NAME)
-        write_card(directory, card, card_data)
+        write_card(directory, card, card_data, self.config, {n: e.info for n, e in self.extractors.items()})
         return directory
 
     def push_to_hub(self, repo_id: str, private: bool | None = None,
@@ -330,9 +330,11 @@ class Router(nn.Module):
                     full: bool = False, card_data: dict | None = None, revision: str | None = None) -> str:
         """Create (or reuse) the Hub repo `repo_id` and upload what `save_pretrained` writes, card included.
 
-        Extractors left out of model.safetensors must be rebuildable from their spec on another machine: a
-        frozen pretrained extractor whose spec or checkpoint is a local file or dir is an error unless
-        ``full=True`` (which uploads every extractor's weights). Returns the commit URL.
+        Every extractor must be rebuildable on another machine: one left out of model.safetensors (frozen,
+        pretrained) whose spec or checkpoint is a local file or dir is an error unless ``full=True`` (which uploads
+        every extractor's weights); one whose weights are uploaded needs only its architecture, which a hub or
+        library name gives, and ``local-dir:`` / ``timm:local-dir:`` folders too (config.json keeps theirs), but
+        ``open_clip:local-dir:`` and ``hf:<dir>`` folders do not: an error. Returns the commit URL.
 
         >>> model.push_to_hub("org/my-router", private=True)
         >>> Router.from_pretrained("org/my-router")
@@ -340,12 +342,18 @@ class Router(nn.Module):
         from huggingface_hub import HfApi
 
         saved = self.extractor_names if full else self.saved_extractors()
-        local = [e.name for e in self.config.extractors if e.name not in saved and local_weights(e)]
-        if local:
+        needs = {e.name: need for e in self.config.extractors
+                 if (need := local_files_needed(e.spec, e.checkpoint, weights_saved=e.name in saved))}
+        if weights := [n for n in needs if n not in saved]:
             raise ValueError(
-                f"push_to_hub: extractor(s) {local} take their weights from a local file or dir "
-                f"({[self.config.extractor(n).checkpoint or self.config.extractor(n).spec for n in local]}) that "
-                "a user of the Hub repo does not have; pass full=True to upload their weights too")
+                f"push_to_hub: extractor(s) {weights} take their weights from a local file or dir "
+                f"({[needs[n] for n in weights]}) that a user of the Hub repo does not have; pass full=True to "
+                "upload their weights too")
+        if needs:
+            raise ValueError(
+                f"push_to_hub: extractor(s) {list(needs)} need {list(needs.values())}, which is not uploaded and "
+                "a user of the Hub repo does not have; name the model by its hub id (hf:<org/repo>, "
+                "open_clip:hf-hub:<org/repo>) or save it in timm's format (timm:local-dir:<dir>)")
         api = HfApi(token=token)
         repo = api.create_repo(repo_id, private=private, exist_ok=True, token=token)
         with tempfile.TemporaryDirectory(prefix="backbone_router_push_") as tmp:
@@ -421,13 +429,6 @@ class Router(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"fusion={c.fusion}, levels={c.strides}, widths={c.widths}, detail={c.has_detail}"
-
-
-def local_weights(ecfg) -> bool:
-    """Whether an extractor's weights come from a file or dir on this machine (its checkpoint or spec)."""
-    rest = ecfg.spec.split(":", 1)[-1]
-    return bool(ecfg.checkpoint) or ecfg.spec.startswith(("local-dir:", "timm:local-dir:", "open_clip:local-dir:")) \
-        or Path(rest).expanduser().exists() or rest.endswith(WEIGHT_FILE_SUFFIXES)
 
 
 def upgrade_state_v1(state: dict[str, torch.Tensor], config: RouterConfig) -> dict[str, torch.Tensor]:

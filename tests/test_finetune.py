@@ -170,6 +170,7 @@ def test_from_pretrained_on_the_output_predicts(one_process):
     final = metrics(run)[-1]["tasks"]
     assert f"{final['shape_cls']['accuracy']:.4f}"[:5] in card and "shape_seg" in card
     assert "library_name: backbone-router" in card and "## Gate" in card and "## Metrics" in card
+    assert "](gate_heatmap.png)" in card and (run / "final" / "gate_heatmap.png").stat().st_size > 1000  # drawn
 
 
 def test_non_finite_loss_stops_naming_step_and_task(setup):

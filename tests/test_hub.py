@@ -9,6 +9,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, RepoUrl
@@ -44,11 +45,13 @@ def cache_snapshot(repo_id: str, folder: Path, refs: tuple[str, ...] = ("main",)
     snapshot = repo / "snapshots" / commit
     (repo / "blobs").mkdir(parents=True, exist_ok=True)
     snapshot.mkdir(parents=True)
-    for f in sorted(folder.iterdir()):
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):  # sub-folders too (sentence-transformers' 1_Pooling/)
         data = f.read_bytes()
         blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
-        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+        link = snapshot / f.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
     (repo / "refs").mkdir(exist_ok=True)
     for ref in refs:
         (repo / "refs" / ref).write_text(commit)
@@ -215,6 +218,28 @@ def test_model_card_has_hub_metadata_tasks_extractors_levels_and_gate_tables(tmp
         model.save_pretrained(tmp_path / "bad", card_data={"gate": {"seg_a": {"dino": 1.0}}})
 
 
+def test_save_pretrained_draws_the_gate_heatmap_next_to_the_card(tmp_path):
+    from PIL import Image
+
+    from router.card import card_gate_panels
+
+    model = tiny_router()
+    gate = {"seg_a": {8: {"vit": 0.2, "cnn": 0.8}, 16: {"vit": 0.4, "cnn": 0.6}}, "cls_b": {"16": {"vit": 0.9, "cnn": 0.1}}}
+    model.save_pretrained(tmp_path / "m", card_data={"gate": gate})
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "README.md", "config.json", "gate_heatmap.png", "model.safetensors"]  # no temp files left behind
+    with Image.open(tmp_path / "m" / "gate_heatmap.png") as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1] > 100  # two level panels side by side
+    assert "![gate weights per task and level](gate_heatmap.png)" in (tmp_path / "m" / "README.md").read_text()
+    # what is drawn: one panel per level (JSON's string strides too), NaN where a task has no weight at a level
+    (s8, m8), (s16, m16) = card_gate_panels(gate, ["seg_a", "cls_b"], ["vit", "cnn"])
+    assert (s8, s16) == (8, 16) and m8[0].tolist() == [0.2, 0.8] and np.isnan(m8[1]).all()
+    assert m16.tolist() == [[0.4, 0.6], [0.9, 0.1]]
+    # a task with only the mean over levels: one panel of means
+    [(level, mean)] = card_gate_panels({**gate, "cls_b": {"vit": 0.9, "cnn": 0.1}}, ["seg_a", "cls_b"], ["vit", "cnn"])
+    assert level is None and np.allclose(mean, [[0.3, 0.7], [0.9, 0.1]])
+
+
 # ---- extractors and text encoders in their libraries' own formats, from the cache --------------------------
 def save_open_clip(directory: Path, mean=(0.1, 0.2, 0.3), **config_changes) -> torch.nn.Module:
     """A tiny random open_clip model written by open_clip's own save_for_hf (open_clip_config.json +
@@ -313,20 +338,27 @@ def test_partial_caches_name_the_cache_dir_the_missing_file_and_offline(tmp_path
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in ext.model.state_dict().items())
 
 
-def test_text_encoder_truncates_at_sentence_bert_max_seq_length(tmp_path, new_repo_id):
-    import json
-
+def tiny_bert_dir(d: Path) -> Path:
+    """A tiny random BERT (64 positions) saved by transformers, with all-MiniLM-L6-v2's tokenizer files."""
     import transformers as tf
 
-    from extractors.text import create_text_encoder, minilm_dir
+    from extractors.text import minilm_dir
 
-    d = tmp_path / "st"
     d.mkdir()
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(minilm_dir() / name, d / name)
     torch.manual_seed(0)
     tf.BertModel(tf.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                                max_position_embeddings=64)).save_pretrained(d)
+    return d
+
+
+def test_text_encoder_truncates_at_sentence_bert_max_seq_length(tmp_path, new_repo_id):
+    import json
+
+    from extractors.text import create_text_encoder
+
+    d = tiny_bert_dir(tmp_path / "st")
     (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 6, "do_lower_case": False}))
     repo = new_repo_id("st")
     cache_snapshot(repo, d)
@@ -376,3 +408,198 @@ def test_timm_local_dir_and_hf_hub_specs_load_timms_own_format(tmp_path, new_rep
     with pytest.raises(ValueError, match=r"not a timm config.json with 'architecture'.*loads as 'local-dir:<dir>'"):
         create_extractor(f"timm:local-dir:{tmp_path / 'old'}")
     assert create_extractor(f"local-dir:{tmp_path / 'old'}").info.widths == (32,)  # old folders still load
+
+
+# ---- extractors this package writes are in timm's format, and travel with a pushed Router ---------------------
+def test_imgsim_converter_writes_timms_format_that_timm_and_create_extractor_open(tmp_path):
+    import timm
+
+    from extractors import create_extractor
+    from train.imgsim_extractor import PREFIX, write_imgsim_extractor
+
+    torch.manual_seed(0)  # a stand-in for imgsim's model.pth: a ResNet-50 under module.pre.* with a 2048 -> 768 head
+    fake = {PREFIX + k: v for k, v in timm.create_model("resnet50", pretrained=False, num_classes=768).state_dict().items()}
+    torch.save(fake, tmp_path / "model.pth")
+    out = write_imgsim_extractor(tmp_path / "r50", weights=tmp_path / "model.pth")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    opened = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert opened.num_classes == 0 and opened.num_features == 2048
+    trunk = {k[len(PREFIX):]: v for k, v in fake.items() if not k.startswith(PREFIX + "fc.")}
+    assert opened.state_dict().keys() == trunk.keys() and all(torch.equal(v, trunk[k]) for k, v in opened.state_dict().items())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = (create_extractor(s).eval() for s in (f"timm:local-dir:{out}", f"local-dir:{out}"))
+        assert torch.equal(a(x)["pooled"], b(x)["pooled"])
+        assert torch.equal(a(x)["pooled"], opened.eval().forward_head(opened.forward_features(a.preprocess(x)), pre_logits=True))
+    assert a.info.family == "morphological" and a.info.layers == (3, 4) and a.info.widths == (1024, 2048)
+    assert a.info.mean == (0.485, 0.456, 0.406) and a.info.strides == (16, 32)
+
+
+def test_push_to_hub_uploads_what_a_hub_user_can_rebuild_and_refuses_the_rest(tmp_path, recorded_hub, images):
+    import transformers as tf
+
+    from extractors import create_extractor
+    from extractors.timm_backend import save_timm_extractor
+
+    args = {"embed_dim": 16, "depth": 1, "num_heads": 2, "img_size": 32}
+    torch.manual_seed(0)
+    save_timm_extractor(create_extractor("timm:vit_small_patch16_224", pretrained=False, family="morphological",
+                                         **args), tmp_path / "ssl", args, {"method": "test"})
+    vit = {"spec": f"timm:local-dir:{tmp_path / 'ssl'}", "name": "vit"}
+    # fine-tuned (weights saved), or frozen with full=True: the folder's config.json travels in the Router's
+    for extractor, full in (({**vit, "frozen": False}, False), (vit, True)):
+        torch.manual_seed(0)
+        model = Router(RouterConfig.from_dict({**TINY, "extractors": [extractor, TINY["extractors"][1]]})).eval()
+        recorded_hub["copy"] = tmp_path / f"up_{full}"
+        model.push_to_hub("org/x", full=full)
+        assert recorded_hub["upload_folder"]["files"] == ["README.md", "config.json", "model.safetensors"]
+        (tmp_path / "ssl").rename(tmp_path / "away")  # the Hub user has no such folder
+        with torch.no_grad():
+            back = Router.from_pretrained(tmp_path / f"up_{full}").eval()
+            assert_same_outputs(back, model, images)
+        assert back.extractors["vit"].info.family == "morphological"
+        (tmp_path / "away").rename(tmp_path / "ssl")
+    # frozen and not uploaded: refused before anything is created
+    recorded_hub.clear()
+    model = Router(RouterConfig.from_dict({**TINY, "extractors": [vit, TINY["extractors"][1]]}))
+    with pytest.raises(ValueError, match=r"\['vit'\] take their weights from a local file or dir.*ssl.*full=True"):
+        model.push_to_hub("org/x")
+    assert recorded_hub == {}
+    # an hf:<dir> model reads its config.json from the folder even for saved weights: refused even with full=True
+    tf.Dinov2Model(tf.Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                   image_size=28, patch_size=14)).save_pretrained(tmp_path / "dino")
+    dino = {"spec": f"hf:{tmp_path / 'dino'}", "name": "dino", "pretrained": False}
+    model = Router(RouterConfig.from_dict({**TINY, "extractors": [dino, TINY["extractors"][1]]}))
+    with pytest.raises(ValueError, match=r"\['dino'\] need \['its architecture, from the folder .*dino'\].*timm:local-dir"):
+        model.push_to_hub("org/x", full=True)
+    assert recorded_hub == {}
+
+
+# ---- checkpoints as the Hub holds them, loaded by hub name from the cache (offline), every tensor from there --------
+def cached_tensors(repo: str, filename: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    """The tensors of `filename` in the snapshot that the repo's refs/main points at."""
+    from safetensors.torch import load_file
+
+    root = repo_cache_dir(repo)
+    return load_file(str(root / "snapshots" / (root / "refs" / "main").read_text() / filename))
+
+
+def assert_from_cache(model: torch.nn.Module, cached: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Every tensor of `model` (keys under `prefix` in `cached`) equals the cached file's, or those of the random
+    model that was saved there: nothing is left at a fresh random init."""
+    state = model.state_dict()
+    assert state and all(torch.equal(v, cached[prefix + k]) for k, v in state.items()), sorted(set(state) - {
+        k.removeprefix(prefix) for k in cached})[:4]
+
+
+def test_a_full_clip_checkpoint_with_the_hubs_older_key_names_loads_from_the_cache(tmp_path, new_repo_id):
+    import json
+
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    from extractors import create_extractor
+    from extractors.hf_backend import OPENAI_CLIP
+    from extractors.open_clip_backend import import_open_clip
+
+    # transformers: a whole CLIPModel (text tower too) with the position_ids buffers that the Hub's openai/clip-vit-*
+    # files still hold (newer transformers neither saves nor expects them)
+    torch.manual_seed(0)
+    clip = tf.CLIPModel(tf.CLIPConfig(
+        text_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+                     "vocab_size": 99, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 2},
+        vision_config={"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+                       "image_size": 32, "patch_size": 8}, projection_dim=8)).eval()
+    clip.save_pretrained(tmp_path / "hf")
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    sd["text_model.embeddings.position_ids"] = torch.arange(16)[None]
+    sd["vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    save_file(sd, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": list(OPENAI_CLIP[0]), "image_std": list(OPENAI_CLIP[1]), "crop_size": 32}))
+    repo = new_repo_id("clip-vit")
+    cache_snapshot(repo, tmp_path / "hf")
+    ext = create_extractor(f"hf:{repo}", layers=[0, 1]).eval()
+    assert_from_cache(ext.model, cached_tensors(repo), "vision_model.")  # CLIPVisionModel's keys lost that level
+    assert ext.info.mean == OPENAI_CLIP[0] and ext.info.patch_size == 8
+    x = torch.rand(2, 3, 32, 48)
+    with torch.no_grad():
+        out = ext(x)
+        want = clip.vision_model(pixel_values=ext.preprocess(x), interpolate_pos_encoding=True).pooler_output
+    assert torch.allclose(out["pooled"], want, atol=1e-6) and out["dense"][1].shape == (2, 16, 4, 6)
+
+    # open_clip: its older Hub file (open_clip_pytorch_model.bin, a pickle of tensors) in the plain CLIP text layout,
+    # for a config whose text tower is a custom one: open_clip's loader converts the keys, and so must ours
+    model = save_open_clip(tmp_path / "oc", custom_text=True)
+    weights = tmp_path / "oc" / "open_clip_model.safetensors"
+    torch.save(load_file(str(weights)), tmp_path / "oc" / "open_clip_pytorch_model.bin")
+    weights.unlink()
+    repo = new_repo_id("clip-oc")
+    cache_snapshot(repo, tmp_path / "oc")
+    ext = create_extractor(f"open_clip:hf-hub:{repo}").eval()
+    assert type(ext.clip_model).__name__ == "CustomTextCLIP"  # text keys converted to its text.* tower
+    assert_from_cache(ext.clip_model, {f"text.{k}" if not k.startswith(("visual.", "logit_")) else k: v
+                                       for k, v in model.state_dict().items()})
+    text = ext.text_encoder().encode(["a crack in concrete"])
+    tokens = import_open_clip().get_tokenizer("tiny-vit-p16")(["a crack in concrete"])
+    assert torch.allclose(text, torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1), atol=1e-6)
+
+
+def test_a_model_saved_by_sentence_transformers_loads_as_the_text_encoder_by_hub_name(tmp_path, new_repo_id):
+    import json
+
+    from sentence_transformers import SentenceTransformer, models
+
+    from extractors.text import create_text_encoder
+
+    bert = tiny_bert_dir(tmp_path / "bert")
+    st = SentenceTransformer(modules=[models.Transformer(str(bert), max_seq_length=6), models.Pooling(16, "mean"),
+                                      models.Normalize()], device="cpu")
+    st.save(str(tmp_path / "st"))  # modules.json, 1_Pooling/, 2_Normalize/, the Transformer's files at the root
+    repo = new_repo_id("minilm")
+    cache_snapshot(repo, tmp_path / "st")
+    enc = create_text_encoder(f"hf:{repo}")
+    assert_from_cache(enc.model, cached_tensors(repo))
+    texts = ["cracks in old concrete walls near windows", "cracks in old concrete floors after rain today", "a cat"]
+    want = SentenceTransformer(str(tmp_path / "st"), device="cpu").encode(texts, convert_to_tensor=True)
+    assert enc.max_length == 6 == st.max_seq_length  # where sentence-transformers truncates, wherever it saved it
+    assert torch.allclose(enc.encode(texts), want.cpu(), atol=1e-6)
+
+    pooling = tmp_path / "st" / "1_Pooling" / "config.json"  # another pooling would give other vectors: refused
+    pooling.write_text(json.dumps({**json.loads(pooling.read_text()), "pooling_mode": "cls"}))
+    repo = new_repo_id("minilm")
+    cache_snapshot(repo, tmp_path / "st")
+    with pytest.raises(ValueError, match=r"1_Pooling/config.json pools by \['cls'\]; .* mean of the token embeddings"):
+        create_text_encoder(f"hf:{repo}")
+
+
+def test_dinov2_with_registers_and_siglip_load_under_hf_from_the_cache(tmp_path, new_repo_id):
+    import transformers as tf
+
+    from extractors import create_extractor
+
+    tower = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+             "image_size": 28, "patch_size": 14}
+    torch.manual_seed(0)
+    dino = tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(num_register_tokens=4, **tower)).eval()
+    siglip = tf.SiglipModel(tf.SiglipConfig(  # the whole model, as google/siglip-* repos hold it
+        text_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+                     "vocab_size": 99, "max_position_embeddings": 16},
+        vision_config={**tower, "image_size": 28})).eval()
+    x = torch.rand(2, 3, 28, 42)
+    for name, model, tokens in (("dinov2-reg", dino, 5), ("siglip", siglip, 0)):
+        model.save_pretrained(tmp_path / name)
+        repo = new_repo_id(name)
+        cache_snapshot(repo, tmp_path / name)
+        ext = create_extractor(f"hf:{repo}", layers=[0, 1]).eval()
+        prefix = "vision_model." if name == "siglip" else ""
+        # transformers renames these keys between file and module: compare with the saved module's own tensors
+        assert_from_cache(ext.model, (model.vision_model if prefix else model).state_dict())
+        with torch.no_grad():
+            out = ext(x)
+            ref = (model.vision_model(pixel_values=ext.preprocess(x), interpolate_pos_encoding=True) if prefix
+                   else model(pixel_values=ext.preprocess(x)))
+        # the last map is the final hidden state without CLS and registers (SigLIP has neither), 2 x 3 patches
+        want = ref.last_hidden_state[:, tokens:].transpose(1, 2).reshape(2, 16, 2, 3)
+        assert out["dense"][0].shape == (2, 16, 2, 3) and torch.allclose(out["dense"][1], want, atol=1e-6), name
+        assert torch.allclose(out["pooled"], ref.pooler_output, atol=1e-6), name

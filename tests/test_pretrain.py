@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from extractors import create_extractor
-from extractors.local_dir import save_extractor_dir
+from extractors.timm_backend import save_timm_extractor
 from train.selfsup.config import DecoderConfig, DINOConfig, ModelConfig, load_pretrain_config
 from train.selfsup.dino import DINOPretrainer
 from train.selfsup.encoder import build_encoder, encode_visible, saved_model_kwargs
@@ -261,22 +261,31 @@ def test_dino_teacher_update_is_ema_of_student():
 
 
 # ---- checkpoints are extractors --------------------------------------------------------------------------------
-def test_saved_encoder_loads_as_extractor_with_same_features(tmp_path):
+def test_saved_encoder_is_in_timms_format_and_loads_as_the_same_extractor(tmp_path):
     torch.manual_seed(0)
-    mae = MAEPretrainer(build_encoder(TINY_MODEL), TINY_DECODER)
+    mae = MAEPretrainer(build_encoder(ModelConfig(kwargs=dict(TINY_KWARGS), layers=[0, 1])), TINY_DECODER)
     _train(mae, [torch.rand(4, 3, 32, 32) for _ in range(2)])
     enc = mae.encoder.eval()
-    save_extractor_dir(enc, tmp_path / "final", TINY_MODEL.name, saved_model_kwargs(TINY_MODEL), {"method": "mae", "steps": 2})
+    save_timm_extractor(enc, tmp_path / "final", saved_model_kwargs(TINY_MODEL), {"method": "mae", "steps": 2})
+    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == ["config.json", "model.safetensors"]
     plain = timm.create_model(TINY_MODEL.name, pretrained=False, num_classes=0, **TINY_KWARGS)
     assert set(enc.model.state_dict()) == set(plain.state_dict())  # a plain timm ViT state dict
-    loaded = create_extractor(f"local-dir:{tmp_path / 'final'}").eval()
-    assert loaded.info.family == "morphological" and loaded.info.mean == tuple(TINY_MODEL.mean)
+    # timm opens the folder by itself: the same architecture, weights and preprocessing
+    opened = timm.create_model(f"local-dir:{tmp_path / 'final'}", pretrained=True)
+    assert type(opened) is type(enc.model) and opened.patch_embed.patch_size == (8, 8)
+    assert all(torch.equal(v, enc.model.state_dict()[k]) for k, v in opened.state_dict().items())
+    assert tuple(opened.pretrained_cfg["mean"]) == tuple(TINY_MODEL.mean)
+    assert "tag" not in opened.pretrained_cfg  # the architecture's published weights are not these
     x = torch.rand(2, 3, 40, 56)  # not the training size: position embeddings are interpolated
     with torch.no_grad():
-        a, b = enc(x), loaded(x)
-    torch.testing.assert_close(a["pooled"], b["pooled"])
-    torch.testing.assert_close(a["dense"][0], b["dense"][0])
-    assert b["dense"][0].shape == (2, 32, 5, 7)
+        a = enc(x)
+        for spec in (f"timm:local-dir:{tmp_path / 'final'}", f"local-dir:{tmp_path / 'final'}"):
+            loaded = create_extractor(spec).eval()
+            b = loaded(x)
+            assert {k: v for k, v in loaded.info.__dict__.items() if k != "name"} == \
+                {k: v for k, v in enc.info.__dict__.items() if k != "name"}, spec  # mean, std, layers, strides, family
+            assert torch.equal(a["pooled"], b["pooled"]) and all(torch.equal(u, v) for u, v in zip(a["dense"], b["dense"]))
+    assert b["dense"][0].shape == (2, 32, 5, 7) and loaded.info.layers == (0, 1)
 
 
 # ---- the script, end to end -------------------------------------------------------------------------------------
@@ -297,10 +306,13 @@ def test_accelerate_launch_pretrain_end_to_end(data_root, tmp_path):
     assert [r["step"] for r in lines] == [1, 2] and [r["phase"] for r in lines] == [0, 1]
     assert all(np.isfinite(r["loss"]) for r in lines)
     config = json.loads((out / "final" / "config.json").read_text())
-    assert config["source"]["method"] == "smir" and config["source"]["steps"] == 2 and config["source"]["images"] == 12
+    source = config["backbone_router"]["source"]
+    assert config["architecture"] == "vit_small_patch16_224" and config["model_args"]["embed_dim"] == 32
+    assert source["method"] == "smir" and source["steps"] == 2 and source["images"] == 12
     assert (out / "config.yaml").is_file()
     ext = create_extractor(f"local-dir:{out / 'final'}")
     assert ext(torch.rand(1, 1, 32, 32))["pooled"].shape == (1, 32)
+    assert timm.create_model(f"local-dir:{out / 'final'}", pretrained=True).num_features == 32
 
 
 def test_probe_features_concatenate_the_last_n_blocks():

@@ -751,7 +751,7 @@ def part_scripts(ctx, timeout):
             result["runs"][name] = {"error": why, "pass": False}
             continue
         lines = [json.loads(ln) for ln in (ctx.work / name / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-        final = json.loads((ctx.work / name / "final" / "config.json").read_text())
+        final = json.loads((ctx.work / name / "final" / "config.json").read_text())["backbone_router"]  # timm's format
         losses = [r["loss"] for r in lines]
         result["runs"][name] = {"seconds": done[name]["seconds"], "steps": final["source"]["steps"],
                                 "losses": losses, "sec_per_step_last": lines[-1]["sec_per_step"] if lines else None,

@@ -2,7 +2,8 @@
 
 ``imgsim/model.pth`` holds a torchvision ResNet-50 under ``module.pre.*`` plus an extra 2048->768 head
 (``module.pre.fc.*``). Dropping the head and the prefix gives exactly timm ``resnet50(num_classes=0)``'s
-keys and shapes; it is loaded strictly and saved in the format of ``extractors/local_dir.py``:
+keys and shapes; it is loaded strictly and saved in timm's own format (``save_timm_extractor``), which
+``timm.create_model("local-dir:runs/imgsim_resnet50")`` opens too:
 
     python train/imgsim_extractor.py runs/imgsim_resnet50      # then spec "local-dir:runs/imgsim_resnet50"
 
@@ -19,8 +20,7 @@ from pathlib import Path
 import timm
 
 from extractors.checkpoints import load_state_dict_file, load_state_dict_strict
-from extractors.local_dir import save_extractor_dir
-from extractors.timm_backend import TimmExtractor
+from extractors.timm_backend import TimmExtractor, save_timm_extractor
 
 PREFIX = "module.pre."
 HEAD = ("fc.weight", "fc.bias")  # the 2048 -> 768 embedding head imgsim adds (tanh after it)
@@ -44,7 +44,7 @@ def imgsim_weights() -> Path:
 
 def write_imgsim_extractor(directory: str | Path, weights: str | Path | None = None, layers=(3, 4),
                            family: str = "morphological") -> Path:
-    """Convert imgsim's ResNet-50 (strict load into timm resnet50, head dropped) and save it as a local dir."""
+    """Convert imgsim's ResNet-50 (strict load into timm resnet50, head dropped) and save it in timm's format."""
     source = Path(weights) if weights is not None else imgsim_weights()
     sd = load_state_dict_file(source)
     foreign = [k for k in sd if not k.startswith(PREFIX)]
@@ -55,7 +55,7 @@ def write_imgsim_extractor(directory: str | Path, weights: str | Path | None = N
     load_state_dict_strict(model, sd, f"{source} (imgsim, head {HEAD} dropped)")
     model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
     ext = TimmExtractor(model, tuple(layers)).set_family(family)
-    return save_extractor_dir(ext, directory, "resnet50", {"num_classes": 0},
+    return save_timm_extractor(ext, directory, {"num_classes": 0},
                               source={"method": "AugNet self-supervised (PyPI imgsim 0.1.2)", "file": str(source)})
 
 

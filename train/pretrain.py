@@ -3,10 +3,11 @@
     accelerate launch train/pretrain.py --config configs/pretrain_mae.yaml --output-dir runs/mae [train.max_steps=20 ...]
 
 Writes to the output dir: config.yaml (the resolved config), metrics.jsonl (one line per `train.log_every`
-optimizer steps), tb/ (with train.tensorboard) and final/ — a `local-dir` extractor checkpoint
-(config.json + model.safetensors with a plain timm ViT state dict) that
-``create_extractor("local-dir:<output-dir>/final")`` loads like any other extractor. A run into a dir holding a
-previous run is refused unless --overwrite, and a dir in use by another run is refused naming it (train/rundir.py).
+optimizer steps), tb/ (with train.tensorboard) and final/ — the encoder in timm's own format (config.json +
+model.safetensors, a plain timm ViT) that ``timm.create_model("local-dir:<output-dir>/final")`` opens and
+``create_extractor("timm:local-dir:<output-dir>/final")`` (or ``"local-dir:..."``) loads like any other
+extractor. A run into a dir holding a previous run is refused unless --overwrite, and a dir in use by another
+run is refused naming it (train/rundir.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from extractors.atomic import atomic_write_bytes
-from extractors.local_dir import save_extractor_dir
+from extractors.timm_backend import save_timm_extractor
 from train.errors import run_cli
 from train.rundir import PRETRAIN_OUTPUTS, add_run_dir_args, claim_output_dir
 from train.selfsup.config import PretrainConfig, load_pretrain_config
@@ -209,7 +210,7 @@ def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> Path:
             "final_loss": last_loss,
             "config": cfg.to_dict(),
         }
-        save_extractor_dir(raw.encoder, final, cfg.model.name, saved_model_kwargs(cfg.model), source)
+        save_timm_extractor(raw.encoder, final, saved_model_kwargs(cfg.model), source)
         if writer is not None:
             writer.close()
         accelerator.print(f"saved {final} (load with create_extractor('local-dir:{final}'))")

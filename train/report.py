@@ -36,6 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from extractors.atomic import atomic_write_bytes  # noqa: E402
+from router.card import plot_gate_panels  # noqa: E402
 
 ROW_KEYS = ("variant", "seed", "task", "metric", "value")
 KIND_COLOURS = {"single": "#8c8c8c", "mean": "#6a9fd4", "concat": "#2b5d9c", "routed": "#d9622b", "peer": "#3a9a4a"}
@@ -309,23 +310,7 @@ def plot_gate_heatmap(gate_rows: list[dict], variant: str, tasks: list[str], ext
     Returns the panels shown: (level stride, matrix), or a single (None, averaged gate) for a model without levels.
     """
     panels = gate_panels(gate_rows, variant, tasks, extractors)
-    w, h = 1.2 * len(extractors) + 0.6, 0.6 * len(tasks) + 1.8  # a panel; the task labels and colour bar: + 2.5
-    fig, axes = plt.subplots(1, len(panels), figsize=(w * len(panels) + 2.5, h), squeeze=False)
-    for k, (ax, (level, m)) in enumerate(zip(axes[0], panels)):
-        im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(extractors)), [f"{e}\n({families.get(e, '?')})" for e in extractors], fontsize=8)
-        ax.set_yticks(range(len(tasks)), tasks if k == 0 else [""] * len(tasks), fontsize=8)
-        for i in range(len(tasks)):
-            for j in range(len(extractors)):
-                if np.isfinite(m[i, j]):
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                            color="black" if m[i, j] > 0.6 else "white")
-        ax.set_title(f"mean gate weight: {variant}" if level is None else f"level stride {level}", fontsize=10)
-    if panels[0][0] is not None:
-        fig.suptitle(f"mean gate weight per level: {variant}", fontsize=10, y=1.04)
-    fig.colorbar(im, ax=list(axes[0]), fraction=0.04 / len(panels) ** 0.5, pad=0.02)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    plot_gate_panels(panels, tasks, extractors, families, variant, path)
     return panels
 
 

@@ -1,7 +1,7 @@
 """The encoder all pretraining methods train: a plain timm ViT inside a `TimmExtractor`.
 
 `encode_visible` runs timm's own ViT pieces (patch_embed, position embedding, blocks, norm) on the kept
-tokens only, so the trained weights are an ordinary timm state dict that `save_extractor_dir` writes.
+tokens only, so the trained weights are an ordinary timm state dict that `save_timm_extractor` writes.
 """
 
 from __future__ import annotations
