@@ -222,9 +222,11 @@ def router_card(config: RouterConfig, infos: dict[str, ExtractorInfo], saved: li
             f"- fusion: `{c.fusion}`" + (f" (extractor `{c.single}`)" if c.fusion == "single" else ""),
             f"- levels (strides): {c.strides}, widths {c.widths}",
             f"- detail path: {'yes' if c.has_detail else 'no'}; top-down decoder: "
-            + (f"yes (`{c.head.decoder_block}` blocks)" if len(c.strides) > 1 else "no (one level)"),
+            + (f"yes (`{c.head.decoder_block}` blocks, head reads `{c.head.decoder_output}`)" if len(c.strides) > 1
+               else "no (one level)"),
             *([f"- gate: granularity `{g.granularity}`, content `{g.content}`, combine `{g.combine}`, top-k "
-               f"{g.top_k or 'all'}, temperature {g.temperature}, task embedding `{g.task_embedding}`"
+               f"{g.top_k or 'all'}" + (f" (`{g.top_k_levels}` across levels)" if g.top_k and len(c.strides) > 1 else "")
+               + f", temperature {g.temperature}, task embedding `{g.task_embedding}`"
                + (f" from `{g.text_encoder}`" if g.task_embedding == "text" else "")] if c.fusion == "gated" else []),
         ]),
     ]
