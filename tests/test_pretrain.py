@@ -304,7 +304,7 @@ def test_accelerate_launch_pretrain_end_to_end(data_root, tmp_path):
 
 
 def test_probe_features_concatenate_the_last_n_blocks():
-    from train.probe import extract
+    from train.probing import extract
 
     ext = create_extractor("timm:vit_small_patch16_224", layers=2, pretrained=False, **TINY_KWARGS).eval()
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
