@@ -17,7 +17,7 @@ from PIL import Image
 
 from extractors import create_extractor
 from extractors.local_dir import save_extractor_dir
-from train.selfsup.config import DecoderConfig, DINOConfig, ModelConfig, load_pretrain_config
+from train.config import DecoderConfig, DINOConfig, PretrainModelConfig, load_pretrain_config
 from train.selfsup.dino import DINOPretrainer
 from train.selfsup.encoder import build_encoder, encode_visible, saved_model_kwargs
 from train.selfsup.mae import MAEPretrainer, random_mask
@@ -34,7 +34,7 @@ from train.selfsup.unlabeled import MultiCropTransform, UnlabeledImages, crop_tr
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}  # 4 x 4 patches
-TINY_MODEL = ModelConfig(kwargs=dict(TINY_KWARGS))
+TINY_MODEL = PretrainModelConfig(kwargs=dict(TINY_KWARGS))
 TINY_DECODER = DecoderConfig(dim=32, depth=1, num_heads=2)
 
 

@@ -518,7 +518,7 @@ def test_wrong_config_values_name_the_key(override, pattern):
 
 
 def test_pretrain_config_values_name_the_key_and_yaml_exponents_are_floats(tmp_path):
-    from train.selfsup.config import load_pretrain_config
+    from train.config import load_pretrain_config
 
     for override, pattern in (("train.batch_size=0", r"train\.batch_size: must be an int >= 1, got 0"),
                               ("data.image_size=0", r"data\.image_size: must be an int >= 1, got 0"),

@@ -45,22 +45,20 @@ from tqdm.auto import tqdm
 
 from router.config import RouterConfig, TaskConfig
 from router.inputs import HIGH_DEPTH_MODES, high_depth_to_unit
-from train.config import DataConfig, DataTaskConfig, ExperimentConfig
+from train.config import DATA_ENV, DataConfig, DataTaskConfig, ExperimentConfig, data_root
 
-DATA_ENV = "BACKBONE_ROUTER_DATA"
-DEFAULT_ROOT = "../shared/data"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 # ---- locating datasets ------------------------------------------------------------------------------
 def resolve_data_root(data: DataConfig, output_dir: str | Path | None = None) -> Path:
-    """data.synthetic -> <output_dir>/data; else data.root; else $BACKBONE_ROUTER_DATA; else ../shared/data."""
+    """data.synthetic -> <output_dir>/data; else :func:`train.config.data_root` (data.root, $BACKBONE_ROUTER_DATA,
+    ../shared/data next to the repository), which must be a folder."""
     if data.synthetic is not None:
         if output_dir is None:
             raise ValueError("data.synthetic: needs an output dir to write the generated dataset into")
         return Path(output_dir) / "data"
-    root = data.root or os.environ.get(DATA_ENV) or DEFAULT_ROOT
-    path = Path(root).expanduser()
+    path = data_root(data.root)
     if not path.is_dir():
         source = "data.root" if data.root else (f"${DATA_ENV}" if os.environ.get(DATA_ENV) else "the default")
         raise FileNotFoundError(

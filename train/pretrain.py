@@ -23,9 +23,9 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from extractors.atomic import atomic_write_bytes
+from train.config import load_pretrain_config
 from train.errors import run_cli
 from train.rundir import PRETRAIN_OUTPUTS, add_run_dir_args, claim_output_dir, with_run_dir
-from train.selfsup.config import load_pretrain_config
 from train.selfsup.pretraining import build_pool, build_pretrainer, make_optimizer, pretrain, save_encoder
 from train.selfsup.unlabeled import partition_indices
 

@@ -19,8 +19,8 @@ import torch
 
 from extractors import create_extractor
 from extractors.atomic import atomic_write_bytes
+from train.config import data_root
 from train.probing import TASKS, extract, load_split, probe_cls, probe_seg
-from train.selfsup.config import DataConfig
 
 
 def parse_named(items: list[str], flag: str) -> list[tuple[str, str]]:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         parser.error(f"--tasks: unknown {unknown}; expected some of {list(TASKS)}")
-    root = Path(args.data_root) if args.data_root else DataConfig().resolved_root()
+    root = Path(args.data_root) if args.data_root else data_root()
 
     data = {}
     for name in tasks:

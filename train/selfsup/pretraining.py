@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from extractors.local_dir import save_extractor_dir
+from train.config import PretrainConfig
 from train.optim import decay_groups, warmup_cosine
-from train.selfsup.config import PretrainConfig
 from train.selfsup.dino import DINOPretrainer
 from train.selfsup.encoder import build_encoder, saved_model_kwargs
 from train.selfsup.mae import MAEPretrainer
