@@ -24,7 +24,7 @@ from pathlib import Path
 from .atomic import atomic_save_safetensors, atomic_write_bytes
 from .base import Extractor
 from .checkpoints import load_state_dict_file, load_state_dict_strict
-from .factory import register_extractor
+from .registry import register_extractor
 from .timm_backend import TimmExtractor, create_timm_model
 
 FORMAT = "backbone-router-extractor"
