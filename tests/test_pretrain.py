@@ -314,3 +314,19 @@ def test_probe_features_concatenate_the_last_n_blocks():
     assert seg.shape == (3, 2 * 32, 4, 4)
     torch.testing.assert_close(seg, torch.cat(out["dense"], 1))
     assert extract(ext, images, "cls").shape == (3, 32 + 2 * 32)
+
+
+def test_probe_scores_any_dataset_folder_through_the_fine_tuning_reader(tmp_path):
+    """A folder that is none of the shared datasets: seg from its masks, cls from its labels (FOLDER:cls)."""
+    from conftest import script_main
+
+    from train.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "data", "shapes", n_train=16, n_val=4, size=32, ignore_border=1, seed=0)
+    out = tmp_path / "probe.json"
+    report = script_main("probe")(["--random", "r=timm:vit_small_patch16_224", "--data-root", str(tmp_path / "data"),
+                                   "--tasks", "shapes,shapes:cls", "--size", "32", "--seg-epochs", "1",
+                                   "--cls-epochs", "1", "--output", str(out)])
+    row = report["results"]["r"]
+    assert 0 <= row["shapes_fg_iou"] <= 1 and 0 <= row["shapes_cls_accuracy"] <= 1
+    assert len(row["shapes_per_class_iou"]) == 2 and json.loads(out.read_text())["results"]["r"] == row

@@ -1,4 +1,4 @@
-"""Frozen-feature linear probes: score extractors on MTD defects, CamVid scenes and flowers12 species.
+"""Frozen-feature linear probes: score extractors on any dataset folders (default: MTD, CamVid, flowers12).
 
     python train/probe.py --random random=local-dir:runs/mae/final \\
         --extractor mae=local-dir:runs/mae/final --extractor smir=local-dir:runs/smir/final \\
@@ -20,7 +20,7 @@ import torch
 from extractors import create_extractor
 from extractors.atomic import atomic_write_bytes
 from train.config import data_root
-from train.probing import TASKS, extract, load_split, probe_cls, probe_seg
+from train.probing import extract, load_probe_data, load_split, primary_metric, probe_cls, probe_seg
 
 
 def parse_named(items: list[str], flag: str) -> list[tuple[str, str]]:
@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--extractor", action="append", default=[], help="NAME=SPEC with its weights (repeatable)")
     parser.add_argument("--random", action="append", default=[], help="NAME=SPEC built with random weights (repeatable)")
-    parser.add_argument("--tasks", default="mtd,camvid,flowers12", help=f"comma-separated subset of {list(TASKS)}")
+    parser.add_argument("--tasks", default="mtd,camvid,flowers12",
+                        help="comma-separated dataset folders under the data root (docs/data.md layout); FOLDER:cls "
+                             "probes the labels of a folder that also has masks")
     parser.add_argument("--data-root", default=None, help="dataset folders; default: $BACKBONE_ROUTER_DATA or ../shared/data")
     parser.add_argument("--size", type=int, default=160, help="images and masks are resized to size x size")
     parser.add_argument("--seg-epochs", type=int, default=20)
@@ -55,38 +57,34 @@ def main(argv: list[str] | None = None) -> dict:
     entries += [(n, s, False) for n, s in parse_named(args.random, "--random")]
     if not entries:
         parser.error("name at least one --extractor or --random NAME=SPEC")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        parser.error(f"--tasks: unknown {unknown}; expected some of {list(TASKS)}")
     root = Path(args.data_root) if args.data_root else data_root()
-
+    tasks, data_cfg = load_probe_data(root, [t.strip() for t in args.tasks.split(",") if t.strip()], args.size)
     data = {}
-    for name in tasks:
-        data[name] = {split: load_split(root, name, split, args.size) for split in ("train", "test")}
-        print(f"{name}: {len(data[name]['train']['images'])} train / {len(data[name]['test']['images'])} test images", flush=True)
+    for name, td in tasks.items():
+        data[name] = {split: load_split(td, split, data_cfg) for split in ("train", "val")}
+        print(f"{name}: {len(td.train)} train / {len(td.val)} test images", flush=True)
 
     results = {}
     for name, spec, pretrained in entries:
         torch.manual_seed(args.seed)
         extractor = create_extractor(spec, pretrained=pretrained, layers=args.layers).eval()
         row = {"spec": spec, "pretrained": pretrained}
-        for task in tasks:
-            kind, metric, classes, ignore = TASKS[task]
+        for task, td in tasks.items():
+            kind, metric, classes, ignore = td.task.type, primary_metric(td), td.task.num_classes, td.task.ignore_index
             tic = time.time()
             train_x = extract(extractor, data[task]["train"]["images"], kind)
-            test_x = extract(extractor, data[task]["test"]["images"], kind)
-            train_y, test_y = data[task]["train"]["targets"], data[task]["test"]["targets"]
+            test_x = extract(extractor, data[task]["val"]["images"], kind)
+            train_y, test_y = data[task]["train"]["targets"], data[task]["val"]["targets"]
             if kind == "seg":
-                iou = probe_seg(train_x, train_y, test_x, test_y, classes, ignore, args.seg_epochs, args.lr, args.seed)
-                row[f"{task}_{metric}"] = iou[1].item() if task == "mtd" else iou.nanmean().item()
-                row[f"{task}_per_class_iou"] = [None if v != v else round(v, 4) for v in iou.tolist()]
+                r = probe_seg(train_x, train_y, test_x, test_y, classes, ignore, args.seg_epochs, args.lr, args.seed)
+                row[f"{task}_{metric}"] = r[metric]
+                row[f"{task}_per_class_iou"] = [None if v != v else round(v, 4) for v in r["iou"].values()]
             else:
                 row[f"{task}_{metric}"] = probe_cls(train_x, train_y, test_x, test_y, classes, args.cls_epochs, args.lr, args.seed)
             print(f"  {name:>12} {task:>10} {metric}: {row[f'{task}_{metric}']:.4f} ({time.time() - tic:.0f}s)", flush=True)
         results[name] = row
 
-    columns = [f"{t}_{TASKS[t][1]}" for t in tasks]
+    columns = [f"{t}_{primary_metric(td)}" for t, td in tasks.items()]
     lines = ["| extractor | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(f"{100 * r[c]:.1f}" for c in columns) + " |" for n, r in results.items()]
     print("\n".join(lines))

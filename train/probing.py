@@ -1,72 +1,67 @@
 """Frozen-feature linear probes (the library behind ``train/probe.py``): data, features, probes.
 
+Any dataset folder in the layout of docs/data.md can be probed: it is read by the reader fine-tuning uses
+(:func:`train.data.load_task_data`, the train and ``test`` splits; without a test split, val is carved from
+train as in fine-tuning) through a :class:`train.config.DataConfig`, and every image (mask: nearest) is resized
+by the fine-tuning eval transform to --size x --size. A folder with ``masks/`` is a segmentation task (name
+``folder:cls`` to probe its labels.csv instead); classes and the ignore index come from its meta.json.
+
 For every extractor, features of the train and test images are computed once (frozen, eval mode), then
 a linear probe is trained on the train features and scored on the test split (dinov2 eval/linear.py):
 
-- mtd        defect segmentation: a 1x1 conv on the dense map (`--layers n`: the last n blocks
-             concatenated), logits upsampled to the mask; IoU of
-             the defect class over the whole test split.
-- camvid     11-class segmentation, same probe; mIoU over the 11 classes, void (11) ignored.
-- flowers12  12-class classification: a linear layer on [pooled vector, mean of the dense map]; accuracy.
+- segmentation: a 1x1 conv on the dense map (`--layers n`: the last n blocks concatenated), logits upsampled to
+  the mask; scored by torchmetrics (train/metrics.py) over the whole test split: the foreground IoU of a binary
+  task (``fg_iou``), else the mIoU over the classes (``mIoU``), ignore_index ignored.
+- classification: a linear layer on [pooled vector, mean of the dense map]; ``accuracy``.
 
-Images (and masks, nearest) are resized to --size x --size; metrics are computed at that resolution.
 Probe features are standardized with train statistics (still a linear probe). Segmentation losses weight
 classes by inverse frequency (balanced) so that rare classes (MTD defects: ~2.6% of pixels) are not
 ignored, and are computed at half the mask resolution (nearest-downsampled masks) to keep CPU time low;
-test metrics use the full --size resolution. Hyper-parameters are fixed (no selection on the test split). `--random NAME=SPEC` builds the
-spec with random weights (same architecture): the from-scratch baseline.
+test metrics use the full --size resolution. Hyper-parameters are fixed (no selection on the test split).
 """
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from train.selfsup.unlabeled import IMAGE_SUFFIXES
-
-TASKS = {  # dataset folder -> (kind, metric name, number of classes, ignore index)
-    "mtd": ("seg", "defect_iou", 2, None),
-    "camvid": ("seg", "miou", 11, 11),
-    "flowers12": ("cls", "accuracy", 12, None),
-}
+from router.config import TaskConfig
+from train.config import DataConfig, DataTaskConfig
+from train.data import TaskData, TaskDataset, load_task_data
+from train.metrics import task_metrics
 
 
 # ---- data: images resized once, shared by all extractors ------------------------------------------------------
-def load_split(root: Path, name: str, split: str, size: int) -> dict[str, torch.Tensor]:
-    """uint8 images (N, 3, size, size) and masks (N, size, size) or labels (N,) of one split."""
-    folder = root / name
-    split_file = folder / "splits.csv"
-    if not split_file.is_file():
-        raise FileNotFoundError(f"probe: {split_file} does not exist (set --data-root or $BACKBONE_ROUTER_DATA)")
-    with split_file.open(newline="") as f:
-        stems = [r["stem"] for r in csv.DictReader(f) if r["split"] == split]
-    if not stems:
-        raise ValueError(f"{split_file}: no images in split {split!r}")
-    images, targets = [], []
-    labels = {}
-    if TASKS[name][0] == "cls":
-        with (folder / "labels.csv").open(newline="") as f:
-            labels = {r["stem"]: int(r["class_idx"]) for r in csv.DictReader(f)}
-    for stem in stems:
-        path = next((folder / "images" / f"{stem}{s}" for s in IMAGE_SUFFIXES if (folder / "images" / f"{stem}{s}").is_file()), None)
-        if path is None:
-            raise FileNotFoundError(f"{split_file}: stem {stem!r} has no image in {folder / 'images'}")
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
-        images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
-        if TASKS[name][0] == "seg":
-            with Image.open(folder / "masks" / f"{stem}.png") as m:
-                targets.append(torch.from_numpy(np.asarray(m.resize((size, size), Image.NEAREST)).astype(np.int64)))
-        else:
-            if stem not in labels:
-                raise KeyError(f"{folder / 'labels.csv'}: no label for stem {stem!r}")
-            targets.append(torch.tensor(labels[stem]))
-    return {"images": torch.stack(images), "targets": torch.stack(targets)}
+def probe_task(entry: str) -> tuple[str, str | None]:
+    """``folder`` or ``folder:seg|cls`` -> (folder, task type or None: seg when the folder has masks/)."""
+    folder, _, kind = entry.partition(":")
+    if kind not in ("", "seg", "cls"):
+        raise ValueError(f"--tasks {entry!r}: expected FOLDER or FOLDER:seg / FOLDER:cls")
+    return folder, kind or None
+
+
+def load_probe_data(root: Path, entries: list[str], size: int) -> tuple[dict[str, TaskData], DataConfig]:
+    """Each dataset folder as one task (train split, test split as val), read and checked as fine-tuning does;
+    returns the tasks and the data config they were read through."""
+    tasks, sources = [], []
+    for entry in entries:
+        folder, kind = probe_task(entry)
+        name = folder if kind is None else f"{folder}_{kind}"
+        kind = kind or ("seg" if (root / folder / "masks").is_dir() else "cls")
+        tasks.append(TaskConfig(name=name, type=kind))
+        sources.append(DataTaskConfig(name=name, dataset=folder, val_split="test"))
+    data = DataConfig(tasks=sources, root=str(root), image_size=size, eval_size=size)
+    return {t.name: load_task_data(t, s, root, data, progress=True) for t, s in zip(tasks, sources)}, data
+
+
+def load_split(td: TaskData, split: str, data: DataConfig) -> dict[str, torch.Tensor]:
+    """uint8 images (N, C, size, size) and masks (N, size, size) or labels (N,) of one split ("train" or "val")."""
+    ds = TaskDataset(td, split, data)
+    samples = [ds[i] for i in range(len(ds))]  # the eval transform (no augmentation seed)
+    images = torch.stack([s["image"].mul(255).round_().to(torch.uint8) for s in samples])
+    return {"images": images, "targets": torch.stack([s["target"] for s in samples])}
 
 
 @torch.no_grad()
@@ -97,8 +92,9 @@ def class_weights(targets: torch.Tensor, classes: int, ignore: int | None) -> to
     return w / w[freq > 0].mean()
 
 
-def probe_seg(train_x, train_y, test_x, test_y, classes: int, ignore: int | None, epochs: int, lr: float, seed: int):
-    """1x1-conv probe on dense maps; returns per-class IoU on the test split (NaN for absent classes)."""
+def probe_seg(train_x, train_y, test_x, test_y, classes: int, ignore: int | None, epochs: int, lr: float,
+              seed: int) -> dict:
+    """1x1-conv probe on dense maps; returns the test split's segmentation metrics (train/metrics.py)."""
     torch.manual_seed(seed)
     train_x, test_x = _standardize(train_x, test_x, (0, 2, 3))
     head = torch.nn.Conv2d(train_x.shape[1], classes, 1)
@@ -117,16 +113,12 @@ def probe_seg(train_x, train_y, test_x, test_y, classes: int, ignore: int | None
             loss.backward()
             opt.step()
             sched.step()
-    confusion = torch.zeros(classes, classes, dtype=torch.long)
+    meter = task_metrics("seg", [str(c) for c in range(classes)], ignore)
     with torch.no_grad():
         for idx in torch.arange(len(test_x)).split(32):
             pred = F.interpolate(head(test_x[idx]), size=size, mode="bilinear", align_corners=False).argmax(1)
-            y = test_y[idx]
-            keep = y != ignore if ignore is not None else torch.ones_like(y, dtype=torch.bool)
-            confusion += torch.bincount(y[keep] * classes + pred[keep], minlength=classes * classes).view(classes, classes)
-    tp = confusion.diag().float()
-    union = confusion.sum(0).float() + confusion.sum(1).float() - tp
-    return torch.where(confusion.sum(1) > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+            meter.update(pred, test_y[idx])
+    return meter.compute()
 
 
 def probe_cls(train_x, train_y, test_x, test_y, classes: int, epochs: int, lr: float, seed: int) -> float:
@@ -144,5 +136,14 @@ def probe_cls(train_x, train_y, test_x, test_y, classes: int, epochs: int, lr: f
             loss.backward()
             opt.step()
             sched.step()
+    meter = task_metrics("cls", [str(c) for c in range(classes)], None)
     with torch.no_grad():
-        return (head(test_x).argmax(1) == test_y).float().mean().item()
+        meter.update(head(test_x).argmax(1), test_y)
+    return meter.compute()["accuracy"]
+
+
+def primary_metric(td: TaskData) -> str:
+    """The number a probe reports for a task: fg_iou (binary seg), mIoU (seg), accuracy (cls)."""
+    if td.task.type == "cls":
+        return "accuracy"
+    return "fg_iou" if td.task.num_classes == 2 else "mIoU"
