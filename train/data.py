@@ -119,6 +119,27 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
+def read_splits(folder: Path) -> dict[str, list[str]]:
+    """split -> stems of a dataset folder's splits.csv, in file order; a stem in two splits is an error."""
+    splits: dict[str, list[str]] = {}
+    split_of: dict[str, tuple[str, int]] = {}
+    for row_no, row in enumerate(_read_csv(folder / "splits.csv", ("stem", "split")), start=2):
+        stem, split = row["stem"], row["split"]
+        if stem in split_of and split_of[stem][0] != split:
+            raise ValueError(f"{folder / 'splits.csv'}: stem {stem!r} is in split {split_of[stem][0]!r} (line "
+                             f"{split_of[stem][1]}) and in split {split!r} (line {row_no}); a stem belongs to one split")
+        split_of.setdefault(stem, (split, row_no))
+        splits.setdefault(split, []).append(stem)
+    return splits
+
+
+def split_images(folder: Path, splits: tuple[str, ...] | list[str]) -> list[Path]:
+    """The image files of a dataset folder whose splits.csv split is one of `splits` (no labels or masks read)."""
+    found = read_splits(folder)
+    images = FileIndex(folder / "images")
+    return [images.find(stem, IMAGE_SUFFIXES, "image listed in splits.csv") for s in splits for stem in found.get(s, [])]
+
+
 class FileIndex:
     """The files of one folder by (NFC stem, lower-case suffix): ``a.PNG`` serves stem ``a``, NFD names match NFC."""
 
@@ -238,15 +259,7 @@ def load_task_data(task: TaskConfig, source: DataTaskConfig, root: Path, data: D
         raise ValueError(f"model.tasks[{task.name}].classes: need at least 2 classes, got {task.classes}")
 
     # Splits and labels.
-    splits: dict[str, list[str]] = {}
-    split_of: dict[str, tuple[str, int]] = {}
-    for row_no, row in enumerate(_read_csv(folder / "splits.csv", ("stem", "split")), start=2):
-        stem, split = row["stem"], row["split"]
-        if stem in split_of and split_of[stem][0] != split:
-            raise ValueError(f"{folder / 'splits.csv'}: stem {stem!r} is in split {split_of[stem][0]!r} (line "
-                             f"{split_of[stem][1]}) and in split {split!r} (line {row_no}); a stem belongs to one split")
-        split_of.setdefault(stem, (split, row_no))
-        splits.setdefault(split, []).append(stem)
+    splits = read_splits(folder)
     labels: dict[str, int] = {}
     labels_path = folder / "labels.csv"
     if task.type == "cls":
