@@ -138,3 +138,17 @@ def resume_state(accelerator, ckpt: Path) -> None:
         accelerator.load_state(str(ckpt), load_kwargs={"weights_only": True})
     except Exception as e:
         raise SystemExit(f"--resume: {ckpt} does not load into this run ({type(e).__name__}: {e})") from e
+
+
+def resume_run(accelerator, model, ckpt: Path | None, output_dir: Path, phase2, say=print) -> int:
+    """The step a ``--resume`` run starts from: 0 without a checkpoint, else the checked checkpoint's step, with the
+    phase-2 blocks unfrozen first when it is in phase 2 (so the optimizer state fits) and its state loaded."""
+    if ckpt is None:
+        say(f"--resume: no checkpoint in {output_dir / 'checkpoints'}; starting from step 0")
+        return 0
+    step = check_checkpoint(ckpt)
+    if phase2.active(step):
+        phase2.enter(accelerator.unwrap_model(model))
+    resume_state(accelerator, ckpt)
+    say(f"resumed from {ckpt} (step {step})")
+    return step

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
@@ -601,6 +601,20 @@ class RankBatchSampler(Sampler):
 
 
 # ---- statistics of the training masks -----------------------------------------------------------------
+def eval_loaders(tasks: dict[str, TaskData], data: DataConfig, batch_size: int) -> dict[str, DataLoader]:
+    """task -> a DataLoader over its val split (eval transform, in order)."""
+    return {n: DataLoader(TaskDataset(td, "val", data), batch_size=batch_size, shuffle=False,
+                          collate_fn=collate_task_batch, num_workers=data.num_workers) for n, td in tasks.items()}
+
+
+def train_loader(datasets: list[TaskDataset], schedule: TaskSchedule, rank: int, world: int, start: int, stop: int,
+                 num_workers: int = 0) -> DataLoader:
+    """This process's slice of the global micro-batches ``start..stop`` of `schedule` (see :class:`RankBatchSampler`)."""
+    sampler = RankBatchSampler(schedule, rank, world, start=start, stop=stop)
+    return DataLoader(MultiTaskDataset(datasets), batch_sampler=sampler, collate_fn=collate_task_batch,
+                      num_workers=num_workers)
+
+
 def foreground_prior(td: TaskData) -> float:
     """Fraction of foreground (class 1) pixels over non-ignored pixels of the training masks (binary seg)."""
     if td.task.type != "seg" or td.task.num_classes != 2:

@@ -231,6 +231,29 @@ class Finetuner:
             self.say(f"{len(steps)} optimizer step(s) skipped for a non-finite loss: {steps[:20]}")
         return 0, results, last_eval, last_save
 
+    def run(self, batches, start: int, stop: int) -> int:
+        """Steps start..stop, then (at train.max_steps) the last evaluation and checkpoint and final/; the exit code."""
+        t, acc = self.t, self.accelerator
+        if start >= t.max_steps:
+            self.say(f"already at step {start} >= train.max_steps {t.max_steps}; nothing to train")
+        self.say(f"training steps {start}..{stop} of {t.max_steps}: global batch {t.batch_size * self.world} "
+                 f"({self.world} process(es) x {t.batch_size}) x {t.grad_accum_steps} accumulation step(s)")
+        code, results, last_eval, last_save = self.train(batches, start, stop)
+        if code:
+            return code
+        if stop < t.max_steps:
+            self.say(f"stopped after step {stop} as asked (--stop-at); checkpoint {latest_checkpoint(self.output_dir)}; "
+                     f"continue with --resume --output-dir {self.output_dir}")
+            acc.end_training()
+            return 0
+        if last_eval != t.max_steps and start < t.max_steps:
+            results = self.evaluate(t.max_steps)
+        if last_save != t.max_steps and start < t.max_steps:
+            save_checkpoint(acc, self.output_dir, t.max_steps, t.keep_last)
+        self.save_final(results)
+        acc.end_training()
+        return 0
+
     # ---- the final model -----------------------------------------------------------------------------------
     def save_final(self, results: dict[str, TaskEval]) -> None:
         """final/ (save_pretrained, its model card with the run's metrics and gates, atomically) and a summary."""

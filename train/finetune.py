@@ -32,28 +32,18 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
-from torch.utils.data import DataLoader
 
 from extractors.atomic import atomic_write_bytes
 from router import Router
-from train.checkpoints import (
-    check_checkpoint,
-    check_free_space,
-    check_output_dir,
-    check_resume_config,
-    latest_checkpoint,
-    resume_state,
-    save_checkpoint,
-)
+from train import checkpoints
 from train.config import ExperimentConfig
 from train.data import (
-    MultiTaskDataset,
-    RankBatchSampler,
     TaskDataset,
     TaskSchedule,
-    collate_task_batch,
     describe,
+    eval_loaders,
     prepare_experiment_data,
+    train_loader,
 )
 from train.engine import Finetuner, binary_seg_priors
 from train.errors import RunError, run_cli
@@ -96,7 +86,7 @@ def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> int:
     cfg = ExperimentConfig.from_file(config_path, args.overrides)
     output_dir = Path(args.output_dir or Path("runs") / config_path.stem)
     t = cfg.train
-    check_output_dir(output_dir)
+    checkpoints.check_output_dir(output_dir)
 
     # ---- accelerator (`accelerate launch --multi_gpu` without GPUs: Accelerate joins the processes with gloo
     # only when told to use the CPU); each batch serves one task, so the other heads get no gradient in a step
@@ -117,10 +107,10 @@ def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> int:
     # ---- data (also fills model.tasks classes / ignore_index from meta.json; every file decoded once, now)
     root, tasks = prepare_experiment_data(cfg, output_dir, main_process, accelerator.wait_for_everyone)
     saved_config = output_dir / "config.yaml"
-    resume_from = latest_checkpoint(output_dir) if args.resume else None
+    resume_from = checkpoints.latest_checkpoint(output_dir) if args.resume else None
     if args.resume and saved_config.is_file():
-        note = check_resume_config(saved_config, cfg.to_dict(), resume_from, world, t.batch_size,
-                                   args.change_global_batch)
+        note = checkpoints.check_resume_config(saved_config, cfg.to_dict(), resume_from, world, t.batch_size,
+                                               args.change_global_batch)
         if note:
             say(f"note: {note}")
     if main_process:
@@ -129,9 +119,7 @@ def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> int:
     train_sets = [TaskDataset(td, "train", cfg.data) for td in tasks.values()]
     schedule = TaskSchedule([len(d) for d in train_sets], [td.source.weight for td in tasks.values()],
                             global_batch=t.batch_size * world, seed=t.seed)
-    eval_loaders = {n: DataLoader(TaskDataset(td, "val", cfg.data), batch_size=t.eval_batch_size, shuffle=False,
-                                  collate_fn=collate_task_batch, num_workers=cfg.data.num_workers)
-                    for n, td in tasks.items()}
+    val_loaders = eval_loaders(tasks, cfg.data, t.eval_batch_size)
 
     # ---- model (phase 1: extractors frozen; binary seg biases from the foreground prior) and optimizer
     set_seed(t.seed)  # the same initial weights in every process
@@ -148,53 +136,20 @@ def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> int:
     late_params = phase2.late_params(model)
     optimizer = make_optimizer(head_params, t, late_params)
     n_train = sum(p.numel() for p in head_params)
-    check_free_space(output_dir, model, n_train + sum(p.numel() for p in late_params), t.keep_last)
+    checkpoints.check_free_space(output_dir, model, n_train + sum(p.numel() for p in late_params), t.keep_last)
     say(f"model: fusion {cfg.model.fusion}, extractors {model.extractor_names}; {n_train:,} router/head params"
         + (f", phase 2 from step {t.phase2_step}: {phase2.blocks}" if phase2.blocks else ""))
 
-    # ---- prepare, resume
+    # ---- prepare, resume, train (train/engine.py)
     model, optimizer = accelerator.prepare(model, optimizer)
-    eval_loaders = {n: accelerator.prepare(dl) for n, dl in eval_loaders.items()}
-    start_step = 0
-    if args.resume and resume_from is None:
-        say(f"--resume: no checkpoint in {output_dir / 'checkpoints'}; starting from step 0")
-    elif args.resume:
-        start_step = check_checkpoint(resume_from)
-        if phase2.active(start_step):
-            phase2.enter(accelerator.unwrap_model(model))
-        resume_state(accelerator, resume_from)
-        say(f"resumed from {resume_from} (step {start_step})")
-    loop = Finetuner(cfg, accelerator, model, optimizer, tasks, eval_loaders, phase2, output_dir, say)
-    loop.keep_metrics_until(start_step, args.resume)  # evaluations after the checkpoint are redone
+    val_loaders = {n: accelerator.prepare(dl) for n, dl in val_loaders.items()}
+    start = checkpoints.resume_run(accelerator, model, resume_from, output_dir, phase2, say) if args.resume else 0
+    loop = Finetuner(cfg, accelerator, model, optimizer, tasks, val_loaders, phase2, output_dir, say)
+    loop.keep_metrics_until(start, args.resume)  # evaluations after the checkpoint are redone
     accelerator.init_trackers("tensorboard")
     A = t.grad_accum_steps
-    sampler = RankBatchSampler(schedule, rank, world, start=start_step * A, stop=t.max_steps * A)
-    train_loader = DataLoader(MultiTaskDataset(train_sets), batch_sampler=sampler, collate_fn=collate_task_batch,
-                              num_workers=cfg.data.num_workers)
-
-    # ---- train
-    if start_step >= t.max_steps:
-        say(f"already at step {start_step} >= train.max_steps {t.max_steps}; nothing to train")
-    stop_step = min(t.max_steps, args.stop_at) if args.stop_at is not None else t.max_steps
-    say(f"training steps {start_step}..{stop_step} of {t.max_steps}: global batch {t.batch_size * world} "
-        f"({world} process(es) x {t.batch_size}) x {A} accumulation step(s)")
-    code, results, last_eval, last_save = loop.train(train_loader, start_step, stop_step)
-    if code:
-        return code
-
-    # ---- final model and summary
-    if stop_step < t.max_steps:
-        say(f"stopped after step {stop_step} as asked (--stop-at); checkpoint {latest_checkpoint(output_dir)}; "
-            f"continue with --resume --output-dir {output_dir}")
-        accelerator.end_training()
-        return 0
-    if last_eval != t.max_steps and start_step < t.max_steps:
-        results = loop.evaluate(t.max_steps)
-    if last_save != t.max_steps and start_step < t.max_steps:
-        save_checkpoint(accelerator, output_dir, t.max_steps, t.keep_last)
-    loop.save_final(results)
-    accelerator.end_training()
-    return 0
+    batches = train_loader(train_sets, schedule, rank, world, start * A, t.max_steps * A, cfg.data.num_workers)
+    return loop.run(batches, start, min(t.max_steps, args.stop_at) if args.stop_at is not None else t.max_steps)
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))
