@@ -43,7 +43,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from router.config import RouterConfig, TaskConfig
+from router.config import TaskConfig
 from router.inputs import HIGH_DEPTH_MODES, high_depth_to_unit
 from train.config import DATA_ENV, DataConfig, DataTaskConfig, ExperimentConfig, data_root
 
@@ -643,7 +643,3 @@ def describe(tasks: dict[str, TaskData]) -> str:
             f"weight {td.source.weight}"
         )
     return "\n".join(lines)
-
-
-def task_configs(model: RouterConfig) -> dict[str, TaskConfig]:
-    return {t.name: t for t in model.tasks}

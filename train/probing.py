@@ -92,27 +92,37 @@ def class_weights(targets: torch.Tensor, classes: int, ignore: int | None) -> to
     return w / w[freq > 0].mean()
 
 
+def fit_head(head: torch.nn.Module, train_x: torch.Tensor, loss_of, epochs: int, batch: int, lr: float,
+             weight_decay: float) -> torch.nn.Module:
+    """AdamW with a cosine schedule over `epochs` shuffled passes; ``loss_of(logits, idx)`` is a batch's loss."""
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * ((len(train_x) + batch - 1) // batch))
+    for _ in range(epochs):
+        for idx in torch.randperm(len(train_x)).split(batch):
+            loss = loss_of(head(train_x[idx]), idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return head
+
+
 def probe_seg(train_x, train_y, test_x, test_y, classes: int, ignore: int | None, epochs: int, lr: float,
               seed: int) -> dict:
     """1x1-conv probe on dense maps; returns the test split's segmentation metrics (train/metrics.py)."""
     torch.manual_seed(seed)
     train_x, test_x = _standardize(train_x, test_x, (0, 2, 3))
     head = torch.nn.Conv2d(train_x.shape[1], classes, 1)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     weight = class_weights(train_y, classes, ignore)
     size = train_y.shape[-2:]
     half = (size[0] // 2, size[1] // 2)
     train_y_half = train_y[:, ::2, ::2]  # nearest downsampling
-    steps = epochs * ((len(train_x) + 31) // 32)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(train_x)).split(32):
-            logits = F.interpolate(head(train_x[idx]), size=half, mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits, train_y_half[idx], weight=weight, ignore_index=-100 if ignore is None else ignore)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+
+    def loss_of(logits, idx):
+        logits = F.interpolate(logits, size=half, mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits, train_y_half[idx], weight=weight, ignore_index=-100 if ignore is None else ignore)
+
+    fit_head(head, train_x, loss_of, epochs, 32, lr, 1e-4)
     meter = task_metrics("seg", [str(c) for c in range(classes)], ignore)
     with torch.no_grad():
         for idx in torch.arange(len(test_x)).split(32):
@@ -126,16 +136,7 @@ def probe_cls(train_x, train_y, test_x, test_y, classes: int, epochs: int, lr: f
     torch.manual_seed(seed)
     train_x, test_x = _standardize(train_x, test_x, 0)
     head = torch.nn.Linear(train_x.shape[1], classes)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-3)
-    steps = epochs * ((len(train_x) + 63) // 64)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(train_x)).split(64):
-            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    fit_head(head, train_x, lambda logits, idx: F.cross_entropy(logits, train_y[idx]), epochs, 64, lr, 1e-3)
     meter = task_metrics("cls", [str(c) for c in range(classes)], None)
     with torch.no_grad():
         meter.update(head(test_x).argmax(1), test_y)
