@@ -82,6 +82,29 @@ class LossLog:
         return logs
 
 
+class NonFiniteSkips:
+    """train.on_nonfinite=skip in one place: which micro-batches had a non-finite loss (in any process) and whether
+    the optimizer step they belong to is dropped. With "stop" it does nothing (LossLog.flush stops the run)."""
+
+    def __init__(self, policy: str, reduce_sum):
+        self.on, self.reduce_sum = policy == "skip", reduce_sum
+        self.skipped: list[tuple[int, str]] = []  # (step, task) of every non-finite micro-batch
+
+    def check(self, loss: torch.Tensor, step: int, task: str) -> bool:
+        """Whether this micro-batch's loss is non-finite in any process (one host sync, so all processes agree)."""
+        bad = self.on and bool(self.reduce_sum((~torch.isfinite(loss.detach())).float()) > 0)
+        if bad:
+            self.skipped.append((step, task))
+        return bad
+
+    def drop(self, step: int, sync: bool) -> bool:
+        """Whether the optimizer step `step` (on a sync micro-batch) is dropped."""
+        return self.on and sync and bool(self.skipped) and self.skipped[-1][0] == step
+
+    def steps(self) -> list[int]:
+        return sorted({s for s, _ in self.skipped})
+
+
 class Finetuner:
     """One fine-tuning run's loop over a prepared model, optimizer and eval loaders (see the module docstring)."""
 
@@ -96,7 +119,6 @@ class Finetuner:
         self.losses = {n: TaskLoss(self.t.loss[n], td.task.type, td.task.ignore_index) for n, td in tasks.items()}
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.main_process = accelerator.is_main_process
-        self.skipped: list[tuple[int, str]] = []
 
     # ---- evaluation and metrics.jsonl ------------------------------------------------------------------
     def keep_metrics_until(self, step: int, resume: bool) -> None:
@@ -145,7 +167,7 @@ class Finetuner:
         log = LossLog(t.log_every * A, acc.device)
         grad_norm = torch.zeros((), device=acc.device)
         trainable = list(self.unwrapped.parameters())
-        skip_nonfinite = t.on_nonfinite == "skip"
+        nonfinite = NonFiniteSkips(t.on_nonfinite, lambda x: acc.reduce(x, reduction="sum"))
         mean_valid = (lambda v: acc.reduce(v, reduction="mean")) if world > 1 else None
         progress = tqdm(total=t.max_steps, initial=start, disable=not acc.is_local_main_process, desc="finetune",
                         dynamic_ncols=True)
@@ -172,13 +194,8 @@ class Finetuner:
                         if injected_fault(step, self.rank) == "nan":
                             loss = loss * float("nan")
                         acc.backward(loss)
-                        # train.on_nonfinite=skip: one host sync per micro-batch, so every process drops the same step.
-                        bad = skip_nonfinite and bool(acc.reduce((~torch.isfinite(loss.detach())).float(),
-                                                                 reduction="sum") > 0)
-                        if bad:
-                            self.skipped.append((step, task))
-                        drop = (skip_nonfinite and acc.sync_gradients and bool(self.skipped)
-                                and self.skipped[-1][0] == step)
+                        bad = nonfinite.check(loss, step, task)
+                        drop = nonfinite.drop(step, acc.sync_gradients)
                         if acc.sync_gradients and not drop:
                             if self.phase2.entered:
                                 self.phase2.reduce_grads(lambda x: acc.reduce(x, reduction="mean"), world)
@@ -188,8 +205,8 @@ class Finetuner:
                             self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     if drop:
-                        self.say(f"step {step}: non-finite loss (task {self.skipped[-1][1]!r}); optimizer step "
-                                 f"skipped (train.on_nonfinite=skip, {len({s for s, _ in self.skipped})} step(s) "
+                        self.say(f"step {step}: non-finite loss (task {nonfinite.skipped[-1][1]!r}); optimizer "
+                                 f"step skipped (train.on_nonfinite=skip, {len(nonfinite.steps())} step(s) "
                                  "skipped so far)")
                     if not bad:
                         log.add(loss, step, task)
@@ -226,8 +243,7 @@ class Finetuner:
             self.say(f"error: {e}")
             return 3, results, last_eval, last_save
         progress.close()
-        if self.skipped:
-            steps = sorted({s for s, _ in self.skipped})
+        if steps := nonfinite.steps():
             self.say(f"{len(steps)} optimizer step(s) skipped for a non-finite loss: {steps[:20]}")
         return 0, results, last_eval, last_save
 
