@@ -175,3 +175,20 @@ class Extractor(nn.Module):
     def extra_repr(self) -> str:
         i = self.info
         return f"name={i.name!r}, family={i.family}, layers={i.layers}, widths={i.widths}, strides={i.strides}"
+
+
+def resolve_layers(layers: int | tuple[int, ...] | None, num_blocks: int, default: tuple[int, ...]) -> tuple[int, ...]:
+    """timm's convention (``feature_take_indices``): int n -> the last n blocks; a sequence -> those indices
+    (negatives wrap); None -> `default`. An index outside the blocks is a ValueError naming it."""
+    from timm.models._features import feature_take_indices
+
+    if layers is None:
+        return default
+    try:
+        take, _ = feature_take_indices(num_blocks, layers if isinstance(layers, int) else list(layers))
+    except AssertionError:
+        if isinstance(layers, int):
+            raise ValueError(f"layers={layers}: expected 1..{num_blocks} (the last n of {num_blocks} blocks)") from None
+        bad = next(i for i in layers if not 0 <= (i + num_blocks if i < 0 else i) < num_blocks)
+        raise ValueError(f"layers={list(layers)}: index {bad} is outside the {num_blocks} blocks") from None
+    return tuple(take)

@@ -15,37 +15,14 @@ Specs name the library and the model the way users know them::
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
 from pathlib import Path
 
 from .base import Extractor
 from .hub import looks_like_path
+from .registry import BACKENDS, BUILDERS, register_extractor
 
-# backend prefix ("timm") or full name ("my-extractor") -> builder(name_after_prefix, **kwargs)
-_BUILDERS: dict[str, Callable[..., Extractor]] = {}
-_BACKENDS = ("timm", "open_clip", "hf", "local-dir")
 LOCAL_SCHEMAS = ("local-dir:", "timm:local-dir:", "open_clip:local-dir:")  # specs that name a folder on this machine
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # a spec ending so names a local weight file
-
-
-def register_extractor(name: str, builder: Callable[..., Extractor] | None = None):
-    """Register a builder under a backend prefix or a full extractor name (usable as a decorator).
-
-    A builder is called as ``builder(rest, layers=..., pretrained=..., checkpoint=..., **kwargs)``
-    where ``rest`` is what follows ``name:`` in the spec ("" for a full name).
-
-    >>> @register_extractor("my-tiny-vit")
-    ... def _build(rest, **kw):
-    ...     return create_extractor("timm:vit_small_patch16_224", embed_dim=32, depth=2, num_heads=2, **kw)
-    """
-
-    def _register(fn: Callable[..., Extractor]) -> Callable[..., Extractor]:
-        if name in _BUILDERS and _BUILDERS[name] is not fn:
-            raise ValueError(f"register_extractor: {name!r} is already registered")
-        _BUILDERS[name] = fn
-        return fn
-
-    return _register(builder) if builder is not None else _register
 
 
 def _load_backends() -> None:
@@ -73,10 +50,10 @@ def list_extractors(pattern: str = "*", backend: str | None = None) -> list[str]
 
         names = [f"open_clip:{arch}/{tag}" if tag else f"open_clip:{arch}" for arch, tag in open_clip.list_pretrained()]
     elif backend is None:
-        names = [n for n in _BUILDERS if n not in _BACKENDS]
-        names += [f"{b}:" for b in _BACKENDS]
+        names = [n for n in BUILDERS if n not in BACKENDS]
+        names += [f"{b}:" for b in BACKENDS]
     else:
-        raise ValueError(f"list_extractors: unknown backend {backend!r}; expected one of {_BACKENDS} or None")
+        raise ValueError(f"list_extractors: unknown backend {backend!r}; expected one of {BACKENDS} or None")
     return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
 
 
@@ -109,45 +86,28 @@ def create_extractor(
     _load_backends()
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"create_extractor: spec must be a non-empty string, got {spec!r}")
-    if spec in _BUILDERS:
+    if spec in BUILDERS:
         prefix, rest = spec, ""
     elif ":" in spec:
         prefix, rest = spec.split(":", 1)
-        if prefix not in _BUILDERS:
+        if prefix not in BUILDERS:
             raise ValueError(
                 f"create_extractor: unknown backend {prefix!r} in spec {spec!r}; known backends: "
-                f"{sorted(b for b in _BUILDERS if b in _BACKENDS)}, registered names: "
-                f"{sorted(b for b in _BUILDERS if b not in _BACKENDS)}"
+                f"{sorted(b for b in BUILDERS if b in BACKENDS)}, registered names: "
+                f"{sorted(b for b in BUILDERS if b not in BACKENDS)}"
             )
     else:
         raise ValueError(
             f"create_extractor: cannot place spec {spec!r}; expected 'timm:<model>', 'open_clip:<arch>[/<tag>]', "
-            f"'hf:<repo or dir>', 'local-dir:<dir>' or a registered name {sorted(b for b in _BUILDERS if b not in _BACKENDS)}"
+            f"'hf:<repo or dir>', 'local-dir:<dir>' or a registered name {sorted(b for b in BUILDERS if b not in BACKENDS)}"
         )
     if isinstance(layers, list):
         layers = tuple(layers)
-    extractor = _BUILDERS[prefix](rest, layers=layers, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+    extractor = BUILDERS[prefix](rest, layers=layers, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
     extractor.info = type(extractor.info)(**{**extractor.info.__dict__, "name": spec})
     if family is not None:
         extractor.set_family(family)
     return extractor
-
-
-def resolve_layers(layers: int | tuple[int, ...] | None, num_blocks: int, default: tuple[int, ...]) -> tuple[int, ...]:
-    """timm's convention: int n -> the last n blocks; a sequence -> those indices (negatives wrap)."""
-    if layers is None:
-        return default
-    if isinstance(layers, int):
-        if not 1 <= layers <= num_blocks:
-            raise ValueError(f"layers={layers}: expected 1..{num_blocks} (the last n of {num_blocks} blocks)")
-        return tuple(range(num_blocks - layers, num_blocks))
-    out = []
-    for i in layers:
-        j = i + num_blocks if i < 0 else i
-        if not 0 <= j < num_blocks:
-            raise ValueError(f"layers={list(layers)}: index {i} is outside the {num_blocks} blocks")
-        out.append(j)
-    return tuple(out)
 
 
 def local_files_needed(spec: str, checkpoint: str | None = None, weights_saved: bool = False) -> str | None:
@@ -173,3 +133,6 @@ def local_files_needed(spec: str, checkpoint: str | None = None, weights_saved: 
     if spec.startswith(LOCAL_SCHEMAS) or Path(rest).expanduser().exists() or rest.endswith(WEIGHT_FILE_SUFFIXES):
         return f"its weights, from {rest.removeprefix('local-dir:')}"
     return None
+
+
+__all__ = ["create_extractor", "list_extractors", "local_files_needed", "register_extractor"]

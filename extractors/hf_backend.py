@@ -26,9 +26,9 @@ from pathlib import Path
 
 from torch import nn
 
-from .base import Extractor, ExtractorInfo
-from .factory import register_extractor, resolve_layers
+from .base import Extractor, ExtractorInfo, resolve_layers
 from .hub import hub_offline, looks_like_path, missing_files_error
+from .registry import register_extractor
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))

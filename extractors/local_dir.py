@@ -27,7 +27,7 @@ from pathlib import Path
 from .atomic import atomic_save_safetensors, atomic_write_bytes
 from .base import Extractor
 from .checkpoints import load_state_dict_file, load_state_dict_strict
-from .factory import register_extractor
+from .registry import register_extractor
 from .timm_backend import TimmExtractor, _build_timm, create_timm_model, is_timm_config, timm_dir_architecture
 
 FORMAT = "backbone-router-extractor"

@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import Extractor, ExtractorInfo
+from .base import Extractor, ExtractorInfo, resolve_layers
 from .checkpoints import TORCH_SUFFIXES, load_state_dict_file, load_state_dict_strict
-from .factory import register_extractor, resolve_layers
+from .registry import register_extractor
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
@@ -184,27 +184,28 @@ def resolve_tag_file(arch: str, tag: str) -> str:
 
 
 def load_open_clip_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """open_clip's `load_checkpoint`, but reading the file safely and checking every key strictly."""
-    from open_clip.convert import convert_state_dict
-    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+    """open_clip's ``load_checkpoint(model, path, weights_only=True)``, with the checks it does not make.
+
+    Before: the file is read once by :func:`load_state_dict_file` (safetensors or ``torch.load(weights_only=True)``,
+    any other suffix refused, checksums verified), so an unsafe or broken file fails with its name before open_clip
+    sees it. During: the state dict open_clip has converted (DDP prefix, third-party layouts, old text layout,
+    logit shapes, resized position embeddings) is checked key by key and shape by shape before anything is
+    copied into the model (:func:`load_state_dict_strict`), so a partial file is an error naming the keys.
+    """
+    from open_clip import load_checkpoint
 
     source = str(path)
-    sd = load_state_dict_file(path)
-    if next(iter(sd), "").startswith("module."):  # saved from DistributedDataParallel
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    sd = convert_state_dict(model, sd)  # third-party layouts (MobileCLIP) -> open_clip
-    if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
-        sd = convert_to_custom_text_state_dict(sd)
-    for key in ("logit_scale", "logit_bias"):
-        ref = getattr(model, key, None)
-        if key in sd and ref is not None and sd[key].ndim != ref.ndim:
-            sd[key] = sd[key].reshape(ref.shape)
-    if "logit_bias" not in sd and getattr(model, "logit_bias", None) is not None and "logit_scale" in sd:
-        sd["logit_bias"] = torch.zeros_like(sd["logit_scale"])
-    sd.pop("text.transformer.embeddings.position_ids", None)
-    resize_pos_embed(sd, model)
-    resize_text_pos_embed(sd, model)
-    load_state_dict_strict(model, sd, source)
+    load_state_dict_file(path)
+
+    def load_checked(sd, strict=True):  # what load_checkpoint calls last, as model.load_state_dict
+        del model.load_state_dict  # the model's own method again
+        load_state_dict_strict(model, sd, source)
+
+    model.load_state_dict = load_checked
+    try:
+        load_checkpoint(model, source, strict=True, weights_only=True)
+    finally:
+        model.__dict__.pop("load_state_dict", None)
 
 
 def create_open_clip_model(arch: str, tag: str | None, weights: str | None, pretrained: bool, **kwargs) -> nn.Module:

@@ -24,9 +24,9 @@ from huggingface_hub.constants import HF_HUB_CACHE
 from torch import nn
 
 from .atomic import atomic_save_safetensors, atomic_write_bytes
-from .base import Extractor, ExtractorInfo
+from .base import Extractor, ExtractorInfo, resolve_layers
 from .checkpoints import load_into_timm_model
-from .factory import register_extractor, resolve_layers
+from .registry import register_extractor
 
 TIMM_SCHEMAS = ("local-dir:", "hf-hub:")
 TIMM_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")  # what timm loads from a local-dir / hf-hub model

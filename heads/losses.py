@@ -37,6 +37,8 @@ __all__ = [
     "LOSSES",
     "build_loss",
     "hard_negative_mask",
+    "TaskLoss",
+    "is_pixel_mean",
 ]
 
 
@@ -493,3 +495,56 @@ def build_loss(spec: str | dict[str, Any] | Sequence[str | dict[str, Any]]) -> C
     """
     items = [spec] if isinstance(spec, (str, dict)) else list(spec)
     return CombinedLoss([LossTermConfig.from_spec(item) for item in items])
+
+
+def is_pixel_mean(term: nn.Module) -> bool:
+    """Whether a loss term is a plain mean over the batch's non-ignored positions (ce without class weights,
+    bce without hard-negative mining, focal): such a term can be re-weighted by a process's share of them."""
+    if isinstance(term, CrossEntropyLoss):
+        return term.class_weights is None
+    if isinstance(term, BinaryCrossEntropyLoss):
+        return term.neg_ratio is None
+    return isinstance(term, FocalLoss)
+
+
+class TaskLoss(nn.Module):
+    """One task's weighted loss, exact under data parallelism when ignored pixels make the processes' counts differ.
+
+    On one process (or ``global_mean_valid=None``, or no ``ignore_index``, or a classification task) it is
+    ``build_loss(spec)(logits, target, ignore_index)["loss"]``. Otherwise each pixel-mean term (see
+    :func:`is_pixel_mean`) is weighted by this process's share of the non-ignored pixels, so that the mean of
+    the processes' gradients (what DDP takes) is the gradient of the mean over the global batch: exact for
+    ce / bce / focal; per-image Dice and Tversky average over images, which processes hold equally;
+    batch-pooled Dice stays per process.
+
+    Args:
+        spec: a loss spec for :func:`build_loss`.
+        task_type: "seg" or "cls".
+        ignore_index: the target value that is ignored, or None.
+
+    Example:
+        >>> loss = TaskLoss("ce", "seg", ignore_index=255)
+        >>> logits, target = torch.randn(2, 2, 8, 8), torch.randint(0, 2, (2, 8, 8))
+        >>> same = loss(logits, target, global_mean_valid=lambda n: n)  # one process: its share is 1
+        >>> bool(torch.isclose(same, loss(logits, target)))
+        True
+    """
+
+    def __init__(self, spec: Any, task_type: str, ignore_index: int | None = None):
+        super().__init__()
+        self.loss = build_loss(spec)
+        self.task_type = task_type
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, global_mean_valid=None) -> torch.Tensor:
+        """``global_mean_valid(count)``: the mean of a per-process count over the processes (e.g. accelerate's
+        ``reduce(count, reduction="mean")``); None on one process."""
+        if global_mean_valid is None or self.ignore_index is None or self.task_type != "seg":
+            return self.loss(logits, target, ignore_index=self.ignore_index)["loss"]
+        valid = (target != self.ignore_index).sum().float()
+        share = valid / global_mean_valid(valid.clone()).clamp_min(1.0)
+        total = logits.new_zeros(())
+        for key, term in self.loss.losses.items():
+            value = term(logits, target, ignore_index=self.ignore_index)
+            total = total + self.loss.weights[key] * value * (share if is_pixel_mean(term) else 1.0)
+        return total

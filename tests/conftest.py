@@ -7,7 +7,9 @@ because those libraries read them once at import time.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
+import runpy
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,3 +42,14 @@ def shared_weights() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@functools.cache
+def script_main(name: str):
+    """The ``main(argv)`` of the command-line script ``train/<name>.py``, run in this process as its command line is.
+
+    Scripts are not modules: nothing imports them. The file is executed (``runpy.run_path``, under a name that is
+    not ``__main__``) and its entry point returned, so a test calls the script the way ``python train/<name>.py``
+    would, without a subprocess.
+    """
+    return runpy.run_path(str(REPO_ROOT / "train" / f"{name}.py"), run_name=f"script_{name}")["main"]

@@ -8,8 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-
-from train.benchmark import main
+from conftest import script_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out.json"
-    main(["--config", str(REPO / "configs/tiny.yaml"), "--json", str(out), "--batch-sizes", "2",
+    script_main("benchmark")(["--config", str(REPO / "configs/tiny.yaml"), "--json", str(out), "--batch-sizes", "2",
           "--resolutions", "32", "--warmup", "0", "--reps", "1", "--cache-batches", "2", "--threads", "1",
           "--ablate", "sdpa", "--peak-tflops", "1.0", "head.seg_trunk=separable"])
     return json.loads(out.read_text())
@@ -26,7 +25,7 @@ def summary(tmp_path_factory):
 def test_model_overrides_are_applied_recorded_and_checked(summary):
     assert summary["overrides"] == ["head.seg_trunk=separable"]
     with pytest.raises(ValueError, match="unknown key 'head.seg_trunc'"):
-        main(["--config", str(REPO / "configs/tiny.yaml"), "head.seg_trunc=separable"])
+        script_main("benchmark")(["--config", str(REPO / "configs/tiny.yaml"), "head.seg_trunc=separable"])
 
 
 def median(summary, workload, phase):
@@ -85,7 +84,7 @@ def test_the_sync_audit_blames_package_source_not_a_virtualenv_inside_the_checko
     """CI builds .ci-venv inside the repository: torch's optimizer lines there are a library's, not ours."""
     from types import SimpleNamespace
 
-    from train.benchmark import REPO, repo_line
+    from train.benchmarking import REPO, repo_line
 
     def at(rel: str):
         return SimpleNamespace(filename=str(REPO / rel), lineno=7)

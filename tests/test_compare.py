@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import script_main
 from PIL import Image
 
-from train import compare
-from train.report import aggregate, gains, plot_gate_heatmap, results_markdown, write_report
+from train import comparison
+from train.config import load_compare_config
+from train.reporting import aggregate, gains, plot_gate_heatmap, results_markdown, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "compare_tiny.yaml"
@@ -22,7 +24,7 @@ TINY = REPO / "configs" / "compare_tiny.yaml"
 def run(out: Path, cache: Path, *extra: str) -> dict:
     argv = ["--config", str(TINY), "--output-dir", str(out), f"compare.cache_dir={cache}",
             "compare.variants=[concat, gated_token]", "compare.seeds=[0, 1]", *extra]
-    assert compare.main(argv) == 0
+    assert script_main("compare")(argv) == 0
     return json.loads((out / "summary.json").read_text())
 
 
@@ -76,18 +78,18 @@ def test_report_files_and_contents(two_runs):
 
 def test_merging_runs_with_other_seeds(two_runs, capsys):
     """report.py --merge joins runs that differ only in their seeds; repeated seeds are refused."""
-    from train import report
+    report = script_main("report")
 
     root, _, _ = two_runs
     run(root / "c", root / "cache", "compare.seeds=[2]")
-    assert report.main(["--merge", str(root / "a"), str(root / "c"), "--output", str(root / "ac")]) == 0
+    assert report(["--merge", str(root / "a"), str(root / "c"), "--output", str(root / "ac")]) == 0
     merged = json.loads((root / "ac" / "results.json").read_text())
     parts = [json.loads((root / d / "results.json").read_text()) for d in ("a", "c")]
     assert merged == parts[0] + parts[1]
     summary = json.loads((root / "ac" / "summary.json").read_text())
     assert summary["meta"]["seeds"] == [0, 1, 2]
     assert "over 3 seed(s) [0, 1, 2]" in (root / "ac" / "results.md").read_text()
-    assert report.main(["--merge", str(root / "a"), str(root / "b"), "--output", str(root / "ab")]) == 2
+    assert report(["--merge", str(root / "a"), str(root / "b"), "--output", str(root / "ab")]) == 2
     assert "repeats seeds [0, 1]" in capsys.readouterr().err
     assert not (root / "ab").exists()
 
@@ -140,11 +142,11 @@ def test_frozen_features_count_forward_calls(tmp_path):
     ext = create_extractor("timm:vit_small_patch16_224", pretrained=False, embed_dim=32, depth=2, num_heads=2,
                            img_size=32).freeze()
     images = [(torch.rand(5, 3, 32, 32) * 255).to(torch.uint8) for _ in range(2)]
-    views = compare.ViewSet([f"d/{i}#x" for i in range(5)], ["eval:32", "train:32"], images, [torch.zeros(5)] * 2)
+    views = comparison.ViewSet([f"d/{i}#x" for i in range(5)], ["eval:32", "train:32"], images, [torch.zeros(5)] * 2)
     cache = FeatureCache(tmp_path)
-    a = compare.frozen_features({"e": ext}, views, cache, 2, torch.float32, "cpu")
+    a = comparison.frozen_features({"e": ext}, views, cache, 2, torch.float32, "cpu")
     assert ext.forward_calls == 6  # 2 views x ceil(5 / 2) batches
-    b = compare.frozen_features({"e": ext}, views, FeatureCache(tmp_path), 2, torch.float32, "cpu")
+    b = comparison.frozen_features({"e": ext}, views, FeatureCache(tmp_path), 2, torch.float32, "cpu")
     assert ext.forward_calls == 6
     every = torch.arange(5)
     a, b = [[f.gather(every, "cpu")["e"] for f in x] for x in (a, b)]  # read back from the cache, batch by batch
@@ -152,7 +154,7 @@ def test_frozen_features_count_forward_calls(tmp_path):
     assert all(torch.equal(x["pooled"], y["pooled"]) for x, y in zip(a, b))
     assert a[0]["pooled"].shape == (5, 32) and not torch.equal(a[0]["pooled"], a[1]["pooled"])
     # the same values as held in memory without a cache (float32 storage: exact)
-    held = compare.frozen_features({"e": ext}, views, None, 2, torch.float32, "cpu")
+    held = comparison.frozen_features({"e": ext}, views, None, 2, torch.float32, "cpu")
     assert ext.forward_calls == 12
     for x, h in zip(a, held):
         got = h.gather(torch.tensor([3, 1]), "cpu")["e"]
@@ -169,18 +171,18 @@ def test_unfrozen_variant_bypasses_the_cache(tmp_path):
 
 # ---- config --------------------------------------------------------------------------------------------
 def test_variants_expand_and_errors_name_the_key():
-    cfg, cmp = compare.load_configs(TINY, ["compare.variants=[single, mean, gated_token_top1]"])
-    variants = compare.expand_variants(cmp, cfg.model)
+    cfg, cmp = load_compare_config(TINY, ["compare.variants=[single, mean, gated_token_top1]"])
+    variants = comparison.expand_variants(cmp, cfg.model)
     assert [v.name for v in variants] == ["single_vit14", "single_vit16", "mean", "gated_token_top1"]
     assert [v.kind for v in variants] == ["single", "single", "mean", "routed"]
     assert variants[1].model.fusion == "single" and variants[1].model.single == "vit16"
     assert variants[3].model.gate.granularity == "token" and variants[3].model.gate.top_k == 1
     with pytest.raises(ValueError, match=r"compare.variants\[0\]: unknown variant 'gated_pixel'"):
-        compare.expand_variants(compare.load_configs(TINY, ["compare.variants=[gated_pixel]"])[1], cfg.model)
+        comparison.expand_variants(load_compare_config(TINY, ["compare.variants=[gated_pixel]"])[1], cfg.model)
     with pytest.raises(ValueError, match="unknown key 'compare.seed'"):
-        compare.load_configs(TINY, ["compare.seed=3"])
+        load_compare_config(TINY, ["compare.seed=3"])
     with pytest.raises(ValueError, match="compare.views: must be >= 1"):
-        compare.load_configs(TINY, ["compare.views=0"])
+        load_compare_config(TINY, ["compare.views=0"])
 
 
 # ---- report values -------------------------------------------------------------------------------------
@@ -220,11 +222,11 @@ def test_gains_and_table_values(tmp_path):
 
 def test_levels_config_expands():
     """configs/compare_levels.yaml: every fusion variant at the multi-level default and at levels [16], plus the peers."""
-    cfg, cmp = compare.load_configs(REPO / "configs" / "compare_levels.yaml")
+    cfg, cmp = load_compare_config(REPO / "configs" / "compare_levels.yaml")
     assert [t.name for t in cfg.model.tasks] == ["mtd_defect_seg", "mtd_defect_type", "cfd_seg", "camvid_seg", "flowers_cls"]
     assert {e.name: list(e.layers) for e in cfg.model.extractors} == {
         "mnv2": [1, 2, 3, 4], "effl0": [1, 2, 3, 4], "ssl_r50": [1, 2, 3, 4], "mae": [1, 3, 5]}
-    variants = {v.name: v for v in compare.expand_variants(cmp, cfg.model)}
+    variants = {v.name: v for v in comparison.expand_variants(cmp, cfg.model)}
     fusions = ["single_mnv2", "single_effl0", "single_ssl_r50", "single_mae", "mean", "concat", "gated_task",
                "gated_image", "gated_token", "gatedcat_image"]
     assert list(variants) == fusions + [f"{f}_l16" for f in fusions] + ["peer_unet_frozen", "peer_unet_finetuned"]
@@ -236,5 +238,5 @@ def test_levels_config_expands():
         assert one_as_multi.to_dict() == multi.to_dict(), f  # the pair differs in its levels only
     assert variants["gatedcat_image"].model.gate.combine == "concat"
     assert cmp.peer_checkpoint.endswith("mobilenet_v2-b0353104.pth")
-    budget = compare.load_configs(REPO / "configs" / "compare_shared.yaml")[0].train
+    budget = load_compare_config(REPO / "configs" / "compare_shared.yaml")[0].train
     assert (cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr) == (budget.max_steps, budget.batch_size, budget.lr)

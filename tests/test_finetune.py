@@ -139,11 +139,12 @@ def test_resume_after_interruption_ends_with_the_same_weights(setup, one_process
     stopped = launch(["--config", str(setup / "tiny.yaml"), "--output-dir", str(out), "--stop-at", "4"])
     assert "stopped after step 4" in stopped.stdout and not (out / "final").exists()
     assert [r["step"] for r in metrics(out)] == [4]
+    from conftest import script_main
+
     from train.errors import RunError
-    from train.finetune import main
 
     with pytest.raises(RunError, match=r"holds a previous run \(config\.yaml, metrics\.jsonl, checkpoints/.*\); pass --resume"):
-        main(["--config", str(setup / "tiny.yaml"), "--output-dir", str(out)])
+        script_main("finetune")(["--config", str(setup / "tiny.yaml"), "--output-dir", str(out)])
     resumed = launch(["--output-dir", str(out), "--resume"])  # config read back from the output dir
     assert "resumed from" in resumed.stdout and "(step 4)" in resumed.stdout
     assert max_diff(final_weights(one), final_weights(out)) < 1e-6
@@ -203,7 +204,7 @@ def test_real_data_two_steps(tmp_path):
 
 def test_extractor_batchnorm_statistics_stay_fixed_in_phase2():
     from router import Router, RouterConfig
-    from train.finetune import set_train_mode
+    from train.phase2 import set_train_mode
 
     cfg = RouterConfig.from_dict({
         "extractors": [{"spec": "timm:mobilenetv2_100", "name": "mnv2", "pretrained": False, "unfreeze_last": 1}],

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import script_main
 from PIL import Image
 
 from router import Router, RouterConfig
-from train import compare
 from train.metrics import GateMeter
-from train.report import gate_panels, write_report
+from train.reporting import gate_panels, write_report
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "compare_tiny.yaml"
 ROUTER_HAS_LEVELS = "levels" in {f.name for f in dataclasses.fields(RouterConfig)}
@@ -113,7 +113,7 @@ def test_compare_logs_gates_per_level(tmp_path, monkeypatch):
         fake_gate_levels(monkeypatch)
     argv = ["--config", str(TINY), "--output-dir", str(tmp_path / "out"), f"compare.cache_dir={tmp_path / 'cache'}",
             "compare.variants=[gated_image, gated_token]", "compare.seeds=[0]", "train.max_steps=3", *extra]
-    assert compare.main(argv) == 0
+    assert script_main("compare")(argv) == 0
     out = tmp_path / "out"
     if ROUTER_HAS_LEVELS:
         assert yaml.safe_load((out / "config.yaml").read_text())["model"]["levels"] == [8, 16]
@@ -133,7 +133,7 @@ def test_compare_logs_gates_per_level(tmp_path, monkeypatch):
 
 def test_report_compares_level_settings():
     """The best routed and the best variant of each level setting (read from the per-level gate rows), per task."""
-    from train.report import aggregate, gains, level_table, results_markdown
+    from train.reporting import aggregate, gains, level_table, results_markdown
 
     values = {"single_a": .30, "gated_image": .40, "single_a_l16": .35, "gated_image_l16": .20, "peer": .50}
     levels = {"single_a": [4, 8], "gated_image": [4, 8], "single_a_l16": [16], "gated_image_l16": [16]}

@@ -12,8 +12,10 @@ import torch
 pytest.importorskip("segmentation_models_pytorch", reason="the peers extra: pip install -e '.[peers]'")
 torchvision = pytest.importorskip("torchvision")
 
-from train import compare, peers  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
+from conftest import script_main  # noqa: E402
+
+from train import comparison, peers  # noqa: E402
+from train.config import TrainConfig, load_compare_config  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "compare_tiny.yaml"
 
@@ -73,7 +75,7 @@ def test_frozen_encoder_stays_put_and_finetuned_one_trains(stand_in):
         bias = peer.unets["seg"].segmentation_head[0].bias
         assert (bias[1] - bias[0]).item() == pytest.approx(math.log(0.1 / 0.9), abs=1e-6)
         before = {k: v.clone() for k, v in enc.state_dict().items()}
-        opt = compare.make_optimizer(peer, t)
+        opt = comparison.variant_optimizer(peer, t)
         lrs = sorted({g["lr"] for g in opt.param_groups})
         assert lrs == ([1e-3, 1e-2] if trains else [1e-2])  # the encoder at phase2_lr_scale x lr
         out = peer(images, task="seg")
@@ -95,7 +97,7 @@ def test_peer_variants_in_the_tiny_comparison(tmp_path, stand_in):
     argv = ["--config", str(TINY), "--output-dir", str(tmp_path / "out"), f"compare.cache_dir={tmp_path / 'cache'}",
             "compare.variants=[gated_task, peer_unet_frozen, peer_unet_finetuned]", "compare.seeds=[0]",
             "train.max_steps=4", f"compare.peer_checkpoint={stand_in}"]
-    assert compare.main(argv) == 0
+    assert script_main("compare")(argv) == 0
     out = tmp_path / "out"
     rows = json.loads((out / "results.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
@@ -119,9 +121,9 @@ def test_peer_variants_in_the_tiny_comparison(tmp_path, stand_in):
 
 
 def test_peer_variant_errors():
-    cfg, cmp = compare.load_configs(TINY, ['compare.variants=[{name: p2, base: peer_unet_frozen, model: {width: 8}}]'])
+    cfg, cmp = load_compare_config(TINY, ['compare.variants=[{name: p2, base: peer_unet_frozen, model: {width: 8}}]'])
     with pytest.raises(ValueError, match=r"compare.variants\[0\].base: peer variant 'peer_unet_frozen' is not a Router"):
-        compare.expand_variants(cmp, cfg.model)
-    cfg, cmp = compare.load_configs(TINY, ["compare.variants=[peer_unet_frozen, gated_task]"])
-    assert [(v.name, v.kind) for v in compare.expand_variants(cmp, cfg.model)] == [("peer_unet_frozen", "peer"),
+        comparison.expand_variants(cmp, cfg.model)
+    cfg, cmp = load_compare_config(TINY, ["compare.variants=[peer_unet_frozen, gated_task]"])
+    assert [(v.name, v.kind) for v in comparison.expand_variants(cmp, cfg.model)] == [("peer_unet_frozen", "peer"),
                                                                                   ("gated_task", "routed")]

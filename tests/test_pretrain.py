@@ -17,7 +17,7 @@ from PIL import Image
 
 from extractors import create_extractor
 from extractors.timm_backend import save_timm_extractor
-from train.selfsup.config import DecoderConfig, DINOConfig, ModelConfig, load_pretrain_config
+from train.config import DecoderConfig, DINOConfig, PretrainModelConfig, load_pretrain_config
 from train.selfsup.dino import DINOPretrainer
 from train.selfsup.encoder import build_encoder, encode_visible, saved_model_kwargs
 from train.selfsup.mae import MAEPretrainer, random_mask
@@ -34,7 +34,7 @@ from train.selfsup.unlabeled import MultiCropTransform, UnlabeledImages, crop_tr
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}  # 4 x 4 patches
-TINY_MODEL = ModelConfig(kwargs=dict(TINY_KWARGS))
+TINY_MODEL = PretrainModelConfig(kwargs=dict(TINY_KWARGS))
 TINY_DECODER = DecoderConfig(dim=32, depth=1, num_heads=2)
 
 
@@ -263,7 +263,7 @@ def test_dino_teacher_update_is_ema_of_student():
 # ---- checkpoints are extractors --------------------------------------------------------------------------------
 def test_saved_encoder_is_in_timms_format_and_loads_as_the_same_extractor(tmp_path):
     torch.manual_seed(0)
-    mae = MAEPretrainer(build_encoder(ModelConfig(kwargs=dict(TINY_KWARGS), layers=[0, 1])), TINY_DECODER)
+    mae = MAEPretrainer(build_encoder(PretrainModelConfig(kwargs=dict(TINY_KWARGS), layers=[0, 1])), TINY_DECODER)
     _train(mae, [torch.rand(4, 3, 32, 32) for _ in range(2)])
     enc = mae.encoder.eval()
     save_timm_extractor(enc, tmp_path / "final", saved_model_kwargs(TINY_MODEL), {"method": "mae", "steps": 2})
@@ -316,7 +316,7 @@ def test_accelerate_launch_pretrain_end_to_end(data_root, tmp_path):
 
 
 def test_probe_features_concatenate_the_last_n_blocks():
-    from train.probe import extract
+    from train.probing import extract
 
     ext = create_extractor("timm:vit_small_patch16_224", layers=2, pretrained=False, **TINY_KWARGS).eval()
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
@@ -326,3 +326,19 @@ def test_probe_features_concatenate_the_last_n_blocks():
     assert seg.shape == (3, 2 * 32, 4, 4)
     torch.testing.assert_close(seg, torch.cat(out["dense"], 1))
     assert extract(ext, images, "cls").shape == (3, 32 + 2 * 32)
+
+
+def test_probe_scores_any_dataset_folder_through_the_fine_tuning_reader(tmp_path):
+    """A folder that is none of the shared datasets: seg from its masks, cls from its labels (FOLDER:cls)."""
+    from conftest import script_main
+
+    from train.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "data", "shapes", n_train=16, n_val=4, size=32, ignore_border=1, seed=0)
+    out = tmp_path / "probe.json"
+    report = script_main("probe")(["--random", "r=timm:vit_small_patch16_224", "--data-root", str(tmp_path / "data"),
+                                   "--tasks", "shapes,shapes:cls", "--size", "32", "--seg-epochs", "1",
+                                   "--cls-epochs", "1", "--output", str(out)])
+    row = report["results"]["r"]
+    assert 0 <= row["shapes_fg_iou"] <= 1 and 0 <= row["shapes_cls_accuracy"] <= 1
+    assert len(row["shapes_per_class_iou"]) == 2 and json.loads(out.read_text())["results"]["r"] == row

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import script_main
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -28,9 +29,10 @@ from extractors import create_extractor
 from extractors.local_dir import save_extractor_dir
 from router import Router, RouterConfig
 from router.inputs import to_image_tensor
+from train.checkpoints import latest_checkpoint
 from train.config import ExperimentConfig
 from train.data import read_image, train_transform
-from train.finetune import FAULT_ENV, latest_checkpoint, main
+from train.faults import FAULT_ENV
 from train.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +120,11 @@ def run_setup(tmp_path_factory) -> Path:
     cfg = dict(TINY_RUN, data={**TINY_RUN["data"], "root": str(tmp / "data")})
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     return tmp
+
+
+def main(argv: list[str]) -> int:
+    """train/finetune.py with these arguments, in this process."""
+    return script_main("finetune")(argv)
 
 
 def finetune(setup: Path, out: Path, *extra: str) -> int:
@@ -265,8 +272,9 @@ def save_state(self, output_dir=None, **kw):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(self, output_dir, **kw)
 accelerate.Accelerator.save_state = save_state
-from train.finetune import main
-sys.exit(main(sys.argv[1:]))
+import runpy
+sys.argv[0] = os.path.join(os.getcwd(), "train", "finetune.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
@@ -510,7 +518,7 @@ def test_wrong_config_values_name_the_key(override, pattern):
 
 
 def test_pretrain_config_values_name_the_key_and_yaml_exponents_are_floats(tmp_path):
-    from train.selfsup.config import load_pretrain_config
+    from train.config import load_pretrain_config
 
     for override, pattern in (("train.batch_size=0", r"train\.batch_size: must be an int >= 1, got 0"),
                               ("data.image_size=0", r"data\.image_size: must be an int >= 1, got 0"),
@@ -558,7 +566,7 @@ def test_a_failing_process_takes_the_two_process_run_down_with_its_message(run_s
 
 
 def test_fault_hook_is_inert_unless_set(monkeypatch):
-    from train.finetune import injected_fault
+    from train.faults import injected_fault
 
     monkeypatch.delenv(FAULT_ENV, raising=False)
     assert injected_fault(1, 1) is None
@@ -677,7 +685,6 @@ def test_resume_without_a_run_or_a_config_is_an_error_not_a_quickstart(tmp_path)
 
 
 def test_pretrain_refuses_a_dir_holding_a_previous_run_before_reading_data(tmp_path):
-    from train import pretrain
     from train.errors import RunError
 
     out = tmp_path / "mae"
@@ -685,7 +692,7 @@ def test_pretrain_refuses_a_dir_holding_a_previous_run_before_reading_data(tmp_p
     (out / "metrics.jsonl").write_text('{"step": 10, "loss": 0.5}\n')
     with pytest.raises(RunError, match=r"mae holds a previous run \(metrics\.jsonl\); pass --resume to continue it, "
                                        r"--overwrite to replace it"):
-        pretrain.main(["--config", str(REPO / "configs" / "pretrain_mae.yaml"), "--output-dir", str(out),
+        script_main("pretrain")(["--config", str(REPO / "configs" / "pretrain_mae.yaml"), "--output-dir", str(out),
                        "data.root=/nonexistent"])
     assert (out / "metrics.jsonl").read_text() == '{"step": 10, "loss": 0.5}\n' and not (out / ".lock").exists()
 
@@ -790,17 +797,17 @@ if os.environ.get("TEST_KILL_AT_SAVE"):
     results.ResultStore.save = save
 if os.environ.get("TEST_SLOW_SEED"):
     import time
-    import train.compare as compare
+    import train.comparison as comparison
     slow_seed, seconds = os.environ["TEST_SLOW_SEED"].split("@")
-    _build = compare.build_router
+    _build = comparison.build_router
     def build_router(variant, shared, seed, priors):
         if seed == int(slow_seed):
             time.sleep(float(seconds))
         return _build(variant, shared, seed, priors)
-    compare.build_router = build_router
-from train.compare import main
-from train.errors import run_cli
-sys.exit(run_cli(lambda: main(sys.argv[1:])))
+    comparison.build_router = build_router
+import runpy
+sys.argv[0] = os.path.join(os.getcwd(), "train", "compare.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
@@ -823,7 +830,7 @@ def run_compare(tmp_path: Path, args: list[str], processes: int = 1, **env) -> s
 
 
 def test_a_killed_comparison_keeps_its_results_reports_them_and_resumes_to_the_same_numbers(tmp_path):
-    from train import report
+    report = script_main("report")  # train/report.py's main
 
     cache, seeds = tmp_path / "cache", "compare.seeds=[0, 1]"
     full = run_compare(tmp_path, compare_args(tmp_path / "full", cache, seeds))
@@ -835,17 +842,16 @@ def test_a_killed_comparison_keeps_its_results_reports_them_and_resumes_to_the_s
         "concat/seed_0.json", "gated_token/seed_0.json"]  # seed 0 was on disk the moment it was done
     assert not (out / "results.json").exists()
     # a report from what is done, naming what is missing
-    assert report.main([str(out)]) == 0
+    assert report([str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())
     assert {r["seed"] for r in rows} == {0} and {r["variant"] for r in rows} == {"concat", "gated_token"}
     md = (out / "results.md").read_text()
     assert "- concat: not finished: seed(s) [1] missing" in md and "- gated_token: not finished: seed(s) [1]" in md
     # a fresh run into it is refused; --resume trains seed 1 only and ends with the uninterrupted numbers
-    from train import compare
     from train.errors import RunError
 
     with pytest.raises(RunError, match=r"killed holds a previous run \(config\.yaml, results/, .*\); pass --resume"):
-        compare.main(compare_args(out, cache, seeds))
+        script_main("compare")(compare_args(out, cache, seeds))
     resumed = run_compare(tmp_path, compare_args(out, cache, seeds, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "--resume: 2 of 4 (variant, seed) results done; training seed(s) [1]" in resumed.stdout
@@ -856,7 +862,7 @@ def test_a_killed_comparison_keeps_its_results_reports_them_and_resumes_to_the_s
     # a result trained under other settings is never mixed in
     with pytest.raises(RunError, match=r"concat/seed_0\.json was trained with other settings \(they differ in "
                                        r"\['train\.lr'\]\); resume with the settings of that run"):
-        compare.main(compare_args(out, cache, seeds, "--resume", "train.lr=0.01"))
+        script_main("compare")(compare_args(out, cache, seeds, "--resume", "train.lr=0.01"))
     assert a == sorted(json.loads((out / "results.json").read_text()), key=key)  # nothing was touched
 
 

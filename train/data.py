@@ -38,29 +38,27 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from router.config import RouterConfig, TaskConfig
+from router.config import TaskConfig
 from router.inputs import HIGH_DEPTH_MODES, high_depth_to_unit
-from train.config import DataConfig, DataTaskConfig, ExperimentConfig
+from train.config import DATA_ENV, DataConfig, DataTaskConfig, ExperimentConfig, data_root
 
-DATA_ENV = "BACKBONE_ROUTER_DATA"
-DEFAULT_ROOT = "../shared/data"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 # ---- locating datasets ------------------------------------------------------------------------------
 def resolve_data_root(data: DataConfig, output_dir: str | Path | None = None) -> Path:
-    """data.synthetic -> <output_dir>/data; else data.root; else $BACKBONE_ROUTER_DATA; else ../shared/data."""
+    """data.synthetic -> <output_dir>/data; else :func:`train.config.data_root` (data.root, $BACKBONE_ROUTER_DATA,
+    ../shared/data next to the repository), which must be a folder."""
     if data.synthetic is not None:
         if output_dir is None:
             raise ValueError("data.synthetic: needs an output dir to write the generated dataset into")
         return Path(output_dir) / "data"
-    root = data.root or os.environ.get(DATA_ENV) or DEFAULT_ROOT
-    path = Path(root).expanduser()
+    path = data_root(data.root)
     if not path.is_dir():
         source = "data.root" if data.root else (f"${DATA_ENV}" if os.environ.get(DATA_ENV) else "the default")
         raise FileNotFoundError(
@@ -119,6 +117,27 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return meta
+
+
+def read_splits(folder: Path) -> dict[str, list[str]]:
+    """split -> stems of a dataset folder's splits.csv, in file order; a stem in two splits is an error."""
+    splits: dict[str, list[str]] = {}
+    split_of: dict[str, tuple[str, int]] = {}
+    for row_no, row in enumerate(_read_csv(folder / "splits.csv", ("stem", "split")), start=2):
+        stem, split = row["stem"], row["split"]
+        if stem in split_of and split_of[stem][0] != split:
+            raise ValueError(f"{folder / 'splits.csv'}: stem {stem!r} is in split {split_of[stem][0]!r} (line "
+                             f"{split_of[stem][1]}) and in split {split!r} (line {row_no}); a stem belongs to one split")
+        split_of.setdefault(stem, (split, row_no))
+        splits.setdefault(split, []).append(stem)
+    return splits
+
+
+def split_images(folder: Path, splits: tuple[str, ...] | list[str]) -> list[Path]:
+    """The image files of a dataset folder whose splits.csv split is one of `splits` (no labels or masks read)."""
+    found = read_splits(folder)
+    images = FileIndex(folder / "images")
+    return [images.find(stem, IMAGE_SUFFIXES, "image listed in splits.csv") for s in splits for stem in found.get(s, [])]
 
 
 class FileIndex:
@@ -240,15 +259,7 @@ def load_task_data(task: TaskConfig, source: DataTaskConfig, root: Path, data: D
         raise ValueError(f"model.tasks[{task.name}].classes: need at least 2 classes, got {task.classes}")
 
     # Splits and labels.
-    splits: dict[str, list[str]] = {}
-    split_of: dict[str, tuple[str, int]] = {}
-    for row_no, row in enumerate(_read_csv(folder / "splits.csv", ("stem", "split")), start=2):
-        stem, split = row["stem"], row["split"]
-        if stem in split_of and split_of[stem][0] != split:
-            raise ValueError(f"{folder / 'splits.csv'}: stem {stem!r} is in split {split_of[stem][0]!r} (line "
-                             f"{split_of[stem][1]}) and in split {split!r} (line {row_no}); a stem belongs to one split")
-        split_of.setdefault(stem, (split, row_no))
-        splits.setdefault(split, []).append(stem)
+    splits = read_splits(folder)
     labels: dict[str, int] = {}
     labels_path = folder / "labels.csv"
     if task.type == "cls":
@@ -590,6 +601,20 @@ class RankBatchSampler(Sampler):
 
 
 # ---- statistics of the training masks -----------------------------------------------------------------
+def eval_loaders(tasks: dict[str, TaskData], data: DataConfig, batch_size: int) -> dict[str, DataLoader]:
+    """task -> a DataLoader over its val split (eval transform, in order)."""
+    return {n: DataLoader(TaskDataset(td, "val", data), batch_size=batch_size, shuffle=False,
+                          collate_fn=collate_task_batch, num_workers=data.num_workers) for n, td in tasks.items()}
+
+
+def train_loader(datasets: list[TaskDataset], schedule: TaskSchedule, rank: int, world: int, start: int, stop: int,
+                 num_workers: int = 0) -> DataLoader:
+    """This process's slice of the global micro-batches ``start..stop`` of `schedule` (see :class:`RankBatchSampler`)."""
+    sampler = RankBatchSampler(schedule, rank, world, start=start, stop=stop)
+    return DataLoader(MultiTaskDataset(datasets), batch_sampler=sampler, collate_fn=collate_task_batch,
+                      num_workers=num_workers)
+
+
 def foreground_prior(td: TaskData) -> float:
     """Fraction of foreground (class 1) pixels over non-ignored pixels of the training masks (binary seg)."""
     if td.task.type != "seg" or td.task.num_classes != 2:
@@ -618,7 +643,3 @@ def describe(tasks: dict[str, TaskData]) -> str:
             f"weight {td.source.weight}"
         )
     return "\n".join(lines)
-
-
-def task_configs(model: RouterConfig) -> dict[str, TaskConfig]:
-    return {t.name: t for t in model.tasks}

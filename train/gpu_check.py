@@ -257,9 +257,9 @@ def exec_finetune(argv: list[str]) -> int:
     if os.environ.get(STRICT_FP32_ENV) == "1":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    from train.finetune import main as finetune_main
+    import runpy  # train/finetune.py is a script, not a module: run its file, as its command line does
 
-    return finetune_main(argv)
+    return runpy.run_path(str(REPO / "train" / "finetune.py"), run_name="gpu_check_finetune")["main"](argv)
 
 
 def train_losses(run: Path) -> dict[str, dict[int, float]]:
@@ -337,7 +337,7 @@ def write_reference() -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail(proc.stderr)}")
         summary = run_summary(out)
-    from train.benchmark import hardware
+    from train.benchmarking import hardware
 
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
     ref = {"what": f"configs/quickstart.yaml, {steps} steps, fp32 on the CPU, 1 process, OMP_NUM_THREADS=1",
@@ -372,7 +372,7 @@ SETTINGS = {  # name -> (channels_last, sdpa, compile); bf16 autocast throughout
 
 def bench_child(args, out_path: Path) -> None:
     """Measure every workload in priority order until the part's deadline; rewrite `out_path` after each."""
-    from train.benchmark import (
+    from train.benchmarking import (
         Settings,
         count_flops,
         hardware,
@@ -526,7 +526,7 @@ def cuda_sync_warnings():
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" not in str(message):
             return saved(message, category, filename, lineno, file, line)
-        from train.benchmark import repo_line
+        from train.benchmarking import repo_line
 
         where = f"{filename}:{lineno} (a library)"
         for frame in inspect.stack()[1:]:
@@ -546,7 +546,7 @@ def cuda_sync_warnings():
 
 def sync_child(args, out_path: Path) -> None:
     from router import Router
-    from train.benchmark import AUDIT_DRIVERS, Settings, sync_audit
+    from train.benchmarking import AUDIT_DRIVERS, Settings, sync_audit
 
     AUDIT_DRIVERS.add(Path(__file__).resolve())  # blame the repository line under this script, or the library
 
@@ -846,7 +846,7 @@ def main(argv: list[str] | None = None) -> dict | int:
     if not args.out:
         raise SystemExit("--out DIR is required")
 
-    from train.benchmark import hardware
+    from train.benchmarking import hardware
 
     mode = "smoke" if args.smoke or not torch.cuda.is_available() else "gpu"
     cfg = MODES[mode]

@@ -1,165 +1,28 @@
-"""Frozen-feature linear probes: score extractors on MTD defects, CamVid scenes and flowers12 species.
+"""Frozen-feature linear probes: score extractors on any dataset folders (default: MTD, CamVid, flowers12).
 
     python train/probe.py --random random=local-dir:runs/mae/final \\
         --extractor mae=local-dir:runs/mae/final --extractor smir=local-dir:runs/smir/final \\
         --extractor dino=local-dir:runs/dino/final --output runs/probe.json
 
-For every extractor, features of the train and test images are computed once (frozen, eval mode), then
-a linear probe is trained on the train features and scored on the test split (dinov2 eval/linear.py):
-
-- mtd        defect segmentation: a 1x1 conv on the dense map (`--layers n`: the last n blocks
-             concatenated), logits upsampled to the mask; IoU of
-             the defect class over the whole test split.
-- camvid     11-class segmentation, same probe; mIoU over the 11 classes, void (11) ignored.
-- flowers12  12-class classification: a linear layer on [pooled vector, mean of the dense map]; accuracy.
-
-Images (and masks, nearest) are resized to --size x --size; metrics are computed at that resolution.
-Probe features are standardized with train statistics (still a linear probe). Segmentation losses weight
-classes by inverse frequency (balanced) so that rare classes (MTD defects: ~2.6% of pixels) are not
-ignored, and are computed at half the mask resolution (nearest-downsampled masks) to keep CPU time low;
-test metrics use the full --size resolution. Hyper-parameters are fixed (no selection on the test split). `--random NAME=SPEC` builds the
-spec with random weights (same architecture): the from-scratch baseline.
+What the probes are and how they are scored: train/probing.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from extractors import create_extractor
 from extractors.atomic import atomic_write_bytes
-from train.selfsup.config import DataConfig
-from train.selfsup.unlabeled import IMAGE_SUFFIXES
-
-TASKS = {  # dataset folder -> (kind, metric name, number of classes, ignore index)
-    "mtd": ("seg", "defect_iou", 2, None),
-    "camvid": ("seg", "miou", 11, 11),
-    "flowers12": ("cls", "accuracy", 12, None),
-}
+from train.config import data_root
+from train.probing import extract, load_probe_data, load_split, primary_metric, probe_cls, probe_seg
 
 
-# ---- data: images resized once, shared by all extractors ------------------------------------------------------
-def load_split(root: Path, name: str, split: str, size: int) -> dict[str, torch.Tensor]:
-    """uint8 images (N, 3, size, size) and masks (N, size, size) or labels (N,) of one split."""
-    folder = root / name
-    split_file = folder / "splits.csv"
-    if not split_file.is_file():
-        raise FileNotFoundError(f"probe: {split_file} does not exist (set --data-root or $BACKBONE_ROUTER_DATA)")
-    with split_file.open(newline="") as f:
-        stems = [r["stem"] for r in csv.DictReader(f) if r["split"] == split]
-    if not stems:
-        raise ValueError(f"{split_file}: no images in split {split!r}")
-    images, targets = [], []
-    labels = {}
-    if TASKS[name][0] == "cls":
-        with (folder / "labels.csv").open(newline="") as f:
-            labels = {r["stem"]: int(r["class_idx"]) for r in csv.DictReader(f)}
-    for stem in stems:
-        path = next((folder / "images" / f"{stem}{s}" for s in IMAGE_SUFFIXES if (folder / "images" / f"{stem}{s}").is_file()), None)
-        if path is None:
-            raise FileNotFoundError(f"{split_file}: stem {stem!r} has no image in {folder / 'images'}")
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
-        images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
-        if TASKS[name][0] == "seg":
-            with Image.open(folder / "masks" / f"{stem}.png") as m:
-                targets.append(torch.from_numpy(np.asarray(m.resize((size, size), Image.NEAREST)).astype(np.int64)))
-        else:
-            if stem not in labels:
-                raise KeyError(f"{folder / 'labels.csv'}: no label for stem {stem!r}")
-            targets.append(torch.tensor(labels[stem]))
-    return {"images": torch.stack(images), "targets": torch.stack(targets)}
-
-
-@torch.no_grad()
-def extract(extractor, images: torch.Tensor, kind: str, batch: int = 64) -> torch.Tensor:
-    """Frozen features: the extractor's dense maps concatenated (N, sum D, h, w) for seg; [pooled, mean of
-    dense] for cls. With ``--layers n`` the extractor returns its last n blocks (n = 1: the last one)."""
-    out = []
-    for i in range(0, len(images), batch):
-        o = extractor(images[i : i + batch].float() / 255)
-        grid = o["dense"][-1].shape[-2:]
-        dense = torch.cat([F.interpolate(d, size=grid, mode="bilinear", align_corners=False)
-                           if d.shape[-2:] != grid else d for d in o["dense"]], 1)
-        out.append(dense if kind == "seg" else torch.cat([o["pooled"], dense.mean((2, 3))], 1))
-    return torch.cat(out).float()
-
-
-# ---- probes ----------------------------------------------------------------------------------------------------
-def _standardize(train: torch.Tensor, test: torch.Tensor, dim) -> tuple[torch.Tensor, torch.Tensor]:
-    mean, std = train.mean(dim, keepdim=True), train.std(dim, keepdim=True) + 1e-6
-    return (train - mean) / std, (test - mean) / std
-
-
-def class_weights(targets: torch.Tensor, classes: int, ignore: int | None) -> torch.Tensor:
-    """Inverse class frequency (balanced), normalized to mean 1 over the present classes."""
-    valid = targets[targets != ignore] if ignore is not None else targets.flatten()
-    freq = torch.bincount(valid.flatten(), minlength=classes)[:classes].float()
-    w = torch.where(freq > 0, 1 / freq.clamp_min(1), torch.zeros_like(freq))
-    return w / w[freq > 0].mean()
-
-
-def probe_seg(train_x, train_y, test_x, test_y, classes: int, ignore: int | None, epochs: int, lr: float, seed: int):
-    """1x1-conv probe on dense maps; returns per-class IoU on the test split (NaN for absent classes)."""
-    torch.manual_seed(seed)
-    train_x, test_x = _standardize(train_x, test_x, (0, 2, 3))
-    head = torch.nn.Conv2d(train_x.shape[1], classes, 1)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    weight = class_weights(train_y, classes, ignore)
-    size = train_y.shape[-2:]
-    half = (size[0] // 2, size[1] // 2)
-    train_y_half = train_y[:, ::2, ::2]  # nearest downsampling
-    steps = epochs * ((len(train_x) + 31) // 32)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(train_x)).split(32):
-            logits = F.interpolate(head(train_x[idx]), size=half, mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits, train_y_half[idx], weight=weight, ignore_index=-100 if ignore is None else ignore)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    confusion = torch.zeros(classes, classes, dtype=torch.long)
-    with torch.no_grad():
-        for idx in torch.arange(len(test_x)).split(32):
-            pred = F.interpolate(head(test_x[idx]), size=size, mode="bilinear", align_corners=False).argmax(1)
-            y = test_y[idx]
-            keep = y != ignore if ignore is not None else torch.ones_like(y, dtype=torch.bool)
-            confusion += torch.bincount(y[keep] * classes + pred[keep], minlength=classes * classes).view(classes, classes)
-    tp = confusion.diag().float()
-    union = confusion.sum(0).float() + confusion.sum(1).float() - tp
-    return torch.where(confusion.sum(1) > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
-
-
-def probe_cls(train_x, train_y, test_x, test_y, classes: int, epochs: int, lr: float, seed: int) -> float:
-    """Linear classifier on pooled features; returns test accuracy."""
-    torch.manual_seed(seed)
-    train_x, test_x = _standardize(train_x, test_x, 0)
-    head = torch.nn.Linear(train_x.shape[1], classes)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-3)
-    steps = epochs * ((len(train_x) + 63) // 64)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(train_x)).split(64):
-            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    with torch.no_grad():
-        return (head(test_x).argmax(1) == test_y).float().mean().item()
-
-
-# ---- the benchmark ---------------------------------------------------------------------------------------------
 def parse_named(items: list[str], flag: str) -> list[tuple[str, str]]:
     named = []
     for item in items:
@@ -173,7 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--extractor", action="append", default=[], help="NAME=SPEC with its weights (repeatable)")
     parser.add_argument("--random", action="append", default=[], help="NAME=SPEC built with random weights (repeatable)")
-    parser.add_argument("--tasks", default="mtd,camvid,flowers12", help=f"comma-separated subset of {list(TASKS)}")
+    parser.add_argument("--tasks", default="mtd,camvid,flowers12",
+                        help="comma-separated dataset folders under the data root (docs/data.md layout); FOLDER:cls "
+                             "probes the labels of a folder that also has masks")
     parser.add_argument("--data-root", default=None, help="dataset folders; default: $BACKBONE_ROUTER_DATA or ../shared/data")
     parser.add_argument("--size", type=int, default=160, help="images and masks are resized to size x size")
     parser.add_argument("--seg-epochs", type=int, default=20)
@@ -192,38 +57,34 @@ def main(argv: list[str] | None = None) -> dict:
     entries += [(n, s, False) for n, s in parse_named(args.random, "--random")]
     if not entries:
         parser.error("name at least one --extractor or --random NAME=SPEC")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        parser.error(f"--tasks: unknown {unknown}; expected some of {list(TASKS)}")
-    root = Path(args.data_root) if args.data_root else DataConfig().resolved_root()
-
+    root = Path(args.data_root) if args.data_root else data_root()
+    tasks, data_cfg = load_probe_data(root, [t.strip() for t in args.tasks.split(",") if t.strip()], args.size)
     data = {}
-    for name in tasks:
-        data[name] = {split: load_split(root, name, split, args.size) for split in ("train", "test")}
-        print(f"{name}: {len(data[name]['train']['images'])} train / {len(data[name]['test']['images'])} test images", flush=True)
+    for name, td in tasks.items():
+        data[name] = {split: load_split(td, split, data_cfg) for split in ("train", "val")}
+        print(f"{name}: {len(td.train)} train / {len(td.val)} test images", flush=True)
 
     results = {}
     for name, spec, pretrained in entries:
         torch.manual_seed(args.seed)
         extractor = create_extractor(spec, pretrained=pretrained, layers=args.layers).eval()
         row = {"spec": spec, "pretrained": pretrained}
-        for task in tasks:
-            kind, metric, classes, ignore = TASKS[task]
+        for task, td in tasks.items():
+            kind, metric, classes, ignore = td.task.type, primary_metric(td), td.task.num_classes, td.task.ignore_index
             tic = time.time()
             train_x = extract(extractor, data[task]["train"]["images"], kind)
-            test_x = extract(extractor, data[task]["test"]["images"], kind)
-            train_y, test_y = data[task]["train"]["targets"], data[task]["test"]["targets"]
+            test_x = extract(extractor, data[task]["val"]["images"], kind)
+            train_y, test_y = data[task]["train"]["targets"], data[task]["val"]["targets"]
             if kind == "seg":
-                iou = probe_seg(train_x, train_y, test_x, test_y, classes, ignore, args.seg_epochs, args.lr, args.seed)
-                row[f"{task}_{metric}"] = iou[1].item() if task == "mtd" else iou.nanmean().item()
-                row[f"{task}_per_class_iou"] = [None if v != v else round(v, 4) for v in iou.tolist()]
+                r = probe_seg(train_x, train_y, test_x, test_y, classes, ignore, args.seg_epochs, args.lr, args.seed)
+                row[f"{task}_{metric}"] = r[metric]
+                row[f"{task}_per_class_iou"] = [None if v != v else round(v, 4) for v in r["iou"].values()]
             else:
                 row[f"{task}_{metric}"] = probe_cls(train_x, train_y, test_x, test_y, classes, args.cls_epochs, args.lr, args.seed)
             print(f"  {name:>12} {task:>10} {metric}: {row[f'{task}_{metric}']:.4f} ({time.time() - tic:.0f}s)", flush=True)
         results[name] = row
 
-    columns = [f"{t}_{TASKS[t][1]}" for t in tasks]
+    columns = [f"{t}_{primary_metric(td)}" for t, td in tasks.items()]
     lines = ["| extractor | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(f"{100 * r[c]:.1f}" for c in columns) + " |" for n, r in results.items()]
     print("\n".join(lines))

@@ -24,6 +24,7 @@ False
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,12 @@ def add_run_dir_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in an output dir that holds a previous run (its outputs are removed first)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a config or data error")
+
+
+def with_run_dir(run: Callable[[argparse.Namespace, contextlib.ExitStack], Any], args: argparse.Namespace) -> Any:
+    """``run(args, run_dir)`` where `run_dir` (an ExitStack) releases the output dir's lock however the run ends."""
+    with contextlib.ExitStack() as run_dir:
+        return run(args, run_dir)
 
 
 # ---- the lock ---------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 
 """
 
-from .config import PretrainConfig, load_pretrain_config
+from train.config import PretrainConfig, load_pretrain_config
+
 from .dino import DINOHead, DINOPretrainer
 from .encoder import build_encoder, encode_visible
 from .mae import MAEPretrainer, random_mask

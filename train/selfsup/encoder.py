@@ -10,14 +10,13 @@ import torch
 from einops import rearrange
 
 from extractors.timm_backend import TimmExtractor, create_timm_model, is_vit
+from train.config import PretrainModelConfig
 
-from .config import ModelConfig
 
-
-def build_encoder(cfg: ModelConfig) -> TimmExtractor:
+def build_encoder(cfg: PretrainModelConfig) -> TimmExtractor:
     """A randomly initialized timm ViT extractor with the config's normalization, family and layers.
 
-    >>> enc = build_encoder(ModelConfig(kwargs={"img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2}))
+    >>> enc = build_encoder(PretrainModelConfig(kwargs={"img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2}))
     >>> enc.info.patch_size, enc.info.width
     (16, 32)
     """
@@ -30,7 +29,7 @@ def build_encoder(cfg: ModelConfig) -> TimmExtractor:
     return encoder.set_family(cfg.family)
 
 
-def saved_model_kwargs(cfg: ModelConfig) -> dict:
+def saved_model_kwargs(cfg: PretrainModelConfig) -> dict:
     """The timm kwargs a `local-dir` checkpoint needs to rebuild the encoder (num_classes=0: no classifier)."""
     return {**cfg.kwargs, "num_classes": 0}
 

@@ -6,7 +6,6 @@ Every dataset folder has the shared layout (``images/<stem>.jpg|png``, ``splits.
 
 from __future__ import annotations
 
-import csv
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,11 +15,15 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+from train.data import read_image, split_images
 
 
 def list_pool_images(root: Path, datasets: Sequence[str], splits: Sequence[str] = ("train",)) -> list[Path]:
-    """Image files of `datasets` (folders under `root`) whose splits.csv split is in `splits`, sorted."""
+    """Image files of `datasets` (folders under `root`) whose splits.csv split is in `splits`, sorted per dataset.
+
+    The folders are read by :func:`train.data.split_images`, the reader of fine-tuning (BOM, Unicode and suffix case
+    handled the same way).
+    """
     root = Path(root)
     paths: list[Path] = []
     for name in datasets:
@@ -31,19 +34,7 @@ def list_pool_images(root: Path, datasets: Sequence[str], splits: Sequence[str] 
                 f"unlabeled pool: {split_file} does not exist; expected dataset folders with images/ and splits.csv "
                 f"under data.root={root} (set data.root or $BACKBONE_ROUTER_DATA)"
             )
-        with split_file.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        if rows and not {"stem", "split"} <= set(rows[0]):
-            raise ValueError(f"{split_file}: expected columns 'stem,split', got {list(rows[0])}")
-        found = []
-        for row in rows:
-            if row["split"] not in splits:
-                continue
-            candidates = [folder / "images" / f"{row['stem']}{s}" for s in IMAGE_SUFFIXES]
-            path = next((c for c in candidates if c.is_file()), None)
-            if path is None:
-                raise FileNotFoundError(f"{split_file}: stem {row['stem']!r} has no image in {folder / 'images'}")
-            found.append(path)
+        found = split_images(folder, list(splits))
         if not found:
             raise ValueError(f"{split_file}: no images in splits {list(splits)}")
         paths += sorted(found)
@@ -51,9 +42,10 @@ def list_pool_images(root: Path, datasets: Sequence[str], splits: Sequence[str] 
 
 
 def load_rgb(path: Path, short_side: int | None = None) -> Image.Image:
-    """Decode an image as RGB (greyscale repeated); optionally resize its short side to `short_side`."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    """An image as RGB (greyscale repeated), decoded by :func:`train.data.read_image` (EXIF orientation applied, 16-bit
+    scaled); optionally its short side resized to `short_side`."""
+    rgb = read_image(Path(path), 3).mul(255).round_().to(torch.uint8)
+    im = Image.fromarray(rgb.permute(1, 2, 0).numpy())
     if short_side is not None and min(im.size) != short_side:
         w, h = im.size
         s = short_side / min(w, h)

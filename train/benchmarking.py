@@ -1,0 +1,615 @@
+"""Speed and memory benchmark: each single extractor vs the routed model vs routed top-1, side by side.
+
+One run measures, for every batch size and resolution asked for:
+
+* inference (eval, ``inference_mode``): each bare extractor, the routed model (all extractors + alignment +
+  gate + fusion + head) and routed top-1 (gate ``top_k = 1``; once as the gate chooses, and once with the
+  choice forced onto each extractor, so every "top-1 / chosen single" ratio is measured), and the router
+  alone on each extractor's precomputed features (``router_only->X``: gate, alignment, fusion and head, a
+  direct measurement of what top-1 adds to X, less noisy than the difference of two totals);
+* a training step (forward, loss, backward, AdamW step) of the single-extractor router (``fusion: single``)
+  and of the routed model, frozen extractors as configured;
+* images/s (median over repetitions after warm-up), peak memory, FLOPs (``FlopCounterMode``), and MFU when
+  ``--peak-tflops`` is given;
+
+then the epoch time of head training on frozen features (the disk cache of ``train/feature_cache.py``,
+read back every step) versus recomputing the features, an audit of
+host-device syncs in the training step, and (``--ablate``) each speed option measured off and on.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the call. On CPU the
+Linux peak resident set size: ``malloc_trim(0)`` returns freed heap to the OS, ``/proc/self/clear_refs``
+(``5``) resets the high-water mark to the current RSS, and the figure is ``VmHWM`` after one call minus
+``VmRSS`` before it (``tracemalloc`` does not see tensor storage, so it is not used).
+
+The library behind ``train/benchmark.py`` (its command line): :func:`run_benchmark` runs every measurement.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import gc
+import inspect
+import json
+import os
+import platform
+import statistics
+import time
+from collections import Counter
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+import torch  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from heads import build_loss  # noqa: E402
+from router import Router, RouterConfig  # noqa: E402
+from train.config import apply_override  # noqa: E402
+
+GOALS = {  # name -> (target, "<=" or ">=")
+    "routed_over_sum_of_singles": (1.05, "<="),
+    "top1_over_single": (1.05, "<="),
+    "cache_speedup": (20.0, ">="),
+}
+OPTIONS = ("bf16", "channels_last", "sdpa", "compile")
+
+
+# ---- settings ------------------------------------------------------------------------------------
+def hardware(device: torch.device) -> dict:
+    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ---- measurement primitives ------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device: torch.device, warmup: int, reps: int) -> dict:
+    """Median (and quartiles) of `reps` timed calls after `warmup` untimed ones, synchronized per call."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median_s": statistics.median(times), "q1_s": q[0], "q3_s": q[2], "reps": reps}
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def peak_memory_mib(fn, device: torch.device) -> tuple[float | None, str]:
+    """Peak memory of one call above the memory in use before it, and the method used."""
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "cuda.max_memory_allocated"
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _proc_status_kib("VmRSS")
+        fn()
+        return (_proc_status_kib("VmHWM") - base) / 1024, "linux peak RSS (malloc_trim + clear_refs 5, VmHWM - VmRSS)"
+    except (OSError, StopIteration, AttributeError):
+        fn()
+        return None, "unavailable (needs Linux /proc)"
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call (matmuls and convolutions, 2 per multiply-add), from FlopCounterMode."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# The benchmark script and this module only drive the step: their lines are never blamed.
+AUDIT_DRIVERS = {Path(__file__).resolve(), REPO / "train" / "benchmark.py"}
+SYNC_CALLS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero"}
+
+
+PACKAGE_DIRS = ("extractors", "router", "heads", "train")
+
+
+def repo_line(frame) -> str | None:
+    """'router/model.py:123' when `frame` runs this package's own source (not an audit driver, not a
+    virtual environment that happens to live inside the checkout, as CI's .ci-venv does); else None."""
+    path = Path(frame.filename).resolve()
+    if REPO not in path.parents or path in AUDIT_DRIVERS:
+        return None
+    rel = path.relative_to(REPO)
+    return f"{rel}:{frame.lineno}" if rel.parts[0] in PACKAGE_DIRS else None
+
+
+class HostSyncAudit(TorchFunctionMode):
+    """Records tensor calls that wait for the device (item, tolist, bool(tensor), .cpu(), nonzero, list
+    indices, which are copied host -> device) with the repository line that made them."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        flagged = name in SYNC_CALLS
+        if name in ("__getitem__", "__setitem__") and len(args) > 1:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            flagged = any(isinstance(i, list) for i in index)
+            name = f"{name} with a list index"
+        if flagged:
+            self.calls[f"{name} at {self._caller()}"] += 1
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def _caller() -> str:
+        for frame in inspect.stack()[2:]:
+            if where := repo_line(frame):
+                return where
+        frame = inspect.stack()[2]
+        parts = Path(frame.filename).parts
+        where = "/".join(parts[parts.index("site-packages") + 1:]) if "site-packages" in parts else frame.filename
+        return f"{where}:{frame.lineno} (a library)"
+
+
+# ---- the model in each mode ------------------------------------------------------------------------
+@contextmanager
+def router_mode(model: Router, mode: str, extractor: str | None = None):
+    """Temporarily run `model` as ``single`` (one extractor), ``routed`` or ``top1`` (gate top_k = 1;
+    with `extractor`, the gate's choice is forced onto it by a large logit bias: same cost, known choice)."""
+    cfg = model.config
+    saved = (cfg.fusion, cfg.single, cfg.gate.top_k)
+    bias = None
+    try:
+        if mode == "single":
+            cfg.fusion, cfg.single = "single", extractor
+        elif mode == "top1":
+            cfg.gate.top_k = 1
+            if extractor is not None:
+                bias = model.gate.mlp[-1].bias
+                saved_bias = bias.detach().clone()
+                with torch.no_grad():
+                    bias.view(len(cfg.strides), -1)[:, model.extractor_names.index(extractor)] += 1e4  # every level
+        yield model
+    finally:
+        cfg.fusion, cfg.single, cfg.gate.top_k = saved
+        if bias is not None:
+            with torch.no_grad():
+                bias.copy_(saved_bias)
+
+
+def set_sdpa(model: torch.nn.Module, on: bool) -> int:
+    """Switch timm's fused attention (F.scaled_dot_product_attention) on or off; returns modules switched."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = on
+            n += 1
+    return n
+
+
+class Settings:
+    """The speed options of one measurement: autocast, memory format, SDPA, compile."""
+
+    compile_backend = "inductor"  # torch.compile backend ("eager": graph capture only, no code generation)
+
+    def __init__(self, device: torch.device, bf16=False, channels_last=False, sdpa=True, compile=False):
+        self.device, self.bf16, self.channels_last, self.sdpa, self.compile = device, bf16, channels_last, sdpa, compile
+
+    def flipped(self, option: str) -> Settings:
+        s = copy.copy(self)
+        setattr(s, option, not getattr(s, option))
+        return s
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in OPTIONS}
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def prepare(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        model.to(memory_format=fmt)
+        set_sdpa(model, self.sdpa)
+        return images.contiguous(memory_format=fmt)
+
+    def wrap(self, fn):
+        """The callable itself, or torch.compile of it (compiled once per model and mode)."""
+        if not self.compile:
+            return fn
+        # Extractor.forward counts its calls in an int attribute, which dynamo treats as a constant by default:
+        # every call would recompile (and, past the cache limit, silently run eager).
+        torch._dynamo.config.allow_unspec_int_on_nn_module = True
+        return torch.compile(fn, backend=self.compile_backend)
+
+
+# ---- workloads ---------------------------------------------------------------------------------
+def make_target(model: Router, task: str, images: torch.Tensor) -> torch.Tensor:
+    tcfg = model.config.task(task)
+    b, (h, w) = images.shape[0], images.shape[-2:]
+    shape = (b, h, w) if tcfg.type == "seg" else (b,)
+    return torch.randint(0, tcfg.num_classes, shape, device=images.device)
+
+
+def inference_fn(module, images, settings: Settings, task: str | None = None):
+    call = settings.wrap(module)
+
+    def run():
+        with torch.inference_mode(), settings.autocast():
+            return call(images) if task is None else call(images, task)
+
+    return run
+
+
+def features_fn(model: Router, images, settings: Settings, task: str, features: dict):
+    """Routed inference on precomputed extractor outputs: only the router's own modules run."""
+    call = settings.wrap(model)
+
+    def run():
+        with torch.inference_mode(), settings.autocast():
+            return call(images, task, features=features)
+
+    return run
+
+
+def train_step_fn(model: Router, task: str, images, target, settings: Settings, features=None):
+    """Forward, the project's loss (ce) + gate aux loss, backward, AdamW step, zero_grad."""
+    loss_fn = build_loss("ce")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    key = "seg" if model.config.task(task).type == "seg" else "cls"
+    forward = settings.wrap(model)
+
+    def step(feats=None, imgs=None, tgt=None):
+        with settings.autocast():
+            out = forward(images if imgs is None else imgs, task, features=features if feats is None else feats)
+            loss = loss_fn(out[key], target if tgt is None else tgt)["loss"] + out["aux_loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+@contextmanager
+def restored_weights(model: torch.nn.Module):
+    """Training steps change the trainable weights; put them back so every mode sees the same model."""
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+
+
+def setup(fn) -> None:
+    """Run a workload's untimed `setup` (e.g. switching the model's memory format), if it has one."""
+    getattr(fn, "setup", lambda: None)()
+
+
+def interleaved_seconds(fns: dict, device: torch.device, warmup: int, reps: int) -> dict[str, dict]:
+    """Median (and quartiles) per workload, timed round-robin (one call of each per repetition), so that
+    load from other processes on a shared machine falls on every workload alike and ratios stay fair."""
+    for fn in fns.values():
+        setup(fn)
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            setup(fn)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[key].append(time.perf_counter() - t0)
+    out = {}
+    for key, ts in times.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        out[key] = {"median_s": statistics.median(ts), "q1_s": q[0], "q3_s": q[2], "reps": reps}
+    return out
+
+
+def measure_all(fns: dict, args) -> dict[str, dict]:
+    """Time (interleaved), peak memory and FLOPs of each workload; MFU when --peak-tflops is given."""
+    results = interleaved_seconds(fns, args.device_, args.warmup, args.reps)
+    for key, fn in fns.items():
+        r = results[key]
+        setup(fn)
+        r["peak_mem_mib"], r["mem_method"] = peak_memory_mib(fn, args.device_)
+        setup(fn)
+        r["flops"] = count_flops(fn)
+        r["tflops_per_s"] = r["flops"] / r["median_s"] / 1e12
+        r["mfu"] = r["tflops_per_s"] / args.peak_tflops if args.peak_tflops else None
+    return results
+
+
+def in_mode(model: Router, fn, mode: str, extractor: str | None = None):
+    """`fn` run with the model temporarily in `mode` (see router_mode)."""
+
+    def run():
+        with router_mode(model, mode, extractor):
+            return fn()
+
+    return run
+
+
+def measure_size(model: Router, task: str, batch: int, res: int, settings: Settings, args, rows: list) -> dict:
+    """Every workload at one batch size and resolution; returns the ratios measured there."""
+    torch.manual_seed(args.seed)
+    images = settings.prepare(model, torch.rand(batch, 3, res, res, device=args.device_))
+    names = model.extractor_names
+    gated = model.config.fusion == "gated"
+
+    def add(workload, phase, r, **extra):
+        rows.append({"workload": workload, "phase": phase, "batch": batch, "resolution": res,
+                     "images_per_s": batch / r["median_s"], **r, **extra, "settings": settings.as_dict()})
+
+    # Inference: bare extractors, routed, top-1 as the gate chooses and forced onto each extractor.
+    routed_fn = inference_fn(model, images, settings, task)
+    fns = {f"single:{n}": inference_fn(model.extractors[n], images, settings) for n in names}
+    fns["routed"] = routed_fn
+    ran = {}
+    if gated:
+        fns["routed_top1"] = in_mode(model, routed_fn, "top1")
+        ran["routed_top1"] = [names[i] for i in fns["routed_top1"]()["ran"].nonzero().flatten().tolist()]
+        for n in names:
+            fns[f"routed_top1->{n}"] = in_mode(model, routed_fn, "top1", n)
+            ran[f"routed_top1->{n}"] = [names[i] for i in fns[f"routed_top1->{n}"]()["ran"].nonzero().flatten().tolist()]
+        # The router's own work (gate, alignment, fusion, heads) with the chosen extractor's features given:
+        # a direct measurement of the overhead, instead of the difference of two noisy totals.
+        for n in names:
+            with torch.inference_mode(), settings.autocast():
+                feats = {n: model.extractors[n](images)}
+            fns[f"router_only->{n}"] = in_mode(model, features_fn(model, images, settings, task, feats), "top1", n)
+    res_inf = measure_all(fns, args)
+    for key, r in res_inf.items():
+        add(key, "inference", r, **({"ran": ran[key]} if key in ran else {}))
+    t = {k: r["median_s"] for k, r in res_inf.items()}
+    ratios = {"batch": batch, "resolution": res,
+              "routed_over_sum_of_singles": t["routed"] / sum(t[f"single:{n}"] for n in names)}
+    if gated:
+        ratios["top1_ran"] = ran["routed_top1"]
+        ratios["top1_over_single"] = t["routed_top1"] / sum(t[f"single:{n}"] for n in ran["routed_top1"])
+        ratios["top1_forced_over_single"] = {n: t[f"routed_top1->{n}"] / t[f"single:{n}"] for n in names}
+        ratios["top1_over_single_worst"] = max(ratios["top1_forced_over_single"].values())
+        ratios["router_only_over_single"] = {n: t[f"router_only->{n}"] / t[f"single:{n}"] for n in names}
+
+    # Training step: the single-extractor router (fusion: single) per extractor, and the routed model.
+    if not args.no_train:
+        target = make_target(model, task, images)
+        model.train()
+        with restored_weights(model):
+            fns = {f"single:{n}": in_mode(model, train_step_fn(model, task, images, target, settings), "single", n)
+                   for n in names}
+            fns["routed"] = train_step_fn(model, task, images, target, settings)
+            res_train = measure_all(fns, args)
+        model.eval()
+        for key, r in res_train.items():
+            add(key, "train_step", r)
+        ratios["train_routed_over_sum_of_singles"] = res_train["routed"]["median_s"] / sum(
+            res_train[f"single:{n}"]["median_s"] for n in names)
+    return ratios
+
+
+def prepared(model: Router, settings: Settings, images: torch.Tensor, fn, train: bool = False):
+    """`fn` with an untimed `setup` that puts the model in `settings` (memory format, SDPA) and mode."""
+
+    def setup():
+        settings.prepare(model, images)
+        model.train(train)
+
+    def run():
+        return fn()
+
+    run.setup = setup
+    return run
+
+
+# ---- frozen-feature cache --------------------------------------------------------------------------
+def feature_reader(model: Router, batches: list[torch.Tensor], res: int, cache_dir: str | None):
+    """Fills the disk frozen-feature cache (train/feature_cache.py) and returns a reader of batch i's features."""
+    import tempfile
+
+    from train.feature_cache import FeatureCache
+
+    root = cache_dir or tempfile.mkdtemp(prefix="bench_feature_cache_")
+    cache = FeatureCache(root)
+    frozen = [n for n, e in model.extractors.items() if not any(p.requires_grad for p in e.parameters())]
+    ids = [[f"bench/{i}_{j}" for j in range(x.shape[0])] for i, x in enumerate(batches)]
+    transform = f"bench:{res}x{res}"
+    with torch.no_grad():
+        for i, x in enumerate(batches):
+            for n in frozen:
+                cache.get_or_compute(model.extractors[n], ids[i], x, transform=transform)
+
+    def read(i: int) -> dict:  # every entry is cached: images=None, so a miss would raise
+        return {n: {k: v.to(batches[i].device) if torch.is_tensor(v) else [d.to(batches[i].device) for d in v]
+                    for k, v in cache.get_or_compute(model.extractors[n], ids[i], None, transform=transform).items()}
+                for n in frozen}
+
+    return read, f"disk (train/feature_cache.py at {root})"
+
+
+def cache_epochs(model: Router, task: str, args, settings: Settings) -> dict:
+    """Epoch time of head training with frozen features from the cache versus recomputing them."""
+    batch, res = args.batch_sizes[0], args.resolutions[0]
+    torch.manual_seed(args.seed)
+    batches = [settings.prepare(model, torch.rand(batch, 3, res, res, device=args.device_)) for _ in range(args.cache_batches)]
+    targets = [make_target(model, task, x) for x in batches]
+    t0 = time.perf_counter()
+    read, source = feature_reader(model, batches, res, args.cache_dir)
+    synchronize(args.device_)
+    fill_s = time.perf_counter() - t0
+    model.train()
+    with restored_weights(model):
+        step = train_step_fn(model, task, batches[0], targets[0], settings)
+
+        def epoch(cached: bool):
+            for i, (x, y) in enumerate(zip(batches, targets)):
+                step(imgs=x, tgt=y, feats=read(i) if cached else {})
+
+        reps = max(1, min(args.reps, 3))
+        t = interleaved_seconds({"recompute": lambda: epoch(False), "cached": lambda: epoch(True)},
+                                args.device_, 1, reps)
+        recompute, cached = t["recompute"], t["cached"]
+    model.eval()
+    return {"batch": batch, "resolution": res, "batches_per_epoch": args.cache_batches, "source": source,
+            "cache_fill_s": fill_s, "epoch_recompute_s": recompute["median_s"], "epoch_cached_s": cached["median_s"],
+            "reps": reps, "cache_speedup": recompute["median_s"] / cached["median_s"]}
+
+
+# ---- host-device sync audit --------------------------------------------------------------------------
+def sync_audit(model: Router, task: str, args, settings: Settings) -> dict:
+    """Tensor calls that would block the host on an accelerator, in one training step and one inference."""
+    res = args.resolutions[0]
+    images = settings.prepare(model, torch.rand(2, 3, res, res, device=args.device_))
+    target = make_target(model, task, images)
+    out = {}
+    model.train()
+    with restored_weights(model):
+        for mode in ("routed", "single"):
+            with router_mode(model, mode, model.extractor_names[0]):
+                step = train_step_fn(model, task, images, target, Settings(args.device_, bf16=settings.bf16))
+                with HostSyncAudit() as audit:
+                    step()
+                out[f"train_step_{mode}"] = dict(audit.calls)
+    model.eval()
+    if model.config.fusion == "gated":
+        with router_mode(model, "top1"), HostSyncAudit() as audit, torch.inference_mode():
+            model(images, task)
+        out["inference_top1"] = dict(audit.calls)
+        # The top-1 decision: the gate alone (pixel stem + MLP), the part that must finish before the sync.
+        gate_fn = inference_fn(lambda x: model.gate(task, x.shape[0], (res // 16, res // 16), images=x), images, settings)
+        out["gate_decision_s"] = median_seconds(gate_fn, args.device_, args.warmup, args.reps)["median_s"]
+    if args.device_.type == "cuda":  # the CUDA runtime's own check, on top of the static audit
+        torch.cuda.set_sync_debug_mode("warn")
+        model.train()
+        with restored_weights(model):
+            train_step_fn(model, task, images, target, settings)()
+        model.eval()
+        torch.cuda.set_sync_debug_mode("default")
+    return out
+
+
+# ---- report -----------------------------------------------------------------------------------------
+def goals(summary: dict) -> dict:
+    out = {}
+    for key, (target, op) in GOALS.items():
+        value = summary.get(key)
+        met = None if value is None else (value <= target if op == "<=" else value >= target)
+        out[key] = {"value": value, "target": f"{op} {target}", "met": met}
+    return out
+
+
+def print_table(rows: list[dict], summary: dict) -> None:
+    head = f"{'workload':<24} {'phase':<10} {'batch':>5} {'res':>4} {'median ms':>10} {'img/s':>9} {'peak MiB':>9} {'GFLOP':>8} {'MFU':>6}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        mem = "n/a" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.1f}"
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        print(f"{r['workload']:<24} {r['phase']:<10} {r['batch']:>5} {r['resolution']:>4} {1e3 * r['median_s']:>10.2f} "
+              f"{r['images_per_s']:>9.1f} {mem:>9} {r['flops'] / 1e9:>8.2f} {mfu:>6}")
+    print()
+    for key, g in summary["goals"].items():
+        value = "n/a" if g["value"] is None else f"{g['value']:.3f}"
+        print(f"{key:<30} {value:>8}  goal {g['target']:<8} {'met' if g['met'] else 'NOT met' if g['met'] is False else ''}")
+
+
+def run_benchmark(args, command: str) -> dict:
+    """Every measurement of one benchmark run (``args``: the options of ``train/benchmark.py``), printed as a table,
+    written to ``args.json`` when set, and returned as the summary dict; ``command`` is recorded in it."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.device_ = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    config = RouterConfig.from_file(args.config)
+    if args.overrides:
+        tree = config.to_dict()
+        for item in args.overrides:
+            apply_override(tree, item)
+        config = RouterConfig.from_dict(tree, where=f"{args.config} (with overrides)")
+    model = Router(config).to(args.device_).eval()
+    task = args.task or next((t.name for t in model.config.tasks if t.type == "seg"), model.config.tasks[0].name)
+    settings = Settings(args.device_, bf16=args.bf16, channels_last=args.channels_last, sdpa=args.sdpa == "on",
+                        compile=args.compile)
+
+    rows, ratios = [], []
+    for batch in args.batch_sizes:
+        for res in args.resolutions:
+            ratios.append(measure_size(model, task, batch, res, settings, args, rows))
+    summary = {
+        "command": command,
+        "config": str(args.config), "overrides": args.overrides, "task": task, "hardware": hardware(args.device_), "settings": settings.as_dict(),
+        "warmup": args.warmup, "reps": args.reps, "mem_method": rows[0]["mem_method"],
+        # Top-level ratios: the worst case over the measured batch sizes and resolutions.
+        "routed_over_sum_of_singles": max(r["routed_over_sum_of_singles"] for r in ratios),
+        "top1_over_single": max((r["top1_over_single"] for r in ratios if "top1_over_single" in r), default=None),
+        "router_only_over_single_worst": max((max(r["router_only_over_single"].values()) for r in ratios
+                                              if "router_only_over_single" in r), default=None),
+        "top1_over_single_worst_forced": max((r["top1_over_single_worst"] for r in ratios if "top1_over_single_worst" in r), default=None),
+        "ratios": ratios,
+    }
+    if not args.no_cache and not args.no_train:
+        summary["cache"] = cache_epochs(model, task, args, settings)
+        summary["cache_speedup"] = summary["cache"]["cache_speedup"]
+    summary["sync_audit"] = sync_audit(model, task, args, settings)
+    ablations = []
+    for option in args.ablate:  # routed inference and training step at the first size, option off vs on
+        batch, res = args.batch_sizes[0], args.resolutions[0]
+        target = None
+        fns = {}
+        for s in (settings, settings.flipped(option)):
+            images = s.prepare(model, torch.rand(batch, 3, res, res, device=args.device_))
+            target = make_target(model, task, images) if target is None else target
+            key = "on" if getattr(s, option) else "off"
+            fns[("inference", key)] = prepared(model, s, images, inference_fn(model, images, s, task))
+            if not args.no_train:
+                fns[("train_step", key)] = prepared(model, s, images, train_step_fn(model, task, images, target, s),
+                                                    train=True)
+        model.train()
+        with restored_weights(model):
+            results = measure_all(fns, args)
+        model.eval()
+        settings.prepare(model, images)  # back to the run's settings
+        for (phase, key), r in results.items():
+            ablations.append({"option": option, "on": key == "on", "phase": phase, "batch": batch,
+                              "resolution": res, "images_per_s": batch / r["median_s"], **r})
+    summary["ablations"] = ablations
+    summary["goals"] = goals(summary)
+    summary["results"] = rows
+    print_table(rows, summary)
+    for a in ablations:
+        print(f"ablation {a['option']:<14} {'on ' if a['on'] else 'off'} {a['phase']:<10} {1e3 * a['median_s']:>10.2f} ms "
+              f"{a['images_per_s']:>9.1f} img/s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+

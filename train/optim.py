@@ -1,0 +1,61 @@
+"""Optimizer groups and the learning-rate schedule, written once for every script.
+
+Weight decay only on 2-D+ parameters (nanoGPT's ``configure_optimizers``): norms, biases, tokens and gains
+are not decayed. The schedule is a linear warmup then a cosine decay to a floor, a pure function of the
+optimizer step (a resumed run continues it exactly).
+
+>>> lr_factor(0, TrainConfig(warmup_steps=10))
+0.1
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from train.config import TrainConfig
+
+
+def warmup_cosine(step: int, warmup: int, total: int, peak: float, floor: float) -> float:
+    """Linear warmup to `peak` over `warmup` steps, then cosine decay to `floor` at `total` (and after it)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_factor(step: int, t: TrainConfig) -> float:
+    """The fine-tuning schedule as a multiple of train.lr: warmup, then cosine to train.min_lr_ratio."""
+    return warmup_cosine(step, t.warmup_steps, t.max_steps, 1, t.min_lr_ratio)
+
+
+def decay_groups(params: Iterable[torch.nn.Parameter], weight_decay: float, **extra) -> list[dict]:
+    """Two param groups (empty ones left out): 2-D+ tensors with `weight_decay`, the others with none."""
+    params = list(params)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return [{"params": ps, "weight_decay": wd, **extra} for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], t: TrainConfig,
+                   late: Iterable[torch.nn.Parameter] = ()) -> torch.optim.AdamW:
+    """AdamW over the router/head `params` at train.lr and the extractor parameters `late` (trained in phase 2,
+    or unfrozen ones) at train.phase2_lr_scale x lr. Each group holds its ``base_lr`` and whether it is ``late``;
+    the loop sets ``lr = base_lr x schedule`` every step.
+
+    >>> opt = make_optimizer(torch.nn.Linear(2, 2).parameters(), TrainConfig(lr=1e-2))
+    >>> [(g["lr"], g["weight_decay"], g["late"]) for g in opt.param_groups]
+    [(0.01, 0.05, False), (0.01, 0.0, False)]
+    """
+    groups = decay_groups(params, t.weight_decay, lr=t.lr, base_lr=t.lr, late=False)
+    scaled = t.lr * t.phase2_lr_scale
+    groups += decay_groups(late, t.weight_decay, lr=scaled, base_lr=scaled, late=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
+
+
+def set_lrs(optimizer: torch.optim.Optimizer, factor: float, late_factor: float | None = None) -> None:
+    """lr = base_lr x factor in every group (x late_factor in the late groups, when given)."""
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * (late_factor if late_factor is not None and g.get("late") else factor)

@@ -1,0 +1,443 @@
+"""Tables and plots of a comparison: results.csv / .json, results.md, bars, gate heatmaps, threshold sweeps.
+
+Input is what ``train/compare.py`` logs: metric rows ``{variant, seed, task, metric, value}``, gate rows
+``{variant, seed, task, extractor, family, level, weight}`` (the mean gate weight over the val images; ``level``
+None or absent: averaged over the model's levels, else the level's stride), sweep rows
+``{variant, seed, task, thresholds, precision, recall, iou, fpr}`` and a ``meta`` dict (tasks, primary metric
+per task, variants and their kinds, extractors and their families, budget, timings, notes). Every figure is
+computed from those rows, so the report can be rebuilt from a finished run (``train/report.py`` is the
+command line over this module)::
+
+    python train/report.py runs/cmp
+    python train/report.py --merge runs/cmp runs/cmp_seeds345 --output runs/cmp_6seeds   # more seeds later
+
+>>> rows = [{"variant": v, "seed": s, "task": "t", "metric": "acc", "value": x}
+...         for v, s, x in [("single_a", 0, .5), ("single_a", 1, .7), ("gated_task", 0, .8), ("gated_task", 1, .8)]]
+>>> agg = aggregate(rows)
+>>> round(agg[("single_a", "t", "acc")]["mean"], 3), round(agg[("single_a", "t", "acc")]["std"], 4)
+(0.6, 0.1414)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from extractors.atomic import atomic_write_bytes  # noqa: E402
+from router.card import plot_gate_panels  # noqa: E402
+
+ROW_KEYS = ("variant", "seed", "task", "metric", "value")
+KIND_COLOURS = {"single": "#8c8c8c", "mean": "#6a9fd4", "concat": "#2b5d9c", "routed": "#d9622b", "peer": "#3a9a4a"}
+
+
+# ---- aggregation -------------------------------------------------------------------------------------
+def aggregate(rows: list[dict]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(variant, task, metric) -> {"mean", "std" (sample, 0 for one seed), "n", "values"}; None/NaN skipped."""
+    groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        v = r["value"]
+        if v is not None and math.isfinite(float(v)):
+            groups[(r["variant"], r["task"], r["metric"])].append(float(v))
+    out = {}
+    for key, vals in groups.items():
+        a = np.asarray(vals, dtype=np.float64)
+        out[key] = {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(a),
+                    "values": vals}
+    return out
+
+
+def primary_table(agg: dict, meta: dict) -> dict[str, dict[str, dict[str, Any] | None]]:
+    """variant -> task -> the aggregate of the task's primary metric (None when missing)."""
+    return {v: {t: agg.get((v, t, meta["primary"][t])) for t in meta["tasks"]} for v in meta["variants"]}
+
+
+def task_average(table: dict, variant: str, tasks: list[str]) -> float | None:
+    """Mean over tasks of the variant's primary-metric means (None if a task is missing)."""
+    vals = [table[variant][t]["mean"] for t in tasks if table[variant][t] is not None]
+    return float(np.mean(vals)) if len(vals) == len(tasks) else None
+
+
+def gains(agg: dict, meta: dict) -> dict[str, Any]:
+    """The best routed variant (highest task average) against the best single per task and against concat.
+
+    Gains are in points (metric x 100). The best routed variant is one variant for all tasks (chosen by its
+    average over tasks, not per task); the best single is the best single-extractor variant of each task.
+    """
+    table, tasks, kinds = primary_table(agg, meta), meta["tasks"], meta["kinds"]
+    routed = [v for v in meta["variants"] if kinds[v] == "routed" and task_average(table, v, tasks) is not None]
+    singles = [v for v in meta["variants"] if kinds[v] == "single"]
+    concat = next((v for v in meta["variants"] if kinds[v] == "concat"), None)
+    out: dict[str, Any] = {"best_routed": None, "per_task": {}, "vs_best_single_avg": None, "vs_concat_avg": None,
+                           "routed_ge_best_single_every_task": None, "routed_ge_concat_plus_1_avg": None}
+    if not routed:
+        return out
+    best = max(routed, key=lambda v: task_average(table, v, tasks))
+    out["best_routed"] = best
+    d_single, d_concat = [], []
+    for t in tasks:
+        mine = table[best][t]["mean"]
+        cands = [(table[s][t]["mean"], s) for s in singles if table[s][t] is not None]
+        entry: dict[str, Any] = {"routed": 100 * mine}
+        if cands:
+            value, name = max(cands)
+            entry.update(best_single=name, best_single_value=100 * value, vs_best_single=100 * (mine - value))
+            d_single.append(100 * (mine - value))
+        if concat is not None and table[concat][t] is not None:
+            entry.update(concat_value=100 * table[concat][t]["mean"], vs_concat=100 * (mine - table[concat][t]["mean"]))
+            d_concat.append(entry["vs_concat"])
+        out["per_task"][t] = entry
+    if len(d_single) == len(tasks):
+        out["vs_best_single_avg"] = float(np.mean(d_single))
+        out["routed_ge_best_single_every_task"] = bool(min(d_single) >= 0)
+    if len(d_concat) == len(tasks):
+        out["vs_concat_avg"] = float(np.mean(d_concat))
+        out["routed_ge_concat_plus_1_avg"] = bool(out["vs_concat_avg"] >= 1.0)
+    return out
+
+
+def peer_table(agg: dict, meta: dict) -> dict[str, dict[str, Any]]:
+    """Per task a peer (``kind: peer``, e.g. an smp U-Net) has values for: each peer's primary metric and the
+    best routed variant on that task, in points, with the differences routed - peer."""
+    table, kinds = primary_table(agg, meta), meta["kinds"]
+    peers = [v for v in meta["variants"] if kinds[v] == "peer"]
+    routed = [v for v in meta["variants"] if kinds[v] == "routed"]
+    out: dict[str, dict[str, Any]] = {}
+    for t in meta["tasks"]:
+        values = {p: 100 * table[p][t]["mean"] for p in peers if table[p][t] is not None}
+        if not values:
+            continue
+        entry: dict[str, Any] = {"peers": values}
+        cands = [(table[v][t]["mean"], v) for v in routed if table[v][t] is not None]
+        if cands:
+            value, name = max(cands)
+            entry.update(best_routed=name, best_routed_value=100 * value,
+                         routed_minus_peer={p: 100 * value - x for p, x in values.items()})
+        out[t] = entry
+    return out
+
+
+def level_table(agg: dict, meta: dict, gate_rows: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per task and level setting, the best routed variant and the best variant of any kind, in points.
+
+    A variant's level setting is the set of level strides of its per-level gate rows (every Router with levels logs
+    one row per level); settings are keyed like ``"[4, 8, 16, 32]"``, in order of appearance. Variants without
+    level rows (peers, runs from before levels) are left out.
+    """
+    table, kinds = primary_table(agg, meta), meta["kinds"]
+    levels = {v: lv for v in meta["variants"] if (lv := gate_levels(gate_rows, v))}
+    settings = list(dict.fromkeys(str(list(levels[v])) for v in meta["variants"] if v in levels))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for t in meta["tasks"]:
+        out[t] = {}
+        for setting in settings:
+            mine = [v for v in meta["variants"] if v in levels and str(list(levels[v])) == setting and table[v][t]]
+            entry: dict[str, Any] = {}
+            for key, pool in (("best_routed", [v for v in mine if kinds[v] == "routed"]), ("best", mine)):
+                if pool:
+                    value, name = max((table[v][t]["mean"], v) for v in pool)
+                    entry.update({key: name, f"{key}_value": 100 * value})
+            out[t][setting] = entry
+    return out
+
+
+# ---- tables --------------------------------------------------------------------------------------------
+def write_rows(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
+    """results.csv and results.json: one row per (variant, seed, task, metric)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=ROW_KEYS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r[k] for k in ROW_KEYS})
+    csv_path, json_path = out_dir / "results.csv", out_dir / "results.json"
+    atomic_write_bytes(csv_path, buf.getvalue().encode())
+    atomic_write_bytes(json_path, (json.dumps([{k: r[k] for k in ROW_KEYS} for r in rows], indent=1) + "\n").encode())
+    return csv_path, json_path
+
+
+def _fmt(a: dict | None) -> str:
+    return "n/a" if a is None else f"{100 * a['mean']:.1f} ± {100 * a['std']:.1f}"
+
+
+def results_markdown(agg: dict, meta: dict, gain: dict, gate_rows: list[dict] | None = None) -> str:
+    """Per task mean ± std over seeds (points), best per column in bold; the peers and the level settings against
+    the best routed (when there are several settings in `gate_rows`); then the gains of the best routed."""
+    tasks, variants = meta["tasks"], meta["variants"]
+    table = primary_table(agg, meta)
+    avgs = {v: task_average(table, v, tasks) for v in variants}
+    best = {t: max((table[v][t]["mean"] for v in variants if table[v][t] is not None), default=None) for t in tasks}
+    best_avg = max((a for a in avgs.values() if a is not None), default=None)
+    seeds = meta.get("seeds", [])
+    lines = [f"Primary metric per task, x100, mean ± std over {len(seeds)} seed(s) {seeds}; best per column in bold.",
+             "", "| variant | kind | " + " | ".join(f"{t} ({meta['primary'][t]})" for t in tasks) + " | task mean |",
+             "|---|---|" + "---|" * (len(tasks) + 1)]
+    for v in variants:
+        cells = []
+        for t in tasks:
+            a = table[v][t]
+            s = _fmt(a)
+            cells.append(f"**{s}**" if a is not None and best[t] is not None and a["mean"] == best[t] else s)
+        avg = "n/a" if avgs[v] is None else f"{100 * avgs[v]:.1f}"
+        if avgs[v] is not None and avgs[v] == best_avg:
+            avg = f"**{avg}**"
+        lines.append(f"| {v} | {meta['kinds'][v]} | " + " | ".join(cells) + f" | {avg} |")
+    lines.append("")
+    if meta.get("notes"):
+        lines += [f"- {v}: {note}" for v, note in meta["notes"].items()] + [""]
+    peers = peer_table(agg, meta)
+    if peers:
+        names = [v for v in variants if meta["kinds"][v] == "peer"]
+        lines += ["Peers against the best routed variant of each task (points):", "",
+                  "| task | best routed on the task | " + " | ".join(names) + " | "
+                  + " | ".join(f"routed - {p}" for p in names) + " |", "|---|---|" + "---|" * (2 * len(names))]
+        for t, e in peers.items():
+            best = f"{e['best_routed_value']:.1f} ({e['best_routed']})" if "best_routed" in e else "n/a"
+            vals = [f"{e['peers'][p]:.1f}" if p in e["peers"] else "n/a" for p in names]
+            diffs = [f"{e['routed_minus_peer'][p]:+.1f}" if p in e.get("routed_minus_peer", {}) else "n/a" for p in names]
+            lines.append(f"| {t} | {best} | " + " | ".join(vals + diffs) + " |")
+        lines.append("")
+    by_level = level_table(agg, meta, gate_rows or [])
+    settings = list(next(iter(by_level.values()), {}))
+    if len(settings) > 1:
+        cols = [f"{k} {s}" for s in settings for k in ("best routed", "best")]
+        diff = len(settings) == 2
+        lines += ["Level settings: the best variant of each setting per task (points):", "",
+                  "| task | " + " | ".join(cols) + (f" | best routed {settings[0]} - best {settings[1]} |" if diff else " |"),
+                  "|---|" + "---|" * (len(cols) + diff)]
+        for t, per in by_level.items():
+            cells = [f"{per[s][f'{k}_value']:.1f} ({per[s][k]})" if k in per[s] else "n/a"
+                     for s in settings for k in ("best_routed", "best")]
+            if diff:
+                a, b = per[settings[0]], per[settings[1]]
+                cells.append(f"{a['best_routed_value'] - b['best_value']:+.1f}" if "best_routed" in a and "best" in b
+                             else "n/a")
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if gain["best_routed"] is None:
+        lines.append("No routed (gated) variant in this comparison: no gains to report.")
+        return "\n".join(lines) + "\n"
+    lines += [f"Best routed variant (by task mean): **{gain['best_routed']}**.", "",
+              "| task | routed | best single | routed - best single | concat | routed - concat |", "|---|---|---|---|---|---|"]
+    for t in tasks:
+        e = gain["per_task"][t]
+        bs = f"{e['best_single_value']:.1f} ({e['best_single']})" if "best_single" in e else "n/a"
+        ds = f"{e['vs_best_single']:+.1f}" if "vs_best_single" in e else "n/a"
+        cc = f"{e['concat_value']:.1f}" if "concat_value" in e else "n/a"
+        dc = f"{e['vs_concat']:+.1f}" if "vs_concat" in e else "n/a"
+        lines.append(f"| {t} | {e['routed']:.1f} | {bs} | {ds} | {cc} | {dc} |")
+    avg_s = "n/a" if gain["vs_best_single_avg"] is None else f"{gain['vs_best_single_avg']:+.1f}"
+    avg_c = "n/a" if gain["vs_concat_avg"] is None else f"{gain['vs_concat_avg']:+.1f}"
+    lines += [f"| **average** | | | {avg_s} | | {avg_c} |", "",
+              f"- routed >= best single on every task: {gain['routed_ge_best_single_every_task']}",
+              f"- routed >= concat + 1 point on average: {gain['routed_ge_concat_plus_1_avg']}"]
+    return "\n".join(lines) + "\n"
+
+
+# ---- plots ---------------------------------------------------------------------------------------------
+def plot_bars(agg: dict, meta: dict, path: Path) -> Path:
+    """One panel per task: the primary metric of each variant, mean with std error bars over seeds."""
+    tasks, variants = meta["tasks"], meta["variants"]
+    table = primary_table(agg, meta)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.0, 0.45 * len(variants) + 1.5) * len(tasks), 4.2),
+                             squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        means = [100 * table[v][t]["mean"] if table[v][t] else np.nan for v in variants]
+        stds = [100 * table[v][t]["std"] if table[v][t] else 0.0 for v in variants]
+        colours = [KIND_COLOURS.get(meta["kinds"][v], "#444444") for v in variants]
+        ax.bar(range(len(variants)), means, yerr=stds, color=colours, capsize=3)
+        ax.set_xticks(range(len(variants)), variants, rotation=60, ha="right", fontsize=8)
+        ax.set_title(f"{t}", fontsize=10)
+        ax.set_ylabel(f"{meta['primary'][t]} x100")
+        finite = [m for m in means if np.isfinite(m)]
+        if finite:
+            lo = min(m - s for m, s in zip(means, stds) if np.isfinite(m))
+            hi = max(m + s for m, s in zip(means, stds) if np.isfinite(m))
+            pad = max(1.0, 0.15 * (hi - lo))
+            ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad) if hi + pad > lo else hi + 1)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"mean ± std over seeds {meta.get('seeds', [])}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def gate_matrix(gate_rows: list[dict], variant: str, tasks: list[str], extractors: list[str],
+                level: int | None = None) -> np.ndarray:
+    """tasks x extractors: the logged mean gate weight, averaged over seeds (NaN where nothing was logged).
+
+    `level` None: the gate averaged over levels (rows without a level); else that level's stride.
+    """
+    acc: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in gate_rows:
+        if r["variant"] == variant and r.get("level") == level and r["weight"] is not None:
+            acc[(r["task"], r["extractor"])].append(float(r["weight"]))
+    m = np.full((len(tasks), len(extractors)), np.nan)
+    for i, t in enumerate(tasks):
+        for j, e in enumerate(extractors):
+            if acc.get((t, e)):
+                m[i, j] = float(np.mean(acc[(t, e)]))
+    return m
+
+
+def gate_levels(gate_rows: list[dict], variant: str) -> list[int]:
+    """The level strides a variant logged per-level gates for, ascending (empty for a model without levels)."""
+    return sorted({int(r["level"]) for r in gate_rows if r["variant"] == variant and r.get("level") is not None})
+
+
+def gate_panels(gate_rows: list[dict], variant: str, tasks: list[str],
+                extractors: list[str]) -> list[tuple[int | None, np.ndarray]]:
+    """(level stride, tasks x extractors matrix) per level, finest first; [(None, the averaged gate)] without levels."""
+    levels = gate_levels(gate_rows, variant)
+    return [(lv, gate_matrix(gate_rows, variant, tasks, extractors, lv)) for lv in levels or [None]]
+
+
+def plot_gate_heatmap(gate_rows: list[dict], variant: str, tasks: list[str], extractors: list[str],
+                      families: dict[str, str], path: Path) -> list[tuple[int | None, np.ndarray]]:
+    """One task x extractor heatmap per level (:func:`gate_panels`), each extractor labelled by its family.
+
+    Returns the panels shown: (level stride, matrix), or a single (None, averaged gate) for a model without levels.
+    """
+    panels = gate_panels(gate_rows, variant, tasks, extractors)
+    plot_gate_panels(panels, tasks, extractors, families, variant, path)
+    return panels
+
+
+def sweep_curves(sweep_rows: list[dict], task: str, variant: str) -> dict[str, np.ndarray] | None:
+    """Mean over seeds of the precision / recall / IoU curves of one variant on one binary seg task."""
+    mine = [r for r in sweep_rows if r["task"] == task and r["variant"] == variant]
+    if not mine:
+        return None
+    out = {"thresholds": np.asarray(mine[0]["thresholds"], dtype=np.float64)}
+    for k in ("precision", "recall", "iou"):
+        a = np.asarray([[np.nan if x is None else x for x in r[k]] for r in mine], dtype=np.float64)
+        with warnings.catch_warnings():  # a threshold no seed predicts anything at: NaN precision, kept NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[k] = np.nanmean(a, axis=0)
+    return out
+
+
+def plot_sweeps(sweep_rows: list[dict], task: str, variants: list[str], kinds: dict[str, str], path: Path) -> Path:
+    """Precision, recall and foreground IoU against the threshold, one line per variant (mean over seeds)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    cmap = plt.get_cmap("tab10")
+    for k, v in enumerate(variants):
+        c = sweep_curves(sweep_rows, task, v)
+        if c is None:
+            continue
+        style = "-" if kinds.get(v) == "routed" else "--"
+        for ax, key in zip(axes, ("precision", "recall", "iou")):
+            ax.plot(c["thresholds"], c[key], style, color=cmap(k % 10), label=v, marker="o", markersize=3)
+    for ax, key in zip(axes, ("precision", "recall", "foreground IoU")):
+        ax.set_xlabel("threshold on foreground probability")
+        ax.set_title(key, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{task}: threshold sweep (mean over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---- the whole report ------------------------------------------------------------------------------------
+def write_report(out_dir: str | Path, rows: list[dict], gate_rows: list[dict], sweep_rows: list[dict],
+                 meta: dict) -> dict[str, Any]:
+    """Write every table and plot into `out_dir`; returns their paths and the gate matrices shown."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    missing = [k for k in ("tasks", "primary", "variants", "kinds", "extractors", "families") if k not in meta]
+    if missing:
+        raise ValueError(f"write_report: meta is missing {missing}")
+    csv_path, json_path = write_rows(rows, out_dir)
+    agg = aggregate(rows)
+    gain = gains(agg, meta)
+    md = results_markdown(agg, meta, gain, gate_rows)
+    paths: dict[str, Any] = {"csv": csv_path, "json": json_path, "md": out_dir / "results.md"}
+    atomic_write_bytes(paths["md"], md.encode())
+    for name, obj in (("gates", gate_rows), ("sweeps", sweep_rows)):
+        paths[name] = out_dir / f"{name}.json"
+        atomic_write_bytes(paths[name], (json.dumps(obj, indent=1) + "\n").encode())
+    table = primary_table(agg, meta)
+    summary = {"meta": meta, "gains": gain, "peers": peer_table(agg, meta), "levels": level_table(agg, meta, gate_rows),
+               "primary": {v: {t: (None if a is None else {k: a[k] for k in ("mean", "std", "n")}) for t, a in r.items()}
+                           for v, r in table.items()}}
+    paths["summary"] = out_dir / "summary.json"
+    atomic_write_bytes(paths["summary"], (json.dumps(summary, indent=1) + "\n").encode())
+
+    paths["bars"] = plot_bars(agg, meta, out_dir / "bars.png")
+    heat, matrices = {}, {}
+    gated = [v for v in meta["variants"] if meta["kinds"][v] == "routed"]
+    def cells(m: np.ndarray) -> list[list[float | None]]:
+        return [[None if not np.isfinite(x) else float(x) for x in row] for row in m]
+
+    for v in gated:
+        p = out_dir / f"gate_heatmap_{v}.png"
+        panels = plot_gate_heatmap(gate_rows, v, meta["tasks"], meta["extractors"], meta["families"], p)
+        levels = [lv for lv, _ in panels if lv is not None]
+        heat[v], matrices[v] = p, {"tasks": meta["tasks"], "extractors": meta["extractors"],
+                                   "families": [meta["families"][e] for e in meta["extractors"]],
+                                   "matrix": cells(gate_matrix(gate_rows, v, meta["tasks"], meta["extractors"])),
+                                   "levels": levels, "level_matrices": [cells(m) for lv, m in panels if lv is not None]}
+    paths["heatmaps"] = heat
+    paths["heatmap_values"] = out_dir / "gate_heatmaps.json"
+    atomic_write_bytes(paths["heatmap_values"], (json.dumps(matrices, indent=1) + "\n").encode())
+    sweeps = {}
+    for t in meta["tasks"]:
+        if any(r["task"] == t for r in sweep_rows):
+            sweeps[t] = plot_sweeps(sweep_rows, t, meta["variants"], meta["kinds"], out_dir / f"sweep_{t}.png")
+    paths["sweeps_png"] = sweeps
+    return paths
+
+
+def load_run(run: Path) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """Metric, gate and sweep rows and the meta dict of a finished train/compare.py output dir."""
+    if (run / "results" / "meta.json").is_file():  # the per-(variant, seed) files: whatever is done, naming the rest
+        from train.results import load_partial
+
+        return load_partial(run)
+    needed = [run / n for n in ("results.json", "gates.json", "sweeps.json", "summary.json")]
+    if absent := [str(p) for p in needed if not p.is_file()]:
+        raise FileNotFoundError(f"report: missing {absent}; is {run} a train/compare.py output dir?")
+    rows, gate_rows, sweep_rows, summary = (json.loads(p.read_text()) for p in needed)
+    return rows, gate_rows, sweep_rows, summary["meta"]
+
+
+SAME_IN_MERGED_RUNS = ("tasks", "primary", "variants", "kinds", "extractors", "families", "budget")
+
+
+def merge_runs(runs: list[Path]) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """The rows of several runs of one comparison with different seeds, as one run.
+
+    The runs must agree on tasks, metrics, variants, extractors and budget, and their seeds must not overlap
+    (e.g. ``compare.seeds=[3, 4, 5]`` after a run with seeds 0, 1, 2), so that every (variant, seed) is
+    trained exactly once under the same settings.
+    """
+    rows, gate_rows, sweep_rows, metas = [], [], [], []
+    for run in runs:
+        r, g, s, m = load_run(run)
+        if metas:
+            differ = [k for k in SAME_IN_MERGED_RUNS if m.get(k) != metas[0].get(k)]
+            if differ:
+                raise ValueError(f"report: {run} differs from {runs[0]} in {differ}; only seeds may differ")
+            overlap = set(m.get("seeds", [])) & {seed for x in metas for seed in x.get("seeds", [])}
+            if overlap:
+                raise ValueError(f"report: {run} repeats seeds {sorted(overlap)} of an earlier run")
+        rows, gate_rows, sweep_rows, metas = rows + r, gate_rows + g, sweep_rows + s, metas + [m]
+    meta = dict(metas[0])
+    meta["seeds"] = sorted(seed for m in metas for seed in m.get("seeds", []))
+    meta["merged_from"] = [str(r) for r in runs]
+    for key in ("command", "cache", "timings_s"):  # per run, in the order of `runs`
+        meta[key] = [m.get(key) for m in metas]
+    return rows, gate_rows, sweep_rows, meta
