@@ -25,6 +25,7 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L")
 HIGH_DEPTH_MODES = (*SIXTEEN_BIT_MODES, "I")  # greyscale modes read at full depth (Pillow's "L" would clip at 255)
 FLOAT_TOLERANCE = 1e-3  # float images may stray this far outside [0, 1] (resampling overshoot); they are clamped
 DEFAULT_MAX_PIXELS = 4_000_000  # Router.predict's default pixel budget per image (about 2000 x 2000)
+IMAGE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError)  # a file Pillow cannot read
 
 
 def high_depth_to_unit(img: Image.Image, where: str = "image") -> np.ndarray:
@@ -55,12 +56,32 @@ def pil_to_array(img: Image.Image, where: str = "image") -> np.ndarray:
     return np.asarray(img)
 
 
+def read_image(path: str | os.PathLike, channels: int) -> torch.Tensor:
+    """An image file as C x H x W float in [0, 1] with C = `channels` (1 or 3): the datasets' decoder (training,
+    evaluation, the pretraining pool). As :func:`read_image_array` (EXIF rotation, palette / RGBA / CMYK via
+    Pillow's RGB conversion, 16-bit scaled by 65535, mode I by the range its values occupy), then Pillow's own
+    conversion to the dataset's channel count (greyscale repeated to RGB, RGB to Pillow's luma)."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in HIGH_DEPTH_MODES:  # Pillow's convert("L") would clip these at 255
+                t = torch.from_numpy(high_depth_to_unit(im, str(path)))[None]
+                return t.expand(channels, -1, -1).contiguous()
+            im = im.convert("L" if channels == 1 else "RGB")
+            arr = np.asarray(im, dtype=np.uint8).copy()
+    except IMAGE_ERRORS as e:
+        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
+    t = torch.from_numpy(arr)
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+    return t.float().div_(255.0)
+
+
 def read_image_array(path: str | os.PathLike) -> np.ndarray:
     """An image file as :func:`pil_to_array` gives it; a missing, empty, non-image or bomb file names the path."""
     try:
         with Image.open(path) as img:
             return pil_to_array(img, str(path))
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
+    except IMAGE_ERRORS as e:
         raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
 
 

@@ -28,10 +28,10 @@ from safetensors.torch import load_file, save_file
 from extractors import create_extractor
 from extractors.local_dir import save_extractor_dir
 from router import Router, RouterConfig
-from router.inputs import to_image_tensor
+from router.inputs import read_image, to_image_tensor
 from train.checkpoints import latest_checkpoint
 from train.config import ExperimentConfig
-from train.data import read_image, train_transform
+from train.data import train_transform
 from train.faults import FAULT_ENV
 from train.synthetic import write_synthetic_dataset
 

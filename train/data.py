@@ -37,14 +37,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from router.config import TaskConfig
-from router.inputs import HIGH_DEPTH_MODES, high_depth_to_unit
+from router.inputs import HIGH_DEPTH_MODES, IMAGE_ERRORS, read_image
 from train.config import DATA_ENV, DataConfig, DataTaskConfig, ExperimentConfig, data_root
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -175,7 +175,6 @@ class FileIndex:
         return f"; near miss: {', '.join(map(repr, close))}{note}" if close else ""
 
 
-IMAGE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError)
 EXIF_ORIENTATION = 0x0112
 
 
@@ -357,25 +356,6 @@ def load_experiment_data(cfg: ExperimentConfig, root: Path, progress: bool = Fal
 
 
 # ---- reading files ------------------------------------------------------------------------------------
-def read_image(path: Path, channels: int) -> torch.Tensor:
-    """C x H x W float in [0, 1], as displayed (EXIF rotation applied, as in `Router.predict`), converted to the
-    dataset's channel count; palette / RGBA / CMYK via Pillow's RGB conversion, 16-bit scaled by 65535, mode I
-    by the range its values occupy (`router.inputs.high_depth_to_unit`)."""
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in HIGH_DEPTH_MODES:  # Pillow's convert("L") would clip these at 255
-                t = torch.from_numpy(high_depth_to_unit(im, str(path)))[None]
-                return t.expand(channels, -1, -1).contiguous()
-            im = im.convert("L" if channels == 1 else "RGB")
-            arr = np.asarray(im, dtype=np.uint8).copy()
-    except IMAGE_ERRORS as e:
-        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
-    t = torch.from_numpy(arr)
-    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
-    return t.float().div_(255.0)
-
-
 def read_mask(path: Path, num_classes: int, ignore_index: int | None) -> torch.Tensor:
     """H x W int64 class indices; values other than 0..K-1 and ignore_index are an error naming the file."""
     try:
