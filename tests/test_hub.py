@@ -548,7 +548,12 @@ def test_a_full_clip_checkpoint_with_the_hubs_older_key_names_loads_from_the_cac
 def test_a_model_saved_by_sentence_transformers_loads_as_the_text_encoder_by_hub_name(tmp_path, new_repo_id):
     import json
 
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+
+    try:  # sentence-transformers >= 6 (the old `sentence_transformers.models` is deprecated there)
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:
+        from sentence_transformers import models
 
     from extractors.text import create_text_encoder
 
