@@ -21,6 +21,7 @@ from torch import nn
 from .atomic import verify_checksums
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)  # a file name ending so is a weight file
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

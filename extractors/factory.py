@@ -18,11 +18,11 @@ import fnmatch
 from pathlib import Path
 
 from .base import Extractor
+from .checkpoints import WEIGHT_SUFFIXES
 from .hub import looks_like_path
 from .registry import BACKENDS, BUILDERS, register_extractor
 
 LOCAL_SCHEMAS = ("local-dir:", "timm:local-dir:", "open_clip:local-dir:")  # specs that name a folder on this machine
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # a spec ending so names a local weight file
 
 
 def _load_backends() -> None:
@@ -130,7 +130,7 @@ def local_files_needed(spec: str, checkpoint: str | None = None, weights_saved: 
         return None
     if checkpoint:
         return f"its weights, from {checkpoint}"
-    if spec.startswith(LOCAL_SCHEMAS) or Path(rest).expanduser().exists() or rest.endswith(WEIGHT_FILE_SUFFIXES):
+    if spec.startswith(LOCAL_SCHEMAS) or Path(rest).expanduser().exists() or rest.endswith(WEIGHT_SUFFIXES):
         return f"its weights, from {rest.removeprefix('local-dir:')}"
     return None
 

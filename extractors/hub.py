@@ -26,8 +26,9 @@ def looks_like_path(source: str) -> bool:
 def repo_cache_dir(repo_id: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The HF cache folder of a model repo: ``<cache>/models--<org>--<name>``."""
     from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.file_download import repo_folder_name
 
-    return Path(cache_dir or HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    return Path(cache_dir or HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
 def offline_note(local_only: bool) -> str:

@@ -74,11 +74,6 @@ def read_config_json(directory: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
-def read_extractor_config(directory: Path) -> dict:
-    """The folder's config.json in this package's older format, checked."""
-    return check_extractor_config(read_config_json(directory), directory / CONFIG_NAME)
-
-
 def check_extractor_config(config: dict, path: Path | str) -> dict:
     """A local-dir config.json (from its folder, or passed as `architecture=`): format, version, keys, backend."""
     if not isinstance(config, dict) or config.get("format") != FORMAT:

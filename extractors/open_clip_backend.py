@@ -42,11 +42,10 @@ import torch
 from torch import nn
 
 from .base import Extractor, ExtractorInfo, resolve_layers
-from .checkpoints import TORCH_SUFFIXES, load_state_dict_file, load_state_dict_strict
+from .checkpoints import WEIGHT_SUFFIXES, load_state_dict_file, load_state_dict_strict
 from .registry import register_extractor
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip's own model names: a Hub repo or a folder with open_clip_config.json
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
@@ -186,9 +185,9 @@ def resolve_tag_file(arch: str, tag: str) -> str:
 def load_open_clip_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """open_clip's ``load_checkpoint(model, path, weights_only=True)``, with the checks it does not make.
 
-    Before: the file is read once by :func:`load_state_dict_file` (safetensors or ``torch.load(weights_only=True)``,
+    Before: the file is read by :func:`load_state_dict_file` (safetensors or ``torch.load(weights_only=True)``,
     any other suffix refused, checksums verified), so an unsafe or broken file fails with its name before open_clip
-    sees it. During: the state dict open_clip has converted (DDP prefix, third-party layouts, old text layout,
+    sees it; open_clip then reads it a second time (twice the I/O, not twice the memory: the first copy is freed). During: the state dict open_clip has converted (DDP prefix, third-party layouts, old text layout,
     logit shapes, resized position embeddings) is checked key by key and shape by shape before anything is
     copied into the model (:func:`load_state_dict_strict`), so a partial file is an error naming the keys.
     """

@@ -112,23 +112,34 @@ class OpenClipTextEncoder(TextEncoder):
         return F.normalize(self.clip_model.encode_text(self.tokenizer(texts).to(device)).float(), dim=-1)
 
 
-def sentence_max_length(path: str, local_only: bool) -> int | None:
-    """``max_seq_length`` of sentence_bert_config.json next to the model (sentence-transformers truncates there,
-    e.g. 256 for all-MiniLM-L6-v2 whose position table has 512), or None without that file."""
-    file = Path(path) / SENTENCE_CONFIG
-    if not Path(path).is_dir():  # a repo id: the file from the HF cache (and the hub unless offline)
+def read_model_json(path: str, name: str, local_only: bool) -> tuple[Path, object] | None:
+    """(file, parsed JSON) of `name` in a model folder or repo (from the HF cache, and the hub unless offline);
+    None when the model has no such file."""
+    file = Path(path) / name
+    if not Path(path).is_dir():
         from huggingface_hub import hf_hub_download
 
         try:
-            file = Path(hf_hub_download(path, SENTENCE_CONFIG, local_files_only=local_only))
-        except Exception:  # not a sentence-transformers repo: the model's own limit
+            file = Path(hf_hub_download(path, name, local_files_only=local_only))
+        except Exception:  # not a sentence-transformers repo
             return None
     if not file.is_file():
         return None
     try:
-        value = json.loads(file.read_text()).get("max_seq_length")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f"{file}: not a JSON object with 'max_seq_length' ({e})") from e
+        return file, json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
+
+
+def sentence_max_length(path: str, local_only: bool) -> int | None:
+    """``max_seq_length`` of sentence_bert_config.json next to the model (sentence-transformers truncates there,
+    e.g. 256 for all-MiniLM-L6-v2 whose position table has 512), or None without that file."""
+    if (found := read_model_json(path, SENTENCE_CONFIG, local_only)) is None:
+        return None  # not a sentence-transformers model: the model's own limit
+    file, config = found
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: not a JSON object with 'max_seq_length'")
+    value = config.get("max_seq_length")
     if value is not None and (not isinstance(value, int) or value < 1):
         raise ValueError(f"{file}: max_seq_length must be a positive integer, got {value!r}")
     return value
@@ -137,21 +148,10 @@ def sentence_max_length(path: str, local_only: bool) -> int | None:
 def check_sentence_pooling(path: str, local_only: bool) -> None:
     """A sentence-transformers model (modules.json) must pool by the mean of its tokens, as this encoder does;
     another pooling (CLS, max, ...) is an error naming its config file, never a silently different vector."""
-    from huggingface_hub import hf_hub_download
 
     def read(name: str) -> object | None:
-        file = Path(path) / name
-        if not Path(path).is_dir():
-            try:
-                file = Path(hf_hub_download(path, name, local_files_only=local_only))
-            except Exception:  # not a sentence-transformers repo
-                return None
-        if not file.is_file():
-            return None
-        try:
-            return json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from e
+        found = read_model_json(path, name, local_only)
+        return None if found is None else found[1]
 
     modules = read(SENTENCE_MODULES) or []
     for module in modules:

@@ -166,7 +166,7 @@ def test_push_to_hub_uploads_the_saved_model_and_its_card(tmp_path, recorded_hub
         assert_same_outputs(Router.from_pretrained(tmp_path / "uploaded").eval(), model, images)
 
 
-def test_push_to_hub_refuses_extractors_whose_weights_are_local_files(tmp_path, recorded_hub):
+def test_push_to_hub_refuses_extractors_whose_weights_are_local_files(tmp_path, recorded_hub, images):
     data = {**TINY, "extractors": [{**TINY["extractors"][0], "pretrained": True}, TINY["extractors"][1]]}
     weights = tmp_path / "vit.safetensors"
     from safetensors.torch import save_file
@@ -180,6 +180,9 @@ def test_push_to_hub_refuses_extractors_whose_weights_are_local_files(tmp_path, 
     recorded_hub["copy"] = tmp_path / "uploaded"
     model.push_to_hub("org/x", full=True)
     assert recorded_hub["upload_folder"]["files"] == ["README.md", "config.json", "model.safetensors"]
+    weights.unlink()  # full=True put vit's weights into the upload: a Hub user needs no local file
+    with torch.no_grad():
+        assert_same_outputs(Router.from_pretrained(tmp_path / "uploaded").eval(), model.eval(), images)
 
 
 def test_model_card_has_hub_metadata_tasks_extractors_levels_and_gate_tables(tmp_path):

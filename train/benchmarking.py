@@ -78,21 +78,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn, device: torch.device, warmup: int, reps: int) -> dict:
-    """Median (and quartiles) of `reps` timed calls after `warmup` untimed ones, synchronized per call."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median_s": statistics.median(times), "q1_s": q[0], "q3_s": q[2], "reps": reps}
-
-
 def _proc_status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
@@ -506,7 +491,7 @@ def sync_audit(model: Router, task: str, args, settings: Settings) -> dict:
         out["inference_top1"] = dict(audit.calls)
         # The top-1 decision: the gate alone (pixel stem + MLP), the part that must finish before the sync.
         gate_fn = inference_fn(lambda x: model.gate(task, x.shape[0], (res // 16, res // 16), images=x), images, settings)
-        out["gate_decision_s"] = median_seconds(gate_fn, args.device_, args.warmup, args.reps)["median_s"]
+        out["gate_decision_s"] = interleaved_seconds({"gate": gate_fn}, args.device_, args.warmup, args.reps)["gate"]["median_s"]
     if args.device_.type == "cuda":  # the CUDA runtime's own check, on top of the static audit
         torch.cuda.set_sync_debug_mode("warn")
         model.train()

@@ -26,11 +26,12 @@ import yaml
 from accelerate import Accelerator
 
 from extractors.atomic import atomic_write_bytes
-from train.comparison import DTYPES, Comparison, expand_variants, primary_metric
+from train.comparison import DTYPES, Comparison, expand_variants
 from train.config import load_compare_config
 from train.data import prepare_experiment_data
 from train.errors import run_cli
 from train.feature_cache import FeatureCache
+from train.metrics import primary_metric
 from train.peers import encoder_state
 from train.reporting import write_report
 from train.results import ResultStore, collect, missing_notes, publish_plan, read_plan, remove_plan

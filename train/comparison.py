@@ -125,13 +125,6 @@ def _base_variants(name: str, model: RouterConfig, where: str) -> list[Variant]:
     return [Variant(name, kind, RouterConfig.from_dict(cfg.to_dict(), where=where))]
 
 
-def primary_metric(task_type: str, num_classes: int) -> str:
-    """Default headline metric: defect IoU for binary seg, mIoU otherwise, balanced accuracy for cls."""
-    if task_type == "seg":
-        return "fg_iou" if num_classes == 2 else "mIoU"
-    return "balanced_accuracy"
-
-
 # ----------------------------------------------------------------------------------------------------
 # views: fixed images (uint8) and targets per task, split and view
 @dataclass

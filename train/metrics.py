@@ -215,3 +215,10 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def primary_metric(task_type: str, num_classes: int, cls_metric: str = "balanced_accuracy") -> str:
+    """Headline metric of a task: foreground IoU for binary seg, mIoU otherwise, `cls_metric` for cls."""
+    if task_type == "seg":
+        return "fg_iou" if num_classes == 2 else "mIoU"
+    return cls_metric

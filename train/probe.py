@@ -20,7 +20,7 @@ import torch
 from extractors import create_extractor
 from extractors.atomic import atomic_write_bytes
 from train.config import data_root
-from train.probing import extract, load_probe_data, load_split, primary_metric, probe_cls, probe_seg
+from train.probing import extract, load_probe_data, load_split, probe_cls, probe_metric, probe_seg
 
 
 def parse_named(items: list[str], flag: str) -> list[tuple[str, str]]:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         extractor = create_extractor(spec, pretrained=pretrained, layers=args.layers).eval()
         row = {"spec": spec, "pretrained": pretrained}
         for task, td in tasks.items():
-            kind, metric, classes, ignore = td.task.type, primary_metric(td), td.task.num_classes, td.task.ignore_index
+            kind, metric, classes, ignore = td.task.type, probe_metric(td), td.task.num_classes, td.task.ignore_index
             tic = time.time()
             train_x = extract(extractor, data[task]["train"]["images"], kind)
             test_x = extract(extractor, data[task]["val"]["images"], kind)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {name:>12} {task:>10} {metric}: {row[f'{task}_{metric}']:.4f} ({time.time() - tic:.0f}s)", flush=True)
         results[name] = row
 
-    columns = [f"{t}_{primary_metric(td)}" for t, td in tasks.items()]
+    columns = [f"{t}_{probe_metric(td)}" for t, td in tasks.items()]
     lines = ["| extractor | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(f"{100 * r[c]:.1f}" for c in columns) + " |" for n, r in results.items()]
     print("\n".join(lines))

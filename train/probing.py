@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from router.config import TaskConfig
 from train.config import DataConfig, DataTaskConfig
 from train.data import TaskData, TaskDataset, load_task_data
-from train.metrics import task_metrics
+from train.metrics import primary_metric, task_metrics
 
 
 # ---- data: images resized once, shared by all extractors ------------------------------------------------------
@@ -143,8 +143,6 @@ def probe_cls(train_x, train_y, test_x, test_y, classes: int, epochs: int, lr: f
     return meter.compute()["accuracy"]
 
 
-def primary_metric(td: TaskData) -> str:
+def probe_metric(td: TaskData) -> str:
     """The number a probe reports for a task: fg_iou (binary seg), mIoU (seg), accuracy (cls)."""
-    if td.task.type == "cls":
-        return "accuracy"
-    return "fg_iou" if td.task.num_classes == 2 else "mIoU"
+    return primary_metric(td.task.type, td.task.num_classes, cls_metric="accuracy")

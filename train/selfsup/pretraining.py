@@ -76,7 +76,8 @@ def pretrain(cfg: PretrainConfig, accelerator, model, optimizer, pool: Unlabeled
     steps_per_phase = phase_steps(t.max_steps, len(phases))
     raw = accelerator.unwrap_model(model)
     # ---- training loop ------------------------------------------------------------------------------------
-    step, window, last_loss, tic = 0, [], float("nan"), time.time()
+    # The losses since the last log: a device sum (no host sync per micro-batch) and a count.
+    step, window, count, last_loss, tic = 0, 0.0, 0, float("nan"), time.time()
     progress = tqdm(total=t.max_steps, disable=not accelerator.is_local_main_process, desc=cfg.method)
     for phase, (indices, n_steps) in enumerate(zip(phases, steps_per_phase)):
         loader = DataLoader(Subset(pool, indices), batch_size=t.batch_size, shuffle=True,
@@ -104,7 +105,7 @@ def pretrain(cfg: PretrainConfig, accelerator, model, optimizer, pool: Unlabeled
                         group["lr"] = lr_at(step, cfg)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                window.append(accelerator.reduce(loss.detach(), reduction="mean").item())
+                window, count = window + loss.detach(), count + 1
                 if not accelerator.sync_gradients:
                     continue
                 if cfg.method == "dino":
@@ -112,13 +113,13 @@ def pretrain(cfg: PretrainConfig, accelerator, model, optimizer, pool: Unlabeled
                 step += 1
                 progress.update(1)
                 if step % t.log_every == 0 or step == t.max_steps:
-                    last_loss = sum(window) / len(window)
+                    last_loss = accelerator.reduce(window, reduction="mean").item() / count
                     record = {"step": step, "phase": phase, "loss": last_loss, "lr": lr_at(step - 1, cfg),
-                              "sec_per_step": (time.time() - tic) / (len(window) / t.grad_accum_steps)}
+                              "sec_per_step": (time.time() - tic) / (count / t.grad_accum_steps)}
                     for key, value in outputs.items():
                         if key != "loss":
                             record[key] = float(value)
-                    window, tic = [], time.time()
+                    window, count, tic = 0.0, 0, time.time()
                     if accelerator.is_main_process:
                         with (out / "metrics.jsonl").open("a") as f:
                             f.write(json.dumps(record) + "\n")
