@@ -114,7 +114,8 @@ def save_timm_extractor(extractor: TimmExtractor, directory: str | os.PathLike, 
     directory, info, model = Path(directory), extractor.info, extractor.model
     own = {"layers": list(info.layers), "family": info.family, "source": source or {}}
     with tempfile.TemporaryDirectory() as tmp:  # timm writes its config in place; ours is renamed in whole
-        save_config_for_hf(model, str(Path(tmp) / "config.json"), model_config={OWN_KEY: own}, model_args=model_args)
+        save_config_for_hf(model, Path(tmp) / "config.json",  # a Path: timm < 1.0.2x calls .open() on it
+                           model_config={OWN_KEY: own}, model_args=model_args)
         config = json.loads((Path(tmp) / "config.json").read_text())
     config["pretrained_cfg"] = {k: v for k, v in config["pretrained_cfg"].items() if k in PRETRAINED_CFG_KEYS}
     config["pretrained_cfg"].update(mean=list(info.mean), std=list(info.std))
