@@ -16,12 +16,14 @@ from heads.losses import (
     build_loss,
     hard_negative_mask,
 )
+from heads.refine import Refiner
 from heads.seg import SegHead
 
 __all__ = [
     "SegHead",
     "ClsHead",
     "TopDownDecoder",
+    "Refiner",
     "DECODER_BLOCKS",
     "DECODER_OUTPUTS",
     "build_loss",

@@ -112,6 +112,10 @@ class HeadConfig:
     seg_trunk: str = "conv"  # "conv": 3x3 convolution; "separable": depthwise 3x3 + pointwise 1x1 (~1/9 the work)
     decoder_block: str = "separable"  # merge block of the top-down decoder (levels > 1): "separable" or "conv"
     decoder_output: str = "fuse"  # what the seg head reads (levels > 1): "fuse" of all levels, or the "finest" map
+    refine: list[int] = field(default_factory=list)  # seg: go on below the finest level with the detail stem's
+    #                                                  maps at these strides, e.g. [2, 1] (U-Net's last stages)
+    refine_width: int = 16  # channels of the refiner's stages
+    cls_stride: int | None = None  # the level classification reads (one of `levels`); None: the coarsest
     cls_pooling: str = "mean"  # "mean" or "attention" pooling of the fused map
     cls_hidden: int = 256  # hidden width of the shared classification MLP
     dropout: float = 0.0  # dropout before the per-task outputs
@@ -181,6 +185,19 @@ class RouterConfig:
         if self.level_widths is not None and (len(self.level_widths) != len(levels) or min(self.level_widths) < 1):
             raise ValueError(f"level_widths: expected {len(levels)} positive channel counts (one per level "
                              f"{levels}), got {self.level_widths}")
+        refine = self.head.refine
+        if refine and (not set(refine) <= {1, 2} or list(refine) != sorted(set(refine), reverse=True)
+                       or refine[0] >= levels[0]):
+            raise ValueError(f"head.refine: expected distinct strides from [2, 1], descending and finer than the finest "
+                             f"level {levels[0]}, e.g. [2, 1] or [2], got {refine}")
+        if self.head.refine_width < 1:
+            raise ValueError(f"head.refine_width: expected a positive number of channels, got {self.head.refine_width}")
+        if refine and not self.has_detail:
+            raise ValueError(f"head.refine: {refine} reads the detail stem's maps; it needs `detail: true` (or null with "
+                             "a segmentation task and a pyramid reaching below stride 16)")
+        if self.head.cls_stride is not None and self.head.cls_stride not in levels:
+            raise ValueError(f"head.cls_stride: expected one of the levels {levels} (or null: the coarsest), "
+                             f"got {self.head.cls_stride}")
 
     @property
     def strides(self) -> list[int]:
@@ -193,6 +210,12 @@ class RouterConfig:
         if self.level_widths is not None:
             return list(self.level_widths)
         return [default_level_width(self.width, s) for s in self.strides]
+
+    @property
+    def cls_level(self) -> int:
+        """Index of the level classification reads: `head.cls_stride`'s, or the coarsest."""
+        strides = self.strides
+        return strides.index(self.head.cls_stride) if self.head.cls_stride is not None else len(strides) - 1
 
     @property
     def has_detail(self) -> bool:

@@ -24,12 +24,12 @@ from extractors.checkpoints import key_problems
 from extractors.factory import local_files_needed
 from extractors.hub import resolve_model_dir
 from extractors.local_dir import local_dir_architecture
-from heads import ClsHead, SegHead, TopDownDecoder
+from heads import ClsHead, Refiner, SegHead, TopDownDecoder
 
 from .align import Aligner, grid_size, resample
 from .card import router_card, write_card
 from .config import FORMAT_VERSION, RouterConfig, TaskConfig, load_yaml_or_json
-from .detail import DetailStem
+from .detail import SKIP_WIDTHS, DetailStem
 from .gate import TaskGate
 from .inputs import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
 
@@ -60,7 +60,8 @@ class Router(nn.Module):
     :mod:`router.align`), the gate weighs the extractors per task x level (x image or location), the
     weighted maps are fused level by level, a raw-image detail stem joins the finest level
     (``config.detail``), and a top-down decoder carries coarse context down to the finest level, where the
-    segmentation head reads it. Classification reads the coarsest level and the pooled vectors. With one
+    segmentation head reads it (``head.refine``: and carries it on to stride 2 / 1 with the detail stem's maps).
+    Classification reads one level (``head.cls_stride``, default the coarsest) and the pooled vectors. With one
     level there is no decoder: ``levels: [16]`` is the single-grid model of format 1, bit for bit.
 
     >>> model = Router.from_config("configs/tiny.yaml")
@@ -89,9 +90,9 @@ class Router(nn.Module):
                 text_embeddings = self.embed_task_texts(config.tasks)
             self.gate = TaskGate(n, [t.name for t in config.tasks], config.gate, widths[self.gate_level],
                                  text_embeddings, num_levels=len(levels))
-        if config.has_detail:
-            self.detail = DetailStem(widths[0])
         h = config.head
+        if config.has_detail:
+            self.detail = DetailStem(widths[0], full_res=1 in h.refine)
         seg_width = widths[0]
         if len(levels) > 1:  # "fuse": the head reads all levels mixed at the stride-16 width
             self.decoder = TopDownDecoder(widths, block=h.decoder_block, output=h.decoder_output,
@@ -99,8 +100,10 @@ class Router(nn.Module):
             seg_width = self.decoder.out_width
         seg = {t.name: t.num_classes for t in config.tasks if t.type == "seg"}
         cls = {t.name: t.num_classes for t in config.tasks if t.type == "cls"}
-        self.seg_head = SegHead(seg_width, seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk)
-        self.cls_head = ClsHead(widths[-1], cls, pooling=h.cls_pooling, hidden=h.cls_hidden, dropout=h.dropout,
+        refiner = Refiner(h.seg_hidden, [SKIP_WIDTHS[s] for s in h.refine], h.refine_width) if h.refine else None
+        self.seg_head = SegHead(seg_width, seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk,
+                                refine=refiner)
+        self.cls_head = ClsHead(widths[config.cls_level], cls, pooling=h.cls_pooling, hidden=h.cls_hidden, dropout=h.dropout,
                                 pooled_dim=widths[-1])
 
     # ---- construction ----------------------------------------------------------------------------
@@ -171,7 +174,7 @@ class Router(nn.Module):
         return sum(maps.values()) / len(maps)  # single / mean
 
     def _fuse_pooled(self, vecs: dict[int, torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
-        """Pooled vectors (extractor index -> B x D) fused with the coarsest level's image weights (B x E)."""
+        """Pooled vectors (extractor index -> B x D) fused with the classification level's image weights (B x E)."""
         fusion, n, active = self.config.fusion, len(self.extractors), list(vecs)
         if fusion == "gated":
             if self.config.gate.combine == "concat":
@@ -198,8 +201,9 @@ class Router(nn.Module):
         names, n = self.extractor_names, len(self.extractors)
         fusion = self.config.fusion
         aux = images.new_zeros(())
-        # Segmentation reads every level (through the decoder); classification only the coarsest one.
-        used = list(range(len(levels))) if tcfg.type == "seg" else [len(levels) - 1]
+        # Segmentation reads every level (through the decoder); classification one (the coarsest by default).
+        cls_k = self.config.cls_level
+        used = list(range(len(levels))) if tcfg.type == "seg" else [cls_k]
         if fusion == "gated" and self.gate.needs_features and g not in used:
             used = sorted({*used, g})
 
@@ -236,7 +240,7 @@ class Router(nn.Module):
             weights = torch.zeros(b, len(levels), n, device=images.device)
             for i in active:  # int indices: a list index is copied host -> device, a sync on an accelerator
                 weights[:, :, i] = 1.0 / len(active)
-        coarse = weights[:, -1] if weights.ndim == 3 else weights[:, -1].mean(dim=(2, 3))
+        cls_w = weights[:, cls_k] if weights.ndim == 3 else weights[:, cls_k].mean(dim=(2, 3))
 
         ran = torch.zeros(n, dtype=torch.bool)
         ran[active] = True
@@ -246,12 +250,16 @@ class Router(nn.Module):
                              "gate_level_mean": rearrange(weights, "b l e ... -> l e (b ...)").mean(2),
                              "aux_loss": aux, "ran": ran}
         if tcfg.type == "seg":
-            if self.config.has_detail:
+            refine, skips = self.config.head.refine, None
+            if refine:
+                detail, skips = self.detail(images, grids[0], skips=refine)
+                fused[0] = fused[0] + detail
+            elif self.config.has_detail:
                 fused[0] = fused[0] + self.detail(images, grids[0])
             x = self.decoder(fused) if len(levels) > 1 else fused[0]
-            out["seg"] = self.seg_head(x, task, out_size=(h, w))
+            out["seg"] = self.seg_head(x, task, out_size=(h, w), skips=[skips[s] for s in refine] if refine else None)
         else:
-            out["cls"] = self.cls_head(fused[-1], task, pooled=self._fuse_pooled(vecs, coarse))
+            out["cls"] = self.cls_head(fused[cls_k], task, pooled=self._fuse_pooled(vecs, cls_w))
         return out
 
     @torch.inference_mode()
@@ -428,7 +436,8 @@ class Router(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"fusion={c.fusion}, levels={c.strides}, widths={c.widths}, detail={c.has_detail}"
+        return (f"fusion={c.fusion}, levels={c.strides}, widths={c.widths}, detail={c.has_detail}, "
+                f"refine={c.head.refine}, cls_stride={c.strides[c.cls_level]}")
 
 
 def upgrade_state_v1(state: dict[str, torch.Tensor], config: RouterConfig) -> dict[str, torch.Tensor]:

@@ -110,6 +110,60 @@ def test_classification_aligns_only_the_coarsest_level():
     assert sorted(calls) == [("cnn", "32"), ("p14", "32"), ("p16", "32")]
 
 
+def test_classification_reads_the_level_of_cls_stride():
+    """head.cls_stride: 16 aligns (and pools) only the stride-16 level for a classification task."""
+    model = Router(make_config(head={"seg_hidden": 16, "cls_hidden": 16, "cls_stride": 16})).eval()
+    assert model.cls_head.in_dim == model.config.widths[2] and "cls_stride=16" in repr(model)
+    calls = []
+    for name, aligner in model.aligners.items():
+        for s, level in aligner.levels.items():
+            level.register_forward_hook(lambda m, i, o, key=(name, s): calls.append(key))
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 61, 45), task="cls_b")["cls"].shape == (1, 3)
+    assert sorted(calls) == [("cnn", "16"), ("p14", "16"), ("p16", "16")]
+    with pytest.raises(ValueError, match=r"head.cls_stride: expected one of the levels \[4, 8, 16, 32\].*got 64"):
+        make_config(head={"cls_stride": 64})
+
+
+@pytest.mark.parametrize("refine", [[2, 1], [2]])
+@pytest.mark.parametrize("size, channels", [((97, 130), 3), ((61, 45), 1)])
+def test_refine_carries_segmentation_to_the_detail_maps_grid(refine, size, channels):
+    """head.refine: the seg head goes on below stride 4 with the detail stem's stride-2 (and full-resolution)
+    maps; logits come out at the input size; a gradient reaches every skip; the stem's stride-4 map is the
+    same computation as without skips."""
+    torch.manual_seed(0)
+    model = Router(make_config(head={"seg_hidden": 16, "cls_hidden": 16, "refine": refine}))
+    assert hasattr(model.detail, "full") == (1 in refine) and model.seg_head.out_dim == model.seg_head.refine.out_width
+    images = torch.rand(2, channels, *size)
+    rgb = images.expand(-1, 3, -1, -1)
+    grid = (math.ceil(size[0] / 4), math.ceil(size[1] / 4))
+    stride4, skips = model.detail(rgb, grid, skips=refine)
+    assert torch.equal(stride4, model.detail(rgb, grid))
+    assert {s: tuple(m.shape[-2:]) for s, m in skips.items()} == {
+        s: (math.ceil(size[0] / s), math.ceil(size[1] / s)) for s in refine}
+    grads = {}
+
+    def keep_skip_grads(module, inputs, output):
+        for s, m in output[1].items():
+            m.register_hook(lambda g, s=s: grads.__setitem__(s, g))
+
+    model.detail.register_forward_hook(keep_skip_grads)
+    out = model(images, task="seg_a")
+    assert out["seg"].shape == (2, 2, *size)
+    out["seg"].square().mean().backward()
+    assert sorted(grads) == sorted(refine) and all(g.abs().sum() > 0 for g in grads.values())
+    assert model.detail.net[0].weight.grad.abs().sum() > 0
+
+
+def test_bad_refine_settings_are_errors_naming_the_key():
+    with pytest.raises(ValueError, match=r"head.refine: expected distinct strides from \[2, 1\], descending.*got \[1, 2\]"):
+        make_config(head={"refine": [1, 2]})
+    with pytest.raises(ValueError, match=r"head.refine: expected .*finer than the finest level 8.*got \[4\]"):
+        make_config(levels=[8, 16, 32], head={"refine": [4]})
+    with pytest.raises(ValueError, match=r"head.refine: \[2\] reads the detail stem's maps; it needs `detail: true`"):
+        make_config(detail=False, head={"refine": [2]})
+
+
 def test_top_k_skips_extractors_unused_at_every_level():
     torch.manual_seed(0)
     model = Router(make_config(top_k=1)).eval()
