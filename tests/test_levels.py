@@ -133,7 +133,7 @@ def test_refine_carries_segmentation_to_the_detail_maps_grid(refine, size, chann
     same computation as without skips."""
     torch.manual_seed(0)
     model = Router(make_config(head={"seg_hidden": 16, "cls_hidden": 16, "refine": refine}))
-    assert hasattr(model.detail, "full") == (1 in refine) and model.seg_head.out_dim == model.seg_head.refine.out_width
+    assert hasattr(model.detail, "full") == (1 in refine) and model.seg_head.refine_outputs["seg_a"].weight.abs().sum() == 0
     images = torch.rand(2, channels, *size)
     rgb = images.expand(-1, 3, -1, -1)
     grid = (math.ceil(size[0] / 4), math.ceil(size[1] / 4))
@@ -144,10 +144,16 @@ def test_refine_carries_segmentation_to_the_detail_maps_grid(refine, size, chann
     grads = {}
 
     def keep_skip_grads(module, inputs, output):
-        for s, m in output[1].items():
+        for s, m in output[1].items() if torch.is_grad_enabled() else ():
             m.register_hook(lambda g, s=s: grads.__setitem__(s, g))
 
     model.detail.register_forward_hook(keep_skip_grads)
+    plain = Router(make_config(head={"seg_hidden": 16, "cls_hidden": 16}))
+    assert not plain.load_state_dict(model.state_dict(), strict=False).missing_keys
+    with torch.no_grad():  # zero-initialised fine outputs: refining to stride 1 starts as the model without it
+        if 1 in refine:    # (to stride 2, the logits are resampled twice: not the same map)
+            assert torch.equal(model(images, task="seg_a")["seg"], plain(images, task="seg_a")["seg"])
+        model.seg_head.refine_outputs["seg_a"].weight.fill_(0.1)
     out = model(images, task="seg_a")
     assert out["seg"].shape == (2, 2, *size)
     out["seg"].square().mean().backward()
