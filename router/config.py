@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -21,7 +22,8 @@ from extractors.base import FAMILIES
 from heads.decoder import DECODER_BLOCKS, DECODER_OUTPUTS
 from heads.seg import SEG_TRUNKS
 
-FORMAT_VERSION = 3  # 3: head.decoder_output defaults to "fuse" (2 had only the finest map: read as "finest");
+FORMAT_VERSION = 4  # 4: classification reads the level nearest stride 16 (head.cls_stride; 3 read as the coarsest);
+#                     3: head.decoder_output defaults to "fuse" (2 had only the finest map: read as "finest");
 #                     2: `levels` (a pyramid) and `detail`; 1: one grid (`stride`), read as levels: [stride]
 FUSIONS = ("single", "mean", "concat", "gated")
 GRANULARITIES = ("task", "image", "token")
@@ -114,8 +116,8 @@ class HeadConfig:
     decoder_output: str = "fuse"  # what the seg head reads (levels > 1): "fuse" of all levels, or the "finest" map
     refine: list[int] = field(default_factory=list)  # seg: go on below the finest level with the detail stem's
     #                                                  maps at these strides, e.g. [2, 1] (U-Net's last stages)
-    refine_width: int = 16  # channels of the refiner's stages
-    cls_stride: int | None = None  # the level classification reads (one of `levels`); None: the coarsest
+    refine_width: int = 8  # channels of the refiner's stages
+    cls_stride: int | None = None  # the level classification reads (one of `levels`); None: the level nearest stride 16
     cls_pooling: str = "mean"  # "mean" or "attention" pooling of the fused map
     cls_hidden: int = 256  # hidden width of the shared classification MLP
     dropout: float = 0.0  # dropout before the per-task outputs
@@ -196,7 +198,7 @@ class RouterConfig:
             raise ValueError(f"head.refine: {refine} reads the detail stem's maps; it needs `detail: true` (or null with "
                              "a segmentation task and a pyramid reaching below stride 16)")
         if self.head.cls_stride is not None and self.head.cls_stride not in levels:
-            raise ValueError(f"head.cls_stride: expected one of the levels {levels} (or null: the coarsest), "
+            raise ValueError(f"head.cls_stride: expected one of the levels {levels} (or null: the one nearest 16), "
                              f"got {self.head.cls_stride}")
 
     @property
@@ -213,9 +215,9 @@ class RouterConfig:
 
     @property
     def cls_level(self) -> int:
-        """Index of the level classification reads: `head.cls_stride`'s, or the coarsest."""
+        """Index of the level classification reads: `head.cls_stride`'s, or (None) the one nearest stride 16."""
         strides = self.strides
-        return strides.index(self.head.cls_stride) if self.head.cls_stride is not None else len(strides) - 1
+        return strides.index(self.head.cls_stride) if self.head.cls_stride is not None else nearest_level(strides, 16)
 
     @property
     def has_detail(self) -> bool:
@@ -238,7 +240,12 @@ class RouterConfig:
         if version < 2:
             data = {**data, "levels": [data.get("stride", 16)], "detail": False}
         if version < 3 and isinstance(data.get("head", {}), dict):  # another type: the decoder names the error
-            data = {**data, "format_version": FORMAT_VERSION, "head": {"decoder_output": "finest", **data.get("head", {})}}
+            data = {**data, "head": {"decoder_output": "finest", **data.get("head", {})}}
+        if version < 4 and isinstance(data.get("head", {}), dict):
+            strides = data.get("levels") or [data.get("stride", 16)]
+            coarsest = max(strides) if isinstance(strides, list) and all(isinstance(s, int) for s in strides) else None
+            data = {**data, "format_version": FORMAT_VERSION,
+                    "head": {"cls_stride": coarsest, **data.get("head", {})}}
         return _from_dict(cls, data, where)
 
     def to_dict(self) -> dict[str, Any]:
@@ -269,6 +276,11 @@ class RouterConfig:
             if t.name == name:
                 return t
         raise KeyError(f"no task named {name!r}; tasks are {[t.name for t in self.tasks]}")
+
+
+def nearest_level(strides: list[int], stride: int) -> int:
+    """Index of the level nearest `stride` (in octaves; the coarser one on a tie)."""
+    return min(range(len(strides)), key=lambda i: (abs(math.log2(strides[i] / stride)), -i))
 
 
 def default_level_width(width: int, stride: int) -> int:

@@ -4,7 +4,6 @@ level -> top-down decoder -> shared heads."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import warnings
@@ -28,7 +27,7 @@ from heads import ClsHead, Refiner, SegHead, TopDownDecoder
 
 from .align import Aligner, grid_size, resample
 from .card import router_card, write_card
-from .config import FORMAT_VERSION, RouterConfig, TaskConfig, load_yaml_or_json
+from .config import FORMAT_VERSION, RouterConfig, TaskConfig, load_yaml_or_json, nearest_level
 from .detail import SKIP_WIDTHS, DetailStem
 from .gate import TaskGate
 from .inputs import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
@@ -61,7 +60,7 @@ class Router(nn.Module):
     weighted maps are fused level by level, a raw-image detail stem joins the finest level
     (``config.detail``), and a top-down decoder carries coarse context down to the finest level, where the
     segmentation head reads it (``head.refine``: and carries it on to stride 2 / 1 with the detail stem's maps).
-    Classification reads one level (``head.cls_stride``, default the coarsest) and the pooled vectors. With one
+    Classification reads one level (``head.cls_stride``, default the one nearest stride 16) and the pooled vectors. With one
     level there is no decoder: ``levels: [16]`` is the single-grid model of format 1, bit for bit.
 
     >>> model = Router.from_config("configs/tiny.yaml")
@@ -92,7 +91,7 @@ class Router(nn.Module):
                                  text_embeddings, num_levels=len(levels))
         h = config.head
         if config.has_detail:
-            self.detail = DetailStem(widths[0], full_res=1 in h.refine)
+            self.detail = DetailStem(widths[0], full_res=1 in config.head.refine)
         seg_width = widths[0]
         if len(levels) > 1:  # "fuse": the head reads all levels mixed at the stride-16 width
             self.decoder = TopDownDecoder(widths, block=h.decoder_block, output=h.decoder_output,
@@ -123,7 +122,7 @@ class Router(nn.Module):
     @property
     def gate_level(self) -> int:
         """Index of the level whose grid the gate works on (token weights, feature content): nearest stride 16."""
-        return min(range(len(self.config.strides)), key=lambda i: (abs(math.log2(self.config.strides[i] / 16)), -i))
+        return nearest_level(self.config.strides, 16)
 
     def _text_encoder(self):
         from extractors.text import create_text_encoder

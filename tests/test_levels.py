@@ -99,28 +99,22 @@ def test_shapes_at_every_level_and_gates_sum_to_one_per_level(granularity, size,
     assert [tuple(m.shape[-2:]) for m in maps] == grids
 
 
-def test_classification_aligns_only_the_coarsest_level():
-    model = Router(make_config()).eval()
-    calls = []
-    for name, aligner in model.aligners.items():
-        for s, level in aligner.levels.items():
-            level.register_forward_hook(lambda m, i, o, key=(name, s): calls.append(key))
-    with torch.no_grad():
-        model(torch.rand(1, 3, 64, 64), task="cls_b")
-    assert sorted(calls) == [("cnn", "32"), ("p14", "32"), ("p16", "32")]
-
-
-def test_classification_reads_the_level_of_cls_stride():
-    """head.cls_stride: 16 aligns (and pools) only the stride-16 level for a classification task."""
-    model = Router(make_config(head={"seg_hidden": 16, "cls_hidden": 16, "cls_stride": 16})).eval()
-    assert model.cls_head.in_dim == model.config.widths[2] and "cls_stride=16" in repr(model)
+@pytest.mark.parametrize("cls_stride, read", [(None, "16"), (32, "32"), (8, "8")])
+def test_classification_aligns_only_the_level_it_reads(cls_stride, read):
+    """Classification aligns (and pools) one level: `head.cls_stride`, by default (format 4) the one nearest 16."""
+    model = Router(make_config(head={"seg_hidden": 16, "cls_hidden": 16, "cls_stride": cls_stride})).eval()
+    assert model.cls_head.in_dim == model.config.widths[[4, 8, 16, 32].index(int(read))]
+    assert f"cls_stride={read}" in repr(model)
     calls = []
     for name, aligner in model.aligners.items():
         for s, level in aligner.levels.items():
             level.register_forward_hook(lambda m, i, o, key=(name, s): calls.append(key))
     with torch.no_grad():
         assert model(torch.rand(1, 3, 61, 45), task="cls_b")["cls"].shape == (1, 3)
-    assert sorted(calls) == [("cnn", "16"), ("p14", "16"), ("p16", "16")]
+    assert sorted(calls) == [("cnn", read), ("p14", read), ("p16", read)]
+
+
+def test_bad_cls_stride_is_an_error_naming_the_key():
     with pytest.raises(ValueError, match=r"head.cls_stride: expected one of the levels \[4, 8, 16, 32\].*got 64"):
         make_config(head={"cls_stride": 64})
 
@@ -148,7 +142,7 @@ def test_refine_carries_segmentation_to_the_detail_maps_grid(refine, size, chann
             m.register_hook(lambda g, s=s: grads.__setitem__(s, g))
 
     model.detail.register_forward_hook(keep_skip_grads)
-    plain = Router(make_config(head={"seg_hidden": 16, "cls_hidden": 16}))
+    plain = Router(make_config(head={"seg_hidden": 16, "cls_hidden": 16, "refine": []}))
     assert not plain.load_state_dict(model.state_dict(), strict=False).missing_keys
     with torch.no_grad():  # zero-initialised fine outputs: refining to stride 1 starts as the model without it
         if 1 in refine:    # (to stride 2, the logits are resampled twice: not the same map)
@@ -248,12 +242,25 @@ def test_fuse_decoder_output_reads_every_level_at_the_stride_16_width(size):
 def test_format_2_configs_keep_the_finest_decoder_output_new_ones_fuse():
     """Format 3 made `fuse` the default; a format-2 config.json (no decoder_output) still builds its model."""
     new = make_config()
-    assert new.head.decoder_output == "fuse" and new.format_version == 3
+    assert new.head.decoder_output == "fuse" and new.format_version == 4
     old = new.to_dict()
     del old["head"]["decoder_output"]
     v2 = RouterConfig.from_dict({**old, "format_version": 2})
-    assert v2.head.decoder_output == "finest" and v2.format_version == 3
+    assert v2.head.decoder_output == "finest" and v2.format_version == 4
     assert not hasattr(Router(v2).decoder, "fuse") and hasattr(Router(new).decoder, "fuse")
+
+
+def test_format_3_configs_keep_the_coarsest_classification_level():
+    """Format 4 classifies at the level nearest stride 16 by default; a format-3 config.json (no `cls_stride`)
+    builds its old model, classification at the coarsest level; a one-level model reads its one level."""
+    new = make_config()
+    assert new.head.cls_stride is None and new.strides[new.cls_level] == 16 and new.head.refine == []
+    old = new.to_dict()
+    del old["head"]["cls_stride"], old["head"]["refine"], old["head"]["refine_width"]
+    v3 = RouterConfig.from_dict({**old, "format_version": 3})
+    assert v3.head.cls_stride == 32 and v3.format_version == 4 and Router(v3).cls_head.in_dim == 16
+    one = RouterConfig.from_dict({**make_config(levels=[16]).to_dict(), "head": {}})
+    assert one.cls_level == 0
 
 
 def test_bad_levels_are_errors_naming_the_key():
