@@ -288,14 +288,14 @@ def thin_lines(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
     return images.clamp(0, 1), masks
 
 
-def train_thin_lines(levels: list[int], steps: int = 120) -> float:
+def train_thin_lines(levels: list[int], steps: int = 120, head: dict | None = None) -> float:
     """Foreground IoU on held-out images after a short training of the router on frozen random ViT features."""
     torch.manual_seed(0)
     cfg = RouterConfig.from_dict({
         "extractors": [{"spec": "timm:vit_small_patch16_224", "name": "vit", "pretrained": False,
                         "kwargs": {**TINY_VIT, "img_size": 48}}],
         "tasks": [{"name": "lines", "type": "seg", "classes": ["bg", "line"]}],
-        "fusion": "single", "width": 32, "levels": levels, "head": {"seg_hidden": 32},
+        "fusion": "single", "width": 32, "levels": levels, "head": {"seg_hidden": 32, **(head or {})},
     })
     model = Router(cfg)
     x, y = thin_lines(96, 48, seed=1)
@@ -325,3 +325,15 @@ def test_thin_lines_need_the_multi_level_model():
     finally:
         torch.set_num_threads(threads)
     assert multi > 0.4 and multi > single + 0.2, f"fg IoU levels [16] {single:.3f}, levels [4, 8, 16, 32] {multi:.3f}"
+
+
+def test_refining_to_stride_1_draws_the_thin_lines():
+    """head.refine: [2, 1] (width 8) carries the same model on to full resolution with the detail stem's maps:
+    0.530 -> 0.952 foreground IoU on the thin lines (120 steps, seed 0); [2] alone gives 0.658."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain, refined = train_thin_lines([4, 8, 16, 32]), train_thin_lines([4, 8, 16, 32], head={"refine": [2, 1]})
+    finally:
+        torch.set_num_threads(threads)
+    assert refined > 0.85 and refined > plain + 0.3, f"fg IoU without refiner {plain:.3f}, with [2, 1] {refined:.3f}"
