@@ -200,7 +200,7 @@ class Router(nn.Module):
         names, n = self.extractor_names, len(self.extractors)
         fusion = self.config.fusion
         aux = images.new_zeros(())
-        # Segmentation reads every level (through the decoder); classification one (the coarsest by default).
+        # Segmentation reads every level (through the decoder); classification one (head.cls_stride: nearest 16 by default).
         cls_k = self.config.cls_level
         used = list(range(len(levels))) if tcfg.type == "seg" else [cls_k]
         if fusion == "gated" and self.gate.needs_features and g not in used:
