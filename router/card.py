@@ -225,7 +225,8 @@ def router_card(config: RouterConfig, infos: dict[str, ExtractorInfo], saved: li
             + (f"yes (`{c.head.decoder_block}` blocks, head reads `{c.head.decoder_output}`)" if len(c.strides) > 1
                else "no (one level)")
             + (f"; refined to stride {c.head.refine[-1]} with the detail maps at {c.head.refine}" if c.head.refine else ""),
-            f"- classification reads the stride-{c.strides[c.cls_level]} level",
+            *([f"- classification reads the stride-{c.strides[c.cls_level]} level"] if any(t.type == "cls" for t in c.tasks)
+              else []),
             *([f"- gate: granularity `{g.granularity}`, content `{g.content}`, combine `{g.combine}`, top-k "
                f"{g.top_k or 'all'}" + (f" (`{g.top_k_levels}` across levels)" if g.top_k and len(c.strides) > 1 else "")
                + f", temperature {g.temperature}, task embedding `{g.task_embedding}`"

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from extractors import create_extractor
 from extractors.local_dir import save_extractor_dir
 from router import Router, RouterConfig
+from router.config import FORMAT_VERSION
 from router.inputs import read_image, to_image_tensor
 from train.checkpoints import latest_checkpoint
 from train.config import ExperimentConfig
@@ -204,8 +205,9 @@ ROUTER_FAULTS = {
                      r"model\.safetensors: tensor\(s\) \['seg_head\.outputs\.seg\.weight'\] do not match their CRC-32"),
     "config_not_json": (lambda d: (d / "config.json").write_text("{'extractors': oops"),
                         r"config\.json: not valid JSON"),
-    "newer_format_version": (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "format_version": 4})),
-                             r"config\.json: format_version 4 is newer than this package reads \(3\)"),
+    "newer_format_version": (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
+                                                                                  "format_version": FORMAT_VERSION + 1})),
+                             rf"config\.json: format_version {FORMAT_VERSION + 1} is newer than this package reads \({FORMAT_VERSION}\)"),
     "another_models_keys": (lambda d: save_file({"backbone.conv1.weight": torch.zeros(3)}, str(d / "model.safetensors"),
                                                 metadata={"saved_extractors": "[\"p16\"]"}),
                             r"model\.safetensors: does not fit .*unexpected keys \['backbone\.conv1\.weight'\]"),
