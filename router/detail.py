@@ -29,7 +29,7 @@ class DetailStem(nn.Module):
     """[0, 1] images B x 3 x H x W -> B x width x h x w on the finest level's grid (and, asked, skip maps).
 
     >>> stem = DetailStem(32, full_res=True)
-    >>> x, skips = stem(torch.rand(2, 3, 97, 130), (25, 33), skips=[2, 1])
+    >>> x, skips = stem(torch.rand(2, 3, 97, 130), (25, 33), skips=[2, 1])   # skips=(): x and {}
     >>> tuple(x.shape), {s: tuple(m.shape) for s, m in skips.items()}
     ((2, 32, 25, 33), {2: (2, 16, 49, 65), 1: (2, 8, 97, 130)})
     """
@@ -44,13 +44,11 @@ class DetailStem(nn.Module):
         if full_res:
             self.full = nn.Sequential(nn.Conv2d(3, SKIP_WIDTHS[1], 3, padding=1), nn.GELU())
 
-    def forward(self, images: torch.Tensor, grid: tuple[int, int], skips: Sequence[int] = ()):
-        """The map for the finest level; with `skips` (strides, of 2 and 1) also {stride: map}."""
-        x = (images - 0.5) / 0.25
-        if not skips:
-            return resample(self.net(x), grid)
-        half = self.net[:2](x)
-        out = resample(self.net[2:](half), grid)
+    def forward(self, images: torch.Tensor, grid: tuple[int, int],
+                skips: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The map for the finest level, and {stride: map} for the asked `skips` (strides, of 2 and 1)."""
         if 1 in skips and not hasattr(self, "full"):
             raise ValueError("DetailStem: a stride-1 skip needs full_res=True")
-        return out, {s: half if s == 2 else self.full(x) for s in skips}
+        x = (images - 0.5) / 0.25
+        half = self.net[:2](x)
+        return resample(self.net[2:](half), grid), {s: half if s == 2 else self.full(x) for s in skips}

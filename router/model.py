@@ -91,7 +91,7 @@ class Router(nn.Module):
                                  text_embeddings, num_levels=len(levels))
         h = config.head
         if config.has_detail:
-            self.detail = DetailStem(widths[0], full_res=1 in config.head.refine)
+            self.detail = DetailStem(widths[0], full_res=1 in h.refine)
         seg_width = widths[0]
         if len(levels) > 1:  # "fuse": the head reads all levels mixed at the stride-16 width
             self.decoder = TopDownDecoder(widths, block=h.decoder_block, output=h.decoder_output,
@@ -249,12 +249,10 @@ class Router(nn.Module):
                              "gate_level_mean": rearrange(weights, "b l e ... -> l e (b ...)").mean(2),
                              "aux_loss": aux, "ran": ran}
         if tcfg.type == "seg":
-            refine, skips = self.config.head.refine, None
-            if refine:
+            refine, skips = self.config.head.refine, {}
+            if self.config.has_detail:
                 detail, skips = self.detail(images, grids[0], skips=refine)
                 fused[0] = fused[0] + detail
-            elif self.config.has_detail:
-                fused[0] = fused[0] + self.detail(images, grids[0])
             x = self.decoder(fused) if len(levels) > 1 else fused[0]
             out["seg"] = self.seg_head(x, task, out_size=(h, w), skips=[skips[s] for s in refine] if refine else None)
         else:
