@@ -99,6 +99,30 @@ def test_shapes_at_every_level_and_gates_sum_to_one_per_level(granularity, size,
     assert [tuple(m.shape[-2:]) for m in maps] == grids
 
 
+@pytest.mark.parametrize("size,channels", [((97, 130), 3), ((61, 45), 1)])
+def test_a_stride_2_level_takes_the_cnn_stride_2_stage_and_refines_to_stride_1(size, channels):
+    """Round 4's design (docs/levels.md): levels from stride 2 with a CNN's stride-2 stage (timm index 0) at its
+    own stride, full 3 x 3 merges and the stride-1 refiner; outputs at the input size, gates sum per level."""
+    info = ExtractorInfo("cnn", 64, (8, 24, 32, 48, 64), (2, 4, 8, 16, 32), 32, (0, 1, 2, 3, 4), (0.5,) * 3, (0.5,) * 3)
+    got = {s: [(t.index, t.factor) for t in taps] for s, taps in assign_taps(info, [2, 4, 8, 16, 32]).items()}
+    assert got == {2: [(0, 0)], 4: [(1, 0)], 8: [(2, 0)], 16: [(3, 0)], 32: [(4, 0)]}
+    torch.manual_seed(0)
+    cfg = make_config(levels=(2, 4, 8, 16, 32), level_widths=[8, 16, 16, 16, 16],
+                      head={"seg_hidden": 16, "cls_hidden": 16, "decoder_block": "conv", "refine": [1]})
+    cfg.extractors[2].layers = [0, 1, 2, 3, 4]
+    model = Router(cfg).eval()
+    assert model.extractors["cnn"].info.strides == (2, 4, 8, 16, 32)
+    images = torch.rand(2, channels, *size)
+    with torch.no_grad():
+        out = model(images, task="seg_a")
+    assert out["seg"].shape == (2, 2, *size) and tuple(out["gate_levels"].shape) == (2, 5, 3)
+    torch.testing.assert_close(out["gate_levels"].sum(dim=2), torch.ones(2, 5))
+    ext = model.extractors["cnn"](images)
+    grids = [(math.ceil(size[0] / s), math.ceil(size[1] / s)) for s in (2, 4, 8, 16, 32)]
+    maps, _ = model.aligners["cnn"](ext["dense"], ext["pooled"], grids)
+    assert [tuple(m.shape[-2:]) for m in maps] == grids and [m.shape[1] for m in maps] == [8, 16, 16, 16, 16]
+
+
 @pytest.mark.parametrize("cls_stride, read", [(None, "16"), (32, "32"), (8, "8")])
 def test_classification_aligns_only_the_level_it_reads(cls_stride, read):
     """Classification aligns (and pools) one level: `head.cls_stride`, by default (format 4) the one nearest 16."""
