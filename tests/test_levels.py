@@ -19,14 +19,15 @@ GOLDEN = Path(__file__).resolve().parent / "data" / "router_v1"
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
-def make_config(levels=(4, 8, 16, 32), fusion="gated", granularity="image", top_k=None, **extra) -> RouterConfig:
+def make_config(levels=(4, 8, 16, 32), fusion="gated", granularity="image", top_k=None, cnn_layers=(1, 2, 3, 4),
+                **extra) -> RouterConfig:
     """Two tiny random ViTs (patch 14 and 16, two blocks each) and a CNN with stride 4-32 stages, two tasks."""
     return RouterConfig.from_dict({
         "extractors": [
             {"spec": "timm:vit_small_patch14_dinov2", "name": "p14", "pretrained": False, "layers": 2,
              "kwargs": {**TINY_VIT, "img_size": 28}},
             {"spec": "timm:vit_small_patch16_224", "name": "p16", "pretrained": False, "kwargs": {**TINY_VIT, "img_size": 32}},
-            {"spec": "timm:test_efficientnet", "name": "cnn", "pretrained": False, "layers": [1, 2, 3, 4]},
+            {"spec": "timm:test_efficientnet", "name": "cnn", "pretrained": False, "layers": list(cnn_layers)},
         ],
         "tasks": [{"name": "seg_a", "type": "seg", "classes": ["bg", "fg"]},
                   {"name": "cls_b", "type": "cls", "classes": ["x", "y", "z"]}],
@@ -107,9 +108,8 @@ def test_a_stride_2_level_takes_the_cnn_stride_2_stage_and_refines_to_stride_1(s
     got = {s: [(t.index, t.factor) for t in taps] for s, taps in assign_taps(info, [2, 4, 8, 16, 32]).items()}
     assert got == {2: [(0, 0)], 4: [(1, 0)], 8: [(2, 0)], 16: [(3, 0)], 32: [(4, 0)]}
     torch.manual_seed(0)
-    cfg = make_config(levels=(2, 4, 8, 16, 32), level_widths=[8, 16, 16, 16, 16],
+    cfg = make_config(levels=(2, 4, 8, 16, 32), cnn_layers=(0, 1, 2, 3, 4), level_widths=[8, 16, 16, 16, 16],
                       head={"seg_hidden": 16, "cls_hidden": 16, "decoder_block": "conv", "refine": [1]})
-    cfg.extractors[2].layers = [0, 1, 2, 3, 4]
     model = Router(cfg).eval()
     assert model.extractors["cnn"].info.strides == (2, 4, 8, 16, 32)
     images = torch.rand(2, channels, *size)
