@@ -319,6 +319,17 @@ def test_overrides_type_checked_and_unknown_keys_named():
         apply_override(tree, "a.b.5=3")
 
 
+def test_overriding_the_tasks_drops_the_default_losses_of_the_dropped_ones():
+    """The file's tasks get per-task default losses written out; a `model.tasks` override that keeps one task
+    must not then fail on the defaults of the others. A loss the user set for a dropped task is still an error."""
+    only_seg = ['model.tasks=[{"name":"shape_seg","type":"seg"}]', 'data.tasks=[{"name":"shape_seg","dataset":"shapes"}]']
+    cfg = ExperimentConfig.from_file(REPO / "configs/quickstart.yaml", only_seg)
+    assert list(cfg.train.loss) == ["shape_seg"] and cfg.train.loss_weights == {"shape_seg": 1.0}
+    assert cfg.train.loss["shape_seg"][1]["name"] == "dice"
+    with pytest.raises(ValueError, match=r"train.loss_weights: unknown task\(s\) \['shape_cls'\]"):
+        ExperimentConfig.from_file(REPO / "configs/quickstart.yaml", [*only_seg, "train.loss_weights.shape_cls=2.0"])
+
+
 def test_unknown_key_in_file_is_named(tmp_path):
     raw = {"model": {"extractors": [{"spec": "timm:resnet18"}], "tasks": [{"name": "a", "type": "cls"}]},
            "data": {"tasks": [{"name": "a", "dataset": "x", "wieght": 2}]}}

@@ -276,6 +276,17 @@ class ExperimentConfig:
         full = cfg.to_dict()
         for item in overrides:
             apply_override(full, item)
+        # Per-task losses the file did not write were filled in as defaults; an override of `model.tasks` that
+        # drops a task drops those too (what the file or an override wrote for it is still checked).
+        written = {key: set((data.get("train") or {}).get(key) or {}) for key in ("loss", "loss_weights")}
+        named = {o.split("=", 1)[0].strip() for o in overrides}
+        tasks = {t.get("name") for t in (full.get("model") or {}).get("tasks") or [] if isinstance(t, dict)}
+        for key, filled in written.items():
+            per_task = full.get("train", {}).get(key)
+            for name in list(per_task or {}):
+                if name not in tasks and name not in filled and f"train.{key}" not in named \
+                        and f"train.{key}.{name}" not in named:
+                    del per_task[name]
         return decode(cls, full, f"{where} (with overrides)")
 
     @classmethod
