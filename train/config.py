@@ -281,10 +281,10 @@ class ExperimentConfig:
         written = {key: set((data.get("train") or {}).get(key) or {}) for key in ("loss", "loss_weights")}
         named = {o.split("=", 1)[0].strip() for o in overrides}
         tasks = {t.get("name") for t in (full.get("model") or {}).get("tasks") or [] if isinstance(t, dict)}
-        for key, filled in written.items():
+        for key, in_file in written.items():
             per_task = full.get("train", {}).get(key)
             for name in list(per_task or {}):
-                if name not in tasks and name not in filled and f"train.{key}" not in named \
+                if name not in tasks and name not in in_file and f"train.{key}" not in named \
                         and f"train.{key}.{name}" not in named:
                     del per_task[name]
         return decode(cls, full, f"{where} (with overrides)")
