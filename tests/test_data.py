@@ -328,6 +328,8 @@ def test_overriding_the_tasks_drops_the_default_losses_of_the_dropped_ones():
     assert cfg.train.loss["shape_seg"][1]["name"] == "dice"
     with pytest.raises(ValueError, match=r"train.loss_weights: unknown task\(s\) \['shape_cls'\]"):
         ExperimentConfig.from_file(REPO / "configs/quickstart.yaml", [*only_seg, "train.loss_weights.shape_cls=2.0"])
+    with pytest.raises(ValueError, match=r"train.loss: unknown task\(s\) \['shape_cls'\]"):  # a deeper key too
+        ExperimentConfig.from_file(REPO / "configs/quickstart.yaml", [*only_seg, "train.loss.shape_cls.0.weight=2.0"])
 
 
 def test_unknown_key_in_file_is_named(tmp_path):

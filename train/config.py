@@ -284,8 +284,9 @@ class ExperimentConfig:
         for key, in_file in written.items():
             per_task = full.get("train", {}).get(key)
             for name in list(per_task or {}):
-                if name not in tasks and name not in in_file and f"train.{key}" not in named \
-                        and f"train.{key}.{name}" not in named:
+                entry = f"train.{key}.{name}"
+                overridden = f"train.{key}" in named or any(k == entry or k.startswith(entry + ".") for k in named)
+                if name not in tasks and name not in in_file and not overridden:
                     del per_task[name]
         return decode(cls, full, f"{where} (with overrides)")
 
