@@ -38,6 +38,7 @@ __all__ = [
     "build_loss",
     "hard_negative_mask",
     "TaskLoss",
+    "output_loss",
     "is_pixel_mean",
 ]
 
@@ -548,3 +549,21 @@ class TaskLoss(nn.Module):
             value = term(logits, target, ignore_index=self.ignore_index)
             total = total + self.loss.weights[key] * value * (share if is_pixel_mean(term) else 1.0)
         return total
+
+
+def output_loss(out: dict[str, torch.Tensor], kind: str, loss, *args, aux_weight: float = 0.0, **kwargs) -> torch.Tensor:
+    """``loss(logits, *args, **kwargs)`` of a Router output's ``kind`` ("seg" / "cls") logits in float32 (a dict
+    result, :func:`build_loss`'s, gives its "loss"), plus ``aux_weight`` x the same loss of the auxiliary
+    segmentation head's logits where the output has them (``seg_aux``: a pyramid model with
+    ``head.aux_weight > 0``, in training mode).
+
+    >>> value = output_loss(out, "seg", build_loss([{"name": "ce"}]), target, aux_weight=0.4)
+    """
+    def value(logits: torch.Tensor) -> torch.Tensor:
+        result = loss(logits.float(), *args, **kwargs)
+        return result["loss"] if isinstance(result, dict) else result
+
+    total = value(out[kind])
+    if kind == "seg" and "seg_aux" in out:
+        total = total + aux_weight * value(out["seg_aux"])
+    return total

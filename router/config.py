@@ -121,8 +121,13 @@ class HeadConfig:
     cls_pooling: str = "mean"  # "mean" or "attention" pooling of the fused map
     cls_hidden: int = 256  # hidden width of the shared classification MLP
     dropout: float = 0.0  # dropout before the per-task outputs
+    aux_weight: float = 0.0  # seg, levels > 1: loss weight of an auxiliary seg head on the level nearest stride 16,
+    #                          trained beside the main head, not run at inference (UPerNet / PSPNet; mmseg uses 0.4)
 
     def __post_init__(self):
+        if not (isinstance(self.aux_weight, (int, float)) and math.isfinite(self.aux_weight) and self.aux_weight >= 0):
+            raise ValueError(f"head.aux_weight: expected a finite loss weight >= 0 (0: no auxiliary head), "
+                             f"got {self.aux_weight!r}")
         if self.seg_trunk not in SEG_TRUNKS:
             raise ValueError(f"head.seg_trunk: expected one of {SEG_TRUNKS}, got {self.seg_trunk!r}")
         if self.decoder_block not in DECODER_BLOCKS:
@@ -197,6 +202,10 @@ class RouterConfig:
         if refine and not self.has_detail:
             raise ValueError(f"head.refine: {refine} reads the detail stem's maps; it needs `detail: true` (or null with "
                              "a segmentation task and a pyramid reaching below stride 16)")
+        if self.head.aux_weight > 0 and len(levels) == 1:
+            raise ValueError(f"head.aux_weight: {self.head.aux_weight} adds an auxiliary head on the level nearest "
+                             f"stride 16 of a pyramid; with one level ({levels}) the main head reads that level already: "
+                             "set it to 0 or give more levels")
         if self.head.cls_stride is not None and self.head.cls_stride not in levels:
             raise ValueError(f"head.cls_stride: expected one of the levels {levels} (or null: the one nearest 16), "
                              f"got {self.head.cls_stride}")

@@ -37,6 +37,7 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 class RouterOutput(TypedDict, total=False):
     seg: torch.Tensor  # B x K x H x W logits (segmentation tasks)
+    seg_aux: torch.Tensor  # B x K x H x W logits of the auxiliary head (training mode, head.aux_weight > 0)
     cls: torch.Tensor  # B x K logits (classification tasks)
     gate: torch.Tensor  # B x E (task / image gates) or B x E x h x w (token gates): gate_levels averaged over levels
     gate_levels: torch.Tensor  # B x L x E or B x L x E x h x w: per level, summing to 1 over E (h x w: the gate grid)
@@ -102,6 +103,9 @@ class Router(nn.Module):
         refiner = Refiner(h.seg_hidden, [SKIP_WIDTHS[s] for s in h.refine], h.refine_width) if h.refine else None
         self.seg_head = SegHead(seg_width, seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk,
                                 refine=refiner)
+        if h.aux_weight > 0:  # training only: a plain seg head on the stride-16 level speeds the pyramid's start
+            self.aux_seg_head = SegHead(widths[self.gate_level], seg, hidden=h.seg_hidden, dropout=h.dropout,
+                                        trunk=h.seg_trunk)
         self.cls_head = ClsHead(widths[config.cls_level], cls, pooling=h.cls_pooling, hidden=h.cls_hidden, dropout=h.dropout,
                                 pooled_dim=widths[-1])
 
@@ -142,10 +146,20 @@ class Router(nn.Module):
         if task.name in {t.name for t in self.config.tasks}:
             raise ValueError(f"add_task: a task named {task.name!r} already exists")
         (self.seg_head if task.type == "seg" else self.cls_head).add_task(task.name, task.num_classes)
+        if task.type == "seg" and hasattr(self, "aux_seg_head"):
+            self.aux_seg_head.add_task(task.name, task.num_classes)
         if hasattr(self, "gate"):
             text = self.embed_task_texts([task])[task.name] if self.config.gate.task_embedding == "text" else None
             self.gate.add_task(task.name, text)
         self.config.tasks.append(task)
+
+    @torch.no_grad()
+    def init_seg_bias_from_prior(self, task: str, prior: float) -> None:
+        """A segmentation task's output bias (and its auxiliary head's) from the foreground prior
+        (:meth:`heads.SegHead.init_bias_from_prior`)."""
+        self.seg_head.init_bias_from_prior(task, prior)
+        if hasattr(self, "aux_seg_head"):
+            self.aux_seg_head.init_bias_from_prior(task, prior)
 
     # ---- forward ---------------------------------------------------------------------------------
     def _run_extractor(self, name: str, images: torch.Tensor, grids: list, features=None):
@@ -255,6 +269,8 @@ class Router(nn.Module):
                 fused[0] = fused[0] + detail
             x = self.decoder(fused) if len(levels) > 1 else fused[0]
             out["seg"] = self.seg_head(x, task, out_size=(h, w), skips=[skips[s] for s in refine] if refine else None)
+            if self.training and hasattr(self, "aux_seg_head"):
+                out["seg_aux"] = self.aux_seg_head(fused[g], task, out_size=(h, w))
         else:
             out["cls"] = self.cls_head(fused[cls_k], task, pooled=self._fuse_pooled(vecs, cls_w))
         return out

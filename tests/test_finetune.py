@@ -174,6 +174,27 @@ def test_from_pretrained_on_the_output_predicts(one_process):
     assert "](gate_heatmap.png)" in card and (run / "final" / "gate_heatmap.png").stat().st_size > 1000  # drawn
 
 
+def test_auxiliary_head_is_trained_by_finetune(setup):
+    """A pyramid with head.aux_weight > 0: fine-tuning trains the auxiliary stride-16 head (it gets
+    gradients only from its own loss term), and the saved model keeps it and its weight."""
+    from accelerate.utils import set_seed
+
+    from router import Router, RouterConfig
+
+    out = setup / "aux"
+    launch(["--config", str(setup / "tiny.yaml"), "--output-dir", str(out), "model.levels=[4,8,16]",
+            "model.head.aux_weight=0.4", "train.max_steps=4", "train.phase2_step=4"])
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["levels"] == [4, 8, 16] and config["head"]["aux_weight"] == 0.4
+    trained = final_weights(out)
+    set_seed(TINY["train"]["seed"])  # finetune.py's initial weights
+    init = Router(RouterConfig.from_dict(config)).state_dict()
+    trunk = [k for k in init if k.startswith("aux_seg_head.trunk.")]
+    frozen = [k for k in init if k.startswith("extractors.clip16.")]  # the same initial weights: frozen ones equal
+    assert frozen and all(torch.equal(trained[k], init[k]) for k in frozen)
+    assert trunk and all(not torch.equal(trained[k], init[k]) for k in trunk)
+
+
 def test_non_finite_loss_stops_naming_step_and_task(setup):
     out = setup / "nan"
     proc = launch(["--config", str(setup / "tiny.yaml"), "--output-dir", str(out), "train.loss_weights.shape_cls=.nan",

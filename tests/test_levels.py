@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from extractors import ExtractorInfo
+from heads import output_loss
 from router import Router, RouterConfig
+from router.config import TaskConfig
 from router.align import assign_taps, resample
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "router_v1"
@@ -186,6 +188,44 @@ def test_bad_refine_settings_are_errors_naming_the_key():
         make_config(levels=[8, 16, 32], head={"refine": [4]})
     with pytest.raises(ValueError, match=r"head.refine: \[2\] reads the detail stem's maps; it needs `detail: true`"):
         make_config(detail=False, head={"refine": [2]})
+
+
+def test_auxiliary_head_trains_on_the_stride_16_level_and_is_not_run_at_inference(tmp_path):
+    """head.aux_weight > 0: a plain seg head on the level nearest stride 16 gives training-mode logits
+    ``seg_aux`` whose loss joins the task's at that weight; it is not run at inference, follows the prior
+    init and add_task, and is saved and loaded with the model. With 0 (the default) there is no such head."""
+    torch.manual_seed(0)
+    assert not any(k.startswith("aux_seg_head.") for k in Router(make_config()).state_dict())
+    model = Router(make_config(head={"seg_hidden": 16, "cls_hidden": 16, "aux_weight": 0.4})).train()
+    assert model.aux_seg_head.in_dim == model.config.widths[model.config.strides.index(16)]
+    x, target = torch.rand(2, 3, 61, 45), torch.randint(0, 2, (2, 61, 45))
+    out = model(x, task="seg_a")
+    assert out["seg_aux"].shape == out["seg"].shape == (2, 2, 61, 45)
+    loss = output_loss(out, "seg", F.cross_entropy, target, aux_weight=0.4)
+    expected = F.cross_entropy(out["seg"], target) + 0.4 * F.cross_entropy(out["seg_aux"], target)
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.aux_seg_head.parameters())
+    assert "seg_aux" not in model(x, task="cls_b")
+    assert "seg_aux" not in model.eval()(x, task="seg_a")
+
+    model.init_seg_bias_from_prior("seg_a", 0.1)
+    for head in (model.seg_head, model.aux_seg_head):
+        assert torch.allclose(head.outputs["seg_a"].bias, torch.tensor([0.9, 0.1]).log())
+    model.add_task(TaskConfig(name="seg_c", type="seg", classes=["a", "b", "c"]))
+    assert model.train()(x, task="seg_c")["seg_aux"].shape == (2, 3, 61, 45)
+    model.save_pretrained(tmp_path)
+    loaded = Router.from_pretrained(tmp_path)
+    assert loaded.config.head.aux_weight == 0.4
+    own, back = model.state_dict(), loaded.state_dict()
+    assert own.keys() == back.keys() and all(torch.equal(own[k], back[k]) for k in own)
+
+
+def test_bad_aux_weight_is_an_error_naming_the_key():
+    with pytest.raises(ValueError, match=r"head.aux_weight: expected a finite loss weight >= 0.*got -0.4"):
+        make_config(head={"aux_weight": -0.4})
+    with pytest.raises(ValueError, match=r"head.aux_weight: 0.4 adds an auxiliary head .* with one level \(\[16\]\)"):
+        make_config(levels=[16], head={"aux_weight": 0.4})
 
 
 def test_top_k_skips_extractors_unused_at_every_level():

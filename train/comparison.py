@@ -45,7 +45,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from extractors import Extractor, create_extractor
-from heads.losses import build_loss
+from heads.losses import build_loss, output_loss
 from router import Router, RouterConfig
 from train.config import CompareConfig, ExperimentConfig, TrainConfig, apply_override
 from train.data import (
@@ -258,7 +258,7 @@ def build_router(variant: Variant, shared: dict[str, Extractor], seed: int, prio
         model.extractors[ecfg.name] = ext
     with torch.no_grad():
         for task, p in priors.items():
-            model.seg_head.init_bias_from_prior(task, p)
+            model.init_seg_bias_from_prior(task, p)
     return model
 
 
@@ -295,6 +295,7 @@ class Comparison:
         self.seg_classes = {n: td.task.num_classes for n, td in tasks.items() if td.task.type == "seg"}
         # Peers (train/peers.py) serve the segmentation tasks only
         self.serves = {v.name: list(self.seg_classes) if v.kind == "peer" else self.task_names for v in variants}
+        self.aux_weight = {v.name: 0.0 if v.kind == "peer" else v.model.head.aux_weight for v in variants}
         self.views: dict[str, dict[str, ViewSet]] = {}
         self.shared: dict[str, Extractor] = {}
         self.feats: dict[str, dict[str, list]] = {}
@@ -419,7 +420,8 @@ class Comparison:
                     tick = time.perf_counter()
                     own = {k: f for k, f in features.items() if k not in self.live[name]}
                     out = model(images, task=n, features=own)
-                    loss = self.loss_fns[n](out[tasks[n].task.type].float(), target, ignore_index=self.ignore[n])["loss"]
+                    loss = output_loss(out, tasks[n].task.type, self.loss_fns[n], target, ignore_index=self.ignore[n],
+                                       aux_weight=self.aux_weight[name])
                     loss = (t.loss_weights[n] * loss + t.aux_loss_weight * out["aux_loss"]) / A
                     if not torch.isfinite(loss):
                         raise RuntimeError(f"variant {name}, seed {seed}: non-finite loss at step {step} (task {n!r})")

@@ -22,7 +22,7 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from extractors.atomic import atomic_write_bytes
-from heads.losses import TaskLoss
+from heads.losses import TaskLoss, output_loss
 from train.checkpoints import latest_checkpoint, replace_dir, save_checkpoint
 from train.config import ExperimentConfig
 from train.data import foreground_prior
@@ -117,6 +117,7 @@ class Finetuner:
         self.output_dir, self.say = output_dir, say
         self.metrics_path = output_dir / "metrics.jsonl"
         self.losses = {n: TaskLoss(self.t.loss[n], td.task.type, td.task.ignore_index) for n, td in tasks.items()}
+        self.aux_weight = cfg.model.head.aux_weight
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.main_process = accelerator.is_main_process
 
@@ -189,7 +190,8 @@ class Finetuner:
                     target = batch["target"].to(acc.device, non_blocking=True)
                     with acc.accumulate(self.model):
                         out = self.model(images, task=task)
-                        task_value = self.losses[task](out[self.tasks[task].task.type].float(), target, mean_valid)
+                        task_value = output_loss(out, self.tasks[task].task.type, self.losses[task], target,
+                                                 mean_valid, aux_weight=self.aux_weight)
                         loss = t.loss_weights[task] * task_value + t.aux_loss_weight * out["aux_loss"]
                         if injected_fault(step, self.rank) == "nan":
                             loss = loss * float("nan")

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> int:
     if t.prior_init:
         for n, p in binary_seg_priors(tasks, accelerator).items():
             with torch.no_grad():
-                model.seg_head.init_bias_from_prior(n, p)
+                model.init_seg_bias_from_prior(n, p)
             say(f"  {n}: foreground prior {p:.4f} (seg bias initialised from it)")
     phase2 = Phase2(cfg.model.extractors, t)
     head_params = [p for n, p in model.named_parameters() if not n.startswith("extractors.") and p.requires_grad]
