@@ -123,6 +123,8 @@ class HeadConfig:
     dropout: float = 0.0  # dropout before the per-task outputs
     aux_weight: float = 0.0  # seg, levels > 1: loss weight of an auxiliary seg head on the level nearest stride 16,
     #                          trained beside the main head, not run at inference (UPerNet / PSPNet; mmseg uses 0.4)
+    coarse_logits: bool = False  # seg, levels > 1: logits = a head on the level nearest stride 16 (the one-grid
+    #                              model's) + the pyramid head's, whose outputs start at zero (a learned fine correction)
 
     def __post_init__(self):
         if not (isinstance(self.aux_weight, (int, float)) and math.isfinite(self.aux_weight) and self.aux_weight >= 0):
@@ -206,6 +208,9 @@ class RouterConfig:
             raise ValueError(f"head.aux_weight: {self.head.aux_weight} adds an auxiliary head on the level nearest "
                              f"stride 16 of a pyramid; with one level ({levels}) the main head reads that level already: "
                              "set it to 0 or give more levels")
+        if self.head.coarse_logits and len(levels) == 1:
+            raise ValueError(f"head.coarse_logits: adds a head on the level nearest stride 16 to a pyramid's; with one "
+                             f"level ({levels}) there is no pyramid head: set it to false or give more levels")
         if self.head.cls_stride is not None and self.head.cls_stride not in levels:
             raise ValueError(f"head.cls_stride: expected one of the levels {levels} (or null: the one nearest 16), "
                              f"got {self.head.cls_stride}")

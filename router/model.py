@@ -102,7 +102,10 @@ class Router(nn.Module):
         cls = {t.name: t.num_classes for t in config.tasks if t.type == "cls"}
         refiner = Refiner(h.seg_hidden, [SKIP_WIDTHS[s] for s in h.refine], h.refine_width) if h.refine else None
         self.seg_head = SegHead(seg_width, seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk,
-                                refine=refiner)
+                                refine=refiner, zero_outputs=h.coarse_logits)
+        if h.coarse_logits:  # the one-grid model's head on the stride-16 level; the pyramid head adds a correction
+            self.coarse_seg_head = SegHead(widths[self.gate_level], seg, hidden=h.seg_hidden, dropout=h.dropout,
+                                           trunk=h.seg_trunk)
         if h.aux_weight > 0:  # training only: a plain seg head on the stride-16 level speeds the pyramid's start
             self.aux_seg_head = SegHead(widths[self.gate_level], seg, hidden=h.seg_hidden, dropout=h.dropout,
                                         trunk=h.seg_trunk)
@@ -146,8 +149,9 @@ class Router(nn.Module):
         if task.name in {t.name for t in self.config.tasks}:
             raise ValueError(f"add_task: a task named {task.name!r} already exists")
         (self.seg_head if task.type == "seg" else self.cls_head).add_task(task.name, task.num_classes)
-        if task.type == "seg" and hasattr(self, "aux_seg_head"):
-            self.aux_seg_head.add_task(task.name, task.num_classes)
+        for extra in ("aux_seg_head", "coarse_seg_head"):
+            if task.type == "seg" and hasattr(self, extra):
+                getattr(self, extra).add_task(task.name, task.num_classes)
         if hasattr(self, "gate"):
             text = self.embed_task_texts([task])[task.name] if self.config.gate.task_embedding == "text" else None
             self.gate.add_task(task.name, text)
@@ -155,11 +159,12 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def init_seg_bias_from_prior(self, task: str, prior: float) -> None:
-        """A segmentation task's output bias (and its auxiliary head's) from the foreground prior
-        (:meth:`heads.SegHead.init_bias_from_prior`)."""
-        self.seg_head.init_bias_from_prior(task, prior)
-        if hasattr(self, "aux_seg_head"):
-            self.aux_seg_head.init_bias_from_prior(task, prior)
+        """A segmentation task's output bias from the foreground prior (:meth:`heads.SegHead.init_bias_from_prior`):
+        the main head's, or with ``head.coarse_logits`` the coarse head's (the main head's outputs start at zero);
+        and the auxiliary head's."""
+        for name in ("coarse_seg_head" if hasattr(self, "coarse_seg_head") else "seg_head", "aux_seg_head"):
+            if hasattr(self, name):
+                getattr(self, name).init_bias_from_prior(task, prior)
 
     # ---- forward ---------------------------------------------------------------------------------
     def _run_extractor(self, name: str, images: torch.Tensor, grids: list, features=None):
@@ -268,7 +273,14 @@ class Router(nn.Module):
                 detail, skips = self.detail(images, grids[0], skips=refine)
                 fused[0] = fused[0] + detail
             x = self.decoder(fused) if len(levels) > 1 else fused[0]
-            out["seg"] = self.seg_head(x, task, out_size=(h, w), skips=[skips[s] for s in refine] if refine else None)
+            skip_maps = [skips[s] for s in refine] if refine else None
+            if hasattr(self, "coarse_seg_head"):  # the one-grid head's logits + the pyramid head's correction
+                logits = self.seg_head(x, task, skips=skip_maps)
+                logits = logits + self.coarse_seg_head(fused[g], task, out_size=tuple(logits.shape[-2:]))
+                out["seg"] = logits if tuple(logits.shape[-2:]) == (h, w) else F.interpolate(
+                    logits, size=(h, w), mode="bilinear", align_corners=False)
+            else:
+                out["seg"] = self.seg_head(x, task, out_size=(h, w), skips=skip_maps)
             if self.training and hasattr(self, "aux_seg_head"):
                 out["seg_aux"] = self.aux_seg_head(fused[g], task, out_size=(h, w))
         else:

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from extractors import ExtractorInfo
 from heads import output_loss
 from router import Router, RouterConfig
-from router.config import TaskConfig
 from router.align import assign_taps, resample
+from router.config import TaskConfig
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "router_v1"
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -221,6 +221,34 @@ def test_auxiliary_head_trains_on_the_stride_16_level_and_is_not_run_at_inferenc
     assert own.keys() == back.keys() and all(torch.equal(own[k], back[k]) for k in own)
 
 
+@pytest.mark.parametrize("refine", [[], [1]])
+def test_coarse_logits_start_as_the_one_grid_head_and_learn_the_fine_correction(refine, tmp_path):
+    """head.coarse_logits: the seg logits are a head on the stride-16 level plus the pyramid head's, whose
+    outputs start at zero: at initialisation the fine levels and the detail stem change nothing; the prior goes
+    to the coarse head; the pyramid head's outputs get gradients; the model saves and loads."""
+    torch.manual_seed(0)
+    model = Router(make_config(head={"seg_hidden": 16, "cls_hidden": 16, "coarse_logits": True, "refine": refine}))
+    model.init_seg_bias_from_prior("seg_a", 0.1)
+    assert torch.allclose(model.coarse_seg_head.outputs["seg_a"].bias, torch.tensor([0.9, 0.1]).log())
+    assert not model.seg_head.outputs["seg_a"].bias.any() and not model.seg_head.outputs["seg_a"].weight.any()
+    x, target = torch.rand(2, 3, 61, 45), torch.randint(0, 2, (2, 61, 45))
+    model.eval()
+    with torch.no_grad():
+        before = model(x, task="seg_a")["seg"]
+        for p in [*model.detail.parameters(), *model.decoder.parameters()]:
+            p.add_(torch.randn_like(p))
+        after = model(x, task="seg_a")["seg"]
+    assert before.shape == (2, 2, 61, 45) and torch.equal(before, after)
+    F.cross_entropy(model.train()(x, task="seg_a")["seg"], target).backward()
+    assert model.seg_head.outputs["seg_a"].weight.grad.abs().sum() > 0
+    assert model.coarse_seg_head.trunk[1].weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    own, back = model.state_dict(), Router.from_pretrained(tmp_path).state_dict()
+    assert own.keys() == back.keys() and all(torch.equal(own[k], back[k]) for k in own)
+    with pytest.raises(ValueError, match=r"head.coarse_logits: adds a head .* with one level \(\[16\]\)"):
+        make_config(levels=[16], head={"coarse_logits": True})
+
+
 def test_bad_aux_weight_is_an_error_naming_the_key():
     with pytest.raises(ValueError, match=r"head.aux_weight: expected a finite loss weight >= 0.*got -0.4"):
         make_config(head={"aux_weight": -0.4})
@@ -381,14 +409,18 @@ def train_thin_lines(levels: list[int], steps: int = 120, head: dict | None = No
 
 def test_thin_lines_need_the_multi_level_model():
     """Lines one or two pixels wide on texture: on one stride-16 grid they are lost; with levels 4-32 and the
-    detail stem they are found (0.199 vs 0.530 foreground IoU after 120 steps, seed 0, fuse decoder output; 0.549 with "finest")."""
+    detail stem they are found (0.199 vs 0.530 foreground IoU after 120 steps, seed 0, fuse decoder output; 0.549 with "finest");
+    with ``head.coarse_logits`` too (0.551)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convolutions: more threads only contend on a shared 2-core machine
     try:
         single, multi = train_thin_lines([16]), train_thin_lines([4, 8, 16, 32])
+        coarse = train_thin_lines([4, 8, 16, 32], head={"coarse_logits": True})
     finally:
         torch.set_num_threads(threads)
     assert multi > 0.4 and multi > single + 0.2, f"fg IoU levels [16] {single:.3f}, levels [4, 8, 16, 32] {multi:.3f}"
+    # head.coarse_logits starts as the one-grid head; its pyramid correction still finds the lines (0.551)
+    assert coarse > 0.4 and coarse > single + 0.2, f"fg IoU levels [16] {single:.3f}, coarse_logits {coarse:.3f}"
 
 
 def test_refining_to_stride_1_draws_the_thin_lines():
