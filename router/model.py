@@ -103,10 +103,10 @@ class Router(nn.Module):
         refiner = Refiner(h.seg_hidden, [SKIP_WIDTHS[s] for s in h.refine], h.refine_width) if h.refine else None
         self.seg_head = SegHead(seg_width, seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk,
                                 refine=refiner, zero_outputs=h.coarse_logits)
-        if h.coarse_logits:  # the one-grid model's head on the stride-16 level; the pyramid head adds a correction
+        if h.coarse_logits:  # a one-grid-style head on the stride-16 level; the pyramid head adds a correction
             self.coarse_seg_head = SegHead(widths[self.gate_level], seg, hidden=h.seg_hidden, dropout=h.dropout,
                                            trunk=h.seg_trunk)
-        if h.aux_weight > 0:  # training only: a plain seg head on the stride-16 level speeds the pyramid's start
+        if h.aux_weight > 0:  # training only: a plain seg head on the stride-16 level (UPerNet's auxiliary head)
             self.aux_seg_head = SegHead(widths[self.gate_level], seg, hidden=h.seg_hidden, dropout=h.dropout,
                                         trunk=h.seg_trunk)
         self.cls_head = ClsHead(widths[config.cls_level], cls, pooling=h.cls_pooling, hidden=h.cls_hidden, dropout=h.dropout,
