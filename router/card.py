@@ -224,7 +224,9 @@ def router_card(config: RouterConfig, infos: dict[str, ExtractorInfo], saved: li
             f"- detail path: {'yes' if c.has_detail else 'no'}; top-down decoder: "
             + (f"yes (`{c.head.decoder_block}` blocks, head reads `{c.head.decoder_output}`)" if len(c.strides) > 1
                else "no (one level)")
-            + (f"; refined to stride {c.head.refine[-1]} with the detail maps at {c.head.refine}" if c.head.refine else ""),
+            + (f"; refined to stride {c.head.refine[-1]} with the detail maps at {c.head.refine}" if c.head.refine else "")
+            + ("; seg logits add a stride-16 head's (`coarse_logits`)" if c.head.coarse_logits else "")
+            + (f"; trained with an auxiliary stride-16 seg head (weight {c.head.aux_weight})" if c.head.aux_weight else ""),
             *([f"- classification reads the stride-{c.strides[c.cls_level]} level"] if any(t.type == "cls" for t in c.tasks)
               else []),
             *([f"- gate: granularity `{g.granularity}`, content `{g.content}`, combine `{g.combine}`, top-k "

@@ -217,6 +217,7 @@ def test_auxiliary_head_trains_on_the_stride_16_level_and_is_not_run_at_inferenc
     model.save_pretrained(tmp_path)
     loaded = Router.from_pretrained(tmp_path)
     assert loaded.config.head.aux_weight == 0.4
+    assert "trained with an auxiliary stride-16 seg head (weight 0.4)" in (tmp_path / "README.md").read_text()
     own, back = model.state_dict(), loaded.state_dict()
     assert own.keys() == back.keys() and all(torch.equal(own[k], back[k]) for k in own)
 
@@ -245,6 +246,7 @@ def test_coarse_logits_start_as_the_one_grid_head_and_learn_the_fine_correction(
     model.save_pretrained(tmp_path)
     own, back = model.state_dict(), Router.from_pretrained(tmp_path).state_dict()
     assert own.keys() == back.keys() and all(torch.equal(own[k], back[k]) for k in own)
+    assert "seg logits add a stride-16 head's (`coarse_logits`)" in (tmp_path / "README.md").read_text()
     with pytest.raises(ValueError, match=r"head.coarse_logits: adds a head .* with one level \(\[16\]\)"):
         make_config(levels=[16], head={"coarse_logits": True})
 
