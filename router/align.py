@@ -143,6 +143,9 @@ class LevelAligner(nn.Module):
 class Aligner(nn.Module):
     """One extractor's maps -> one B x width_l x h_l x w_l map per level, and pooled -> B x pooled_width.
 
+    With `cls_width`, ``self.cls`` also brings *every* tap onto one grid (bilinear resampling, 1x1 projection to
+    `cls_width`): the map a one-level model's classification reads, for a pyramid's classification tasks.
+
     >>> from extractors import ExtractorInfo
     >>> cnn = ExtractorInfo("cnn", 40, (8, 24, 40), (8, 16, 32), 32, (2, 3, 4), (0.5,) * 3, (0.5,) * 3)
     >>> al = Aligner(cnn, [4, 8, 16, 32], [8, 8, 16, 16], pooled_width=16)
@@ -152,12 +155,16 @@ class Aligner(nn.Module):
     ([(1, 8, 14, 16), (1, 8, 7, 8), (1, 16, 4, 4), (1, 16, 2, 2)], (1, 16))
     """
 
-    def __init__(self, info: ExtractorInfo, levels: list[int], widths: list[int], pooled_width: int):
+    def __init__(self, info: ExtractorInfo, levels: list[int], widths: list[int], pooled_width: int,
+                 cls_width: int | None = None):
         super().__init__()
         assignment = assign_taps(info, levels)
         self.levels = nn.ModuleDict(
             {str(s): LevelAligner(assignment[s], list(info.widths), w) for s, w in zip(levels, widths)})
         self.pooled_proj = nn.Sequential(nn.Linear(info.width, pooled_width), nn.LayerNorm(pooled_width))
+        if cls_width is not None:  # classification's own aligner: every tap onto one grid, as at one level
+            every_tap = [Tap(i, s, 0) for i, s in enumerate(info.strides)]
+            self.cls = LevelAligner(every_tap, list(info.widths), cls_width)
 
     def forward(self, dense: list[torch.Tensor], pooled: torch.Tensor, grids: list[tuple[int, int] | None]):
         """`grids`: each level's grid, or None for a level not needed now (its map comes back as None)."""

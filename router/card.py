@@ -227,8 +227,10 @@ def router_card(config: RouterConfig, infos: dict[str, ExtractorInfo], saved: li
             + (f"; refined to stride {c.head.refine[-1]} with the detail maps at {c.head.refine}" if c.head.refine else "")
             + ("; seg logits add a stride-16 head's (`coarse_logits`)" if c.head.coarse_logits else "")
             + (f"; trained with an auxiliary stride-16 seg head (weight {c.head.aux_weight})" if c.head.aux_weight else ""),
-            *([f"- classification reads the stride-{c.strides[c.cls_level]} level"] if any(t.type == "cls" for t in c.tasks)
-              else []),
+            *(["- classification reads " + (f"every tap resampled onto the stride-{c.strides[c.cls_level]} grid "
+                                             "(`cls_taps: all`)" if c.cls_reads_all_taps
+                                             else f"the stride-{c.strides[c.cls_level]} level")]
+              if any(t.type == "cls" for t in c.tasks) else []),
             *([f"- gate: granularity `{g.granularity}`, content `{g.content}`, combine `{g.combine}`, top-k "
                f"{g.top_k or 'all'}" + (f" (`{g.top_k_levels}` across levels)" if g.top_k and len(c.strides) > 1 else "")
                + f", temperature {g.temperature}, task embedding `{g.task_embedding}`"

@@ -28,6 +28,7 @@ FORMAT_VERSION = 4  # 4: classification reads the level nearest stride 16 (head.
 FUSIONS = ("single", "mean", "concat", "gated")
 GRANULARITIES = ("task", "image", "token")
 TASK_TYPES = ("seg", "cls")
+CLS_TAPS = ("level", "all")
 
 
 @dataclass
@@ -118,6 +119,8 @@ class HeadConfig:
     #                                                  maps at these strides, e.g. [2, 1] (U-Net's last stages)
     refine_width: int = 8  # channels of the refiner's stages
     cls_stride: int | None = None  # the level classification reads (one of `levels`); None: the level nearest stride 16
+    cls_taps: str = "level"  # what classification reads on that level's grid, levels > 1: "level" (the level's own
+    #                          map) or "all" (every tap of each extractor resampled onto that grid, as at one level)
     cls_pooling: str = "mean"  # "mean" or "attention" pooling of the fused map
     cls_hidden: int = 256  # hidden width of the shared classification MLP
     dropout: float = 0.0  # dropout before the per-task outputs
@@ -130,6 +133,8 @@ class HeadConfig:
         if not (isinstance(self.aux_weight, (int, float)) and math.isfinite(self.aux_weight) and self.aux_weight >= 0):
             raise ValueError(f"head.aux_weight: expected a finite loss weight >= 0 (0: no auxiliary head), "
                              f"got {self.aux_weight!r}")
+        if self.cls_taps not in CLS_TAPS:
+            raise ValueError(f"head.cls_taps: expected one of {CLS_TAPS}, got {self.cls_taps!r}")
         if self.seg_trunk not in SEG_TRUNKS:
             raise ValueError(f"head.seg_trunk: expected one of {SEG_TRUNKS}, got {self.seg_trunk!r}")
         if self.decoder_block not in DECODER_BLOCKS:
@@ -232,6 +237,12 @@ class RouterConfig:
         """Index of the level classification reads: `head.cls_stride`'s, or (None) the one nearest stride 16."""
         strides = self.strides
         return strides.index(self.head.cls_stride) if self.head.cls_stride is not None else nearest_level(strides, 16)
+
+    @property
+    def cls_reads_all_taps(self) -> bool:
+        """Whether classification has its own aligners (`head.cls_taps: all` on a pyramid; at one level the
+        level's map already holds every tap)."""
+        return self.head.cls_taps == "all" and len(self.strides) > 1
 
     @property
     def has_detail(self) -> bool:

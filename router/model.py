@@ -61,8 +61,10 @@ class Router(nn.Module):
     weighted maps are fused level by level, a raw-image detail stem joins the finest level
     (``config.detail``), and a top-down decoder carries coarse context down to the finest level, where the
     segmentation head reads it (``head.refine``: and carries it on to stride 2 / 1 with the detail stem's maps).
-    Classification reads one level (``head.cls_stride``, default the one nearest stride 16) and the pooled vectors. With one
-    level there is no decoder: ``levels: [16]`` is the single-grid model of format 1, bit for bit.
+    Classification reads one level (``head.cls_stride``, default the one nearest stride 16) and the pooled vectors;
+    with ``head.cls_taps: all`` it reads instead its own map on that level's grid, into which every tap of each
+    extractor is resampled, as at one level. With one level there is no decoder: ``levels: [16]`` is the
+    single-grid model of format 1, bit for bit.
 
     >>> model = Router.from_config("configs/tiny.yaml")
     >>> out = model(torch.rand(2, 3, 97, 130), task="demo_seg")
@@ -79,8 +81,9 @@ class Router(nn.Module):
                                    checkpoint=ecfg.checkpoint, family=ecfg.family, **ecfg.kwargs)
             self.extractors[ecfg.name] = ext.freeze() if ecfg.frozen else ext
         levels, widths = config.strides, config.widths
-        self.aligners = nn.ModuleDict(
-            {n: Aligner(e.info, levels, widths, pooled_width=widths[-1]) for n, e in self.extractors.items()})
+        cls_width = widths[config.cls_level] if config.cls_reads_all_taps else None
+        self.aligners = nn.ModuleDict({n: Aligner(e.info, levels, widths, pooled_width=widths[-1], cls_width=cls_width)
+                                       for n, e in self.extractors.items()})
         n = len(self.extractors)
         if config.fusion == "concat" or (config.fusion == "gated" and config.gate.combine == "concat"):
             self.concat_proj = nn.ModuleDict({str(s): nn.Conv2d(n * w, w, 1) for s, w in zip(levels, widths)})
@@ -167,7 +170,9 @@ class Router(nn.Module):
                 getattr(self, name).init_bias_from_prior(task, prior)
 
     # ---- forward ---------------------------------------------------------------------------------
-    def _run_extractor(self, name: str, images: torch.Tensor, grids: list, features=None):
+    def _run_extractor(self, name: str, images: torch.Tensor, grids: list, features=None, cls_grid=None):
+        """The extractor's aligned maps at the levels whose grid is given (None elsewhere), its pooled vector,
+        and with `cls_grid` classification's own map (``head.cls_taps: all``; else None)."""
         if features is not None and name in features:  # precomputed (frozen-feature cache)
             out = features[name]
         else:
@@ -175,7 +180,16 @@ class Router(nn.Module):
             trainable = any(p.requires_grad for p in ext.parameters())
             with nullcontext() if trainable else torch.no_grad():
                 out = ext(images)
-        return self.aligners[name](out["dense"], out["pooled"], grids)
+        aligner = self.aligners[name]
+        maps, vec = aligner(out["dense"], out["pooled"], grids)
+        return maps, vec, (None if cls_grid is None else aligner.cls(out["dense"], cls_grid))
+
+    def _level_weights(self, weights: torch.Tensor | None, k: int, grid: tuple[int, int]) -> torch.Tensor | None:
+        """Level k's gate weights (B x E, or B x E x h x w resampled from the gate's grid: a convex mix)."""
+        if weights is None:
+            return None
+        wk = weights[:, k]
+        return resample(wk, grid) if wk.ndim == 4 and k != self.gate_level else wk
 
     def _fuse(self, maps: dict[int, torch.Tensor], weights: torch.Tensor | None, level: int) -> torch.Tensor:
         """One level's maps (extractor index -> B x D x h x w) fused with that level's weights (B x E [x h x w])."""
@@ -219,9 +233,11 @@ class Router(nn.Module):
         names, n = self.extractor_names, len(self.extractors)
         fusion = self.config.fusion
         aux = images.new_zeros(())
-        # Segmentation reads every level (through the decoder); classification one (head.cls_stride: nearest 16 by default).
-        cls_k = self.config.cls_level
-        used = list(range(len(levels))) if tcfg.type == "seg" else [cls_k]
+        # Segmentation reads every level (through the decoder); classification one (head.cls_stride: nearest 16 by
+        # default), or with head.cls_taps: all its own map on that level's grid (no level map is aligned for it).
+        cls_k, own_cls = self.config.cls_level, tcfg.type == "cls" and self.config.cls_reads_all_taps
+        weighed = list(range(len(levels))) if tcfg.type == "seg" else [cls_k]  # levels whose gate weights count
+        used = [] if own_cls else weighed  # levels whose maps are aligned
         if fusion == "gated" and self.gate.needs_features and g not in used:
             used = sorted({*used, g})
 
@@ -233,27 +249,25 @@ class Router(nn.Module):
         if fusion == "single":
             active = [names.index(self.config.single)]
         elif weights is not None and not self.training and self.config.gate.top_k is not None:
-            active = rearrange(weights[:, used], "b l e ... -> e (b l ...)").gt(0).any(dim=1).nonzero().flatten().tolist()
+            active = rearrange(weights[:, weighed], "b l e ... -> e (b l ...)").gt(0).any(dim=1).nonzero().flatten().tolist()
         else:
             active = list(range(n))
 
         # 2. Run and align the active extractors, at the used levels.
-        maps, vecs = {}, {}
+        maps, vecs, cls_maps = {}, {}, {}
+        level_grids = [grids[k] if k in used else None for k in range(len(levels))]
         for i in active:
-            maps[i], vecs[i] = self._run_extractor(names[i], images, [grids[k] if k in used else None
-                                                                      for k in range(len(levels))], features)
+            maps[i], vecs[i], cls_maps[i] = self._run_extractor(names[i], images, level_grids, features,
+                                                                cls_grid=grids[cls_k] if own_cls else None)
 
         # 3. Fuse, level by level.
         if fusion == "gated" and weights is None:  # the gate reads the aligned features of its level
             weights, aux = self.gate(task, b, grids[g], features=torch.stack([maps[i][g] for i in active]).mean(0))
         fused: list[torch.Tensor | None] = [None] * len(levels)
         for k in used:
-            wk = None
-            if weights is not None:
-                wk = weights[:, k]
-                if wk.ndim == 4 and k != g:  # token weights live on the gate's grid: resample (a convex mix)
-                    wk = resample(wk, grids[k])
-            fused[k] = self._fuse({i: maps[i][k] for i in active}, wk, k)
+            fused[k] = self._fuse({i: maps[i][k] for i in active}, self._level_weights(weights, k, grids[k]), k)
+        if own_cls:
+            fused[cls_k] = self._fuse(cls_maps, self._level_weights(weights, cls_k, grids[cls_k]), cls_k)
         if weights is None:  # fixed weights for single / mean / concat, reported the same way
             weights = torch.zeros(b, len(levels), n, device=images.device)
             for i in active:  # int indices: a list index is copied host -> device, a sync on an accelerator
@@ -462,7 +476,7 @@ class Router(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"fusion={c.fusion}, levels={c.strides}, widths={c.widths}, detail={c.has_detail}, "
-                f"refine={c.head.refine}, cls_stride={c.strides[c.cls_level]}")
+                f"refine={c.head.refine}, cls_stride={c.strides[c.cls_level]}, cls_taps={c.head.cls_taps}")
 
 
 def upgrade_state_v1(state: dict[str, torch.Tensor], config: RouterConfig) -> dict[str, torch.Tensor]:

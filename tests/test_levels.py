@@ -145,6 +145,84 @@ def test_bad_cls_stride_is_an_error_naming_the_key():
         make_config(head={"cls_stride": 64})
 
 
+def _level_hooks(model: Router) -> list[tuple[str, str]]:
+    """Record (extractor, level or "cls") for every aligner of `model` that runs."""
+    calls = []
+    for name, aligner in model.aligners.items():
+        parts = dict(aligner.levels.items()) | ({"cls": aligner.cls} if hasattr(aligner, "cls") else {})
+        for key, part in parts.items():
+            part.register_forward_hook(lambda m, i, o, k=(name, key): calls.append(k))
+    return calls
+
+
+def test_cls_taps_all_classifies_from_the_one_level_models_map():
+    """head.cls_taps: all: a pyramid's classification reads its own aligners' map, every tap resampled onto the
+    stride-16 grid, and aligns no level for it. Given the same weights it gives the one-level model's
+    classification logits; gradients reach only that aligner."""
+    torch.manual_seed(0)
+    pyramid = Router(make_config(fusion="mean", head={"seg_hidden": 16, "cls_hidden": 16, "cls_taps": "all"})).eval()
+    one = Router(make_config(levels=[16], fusion="mean")).eval()  # the same taps (CNN stages 1-4) on one grid
+    assert "cls_taps=all" in repr(pyramid)
+    cls_aligner = pyramid.aligners["cnn"].cls
+    assert [t.index for t in cls_aligner.taps] == [0, 1, 2, 3] and not any(t.factor for t in cls_aligner.taps)
+    state = {k: v for k, v in pyramid.state_dict().items() if k.startswith(("extractors.", "cls_head."))}
+    for name in pyramid.extractor_names:
+        state |= {f"aligners.{name}.levels.16.{k}": v for k, v in pyramid.aligners[name].cls.state_dict().items()}
+        state |= {f"aligners.{name}.pooled_proj.{k}": v for k, v in pyramid.aligners[name].pooled_proj.state_dict().items()}
+    missing, unexpected = one.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("seg_head.") for k in missing)
+    calls = _level_hooks(pyramid)
+    images = torch.rand(2, 3, 61, 45)
+    with torch.no_grad():
+        torch.testing.assert_close(pyramid(images, task="cls_b")["cls"], one(images, task="cls_b")["cls"])
+    assert sorted(calls) == [("cnn", "cls"), ("p14", "cls"), ("p16", "cls")]
+    pyramid.train()(images, task="cls_b")["cls"].sum().backward()
+    grads = {n for n, p in pyramid.named_parameters() if p.grad is not None and n.startswith("aligners.")}
+    assert grads and all(".cls." in n or ".pooled_proj." in n for n in grads)
+
+
+@pytest.mark.parametrize("granularity, top_k", [("image", None), ("token", None), ("image", 1)])
+def test_cls_taps_all_leaves_segmentation_and_routing_as_they_were(granularity, top_k, tmp_path):
+    """With the `cls_taps: level` model's weights, the `all` model segments identically; its gate still sums
+    to one per level, top-k still skips, and it saves, loads and names the setting in its card."""
+    torch.manual_seed(0)
+    base = Router(make_config(granularity=granularity, top_k=top_k)).eval()
+    model = Router(make_config(granularity=granularity, top_k=top_k,
+                               head={"seg_hidden": 16, "cls_hidden": 16, "cls_taps": "all"})).eval()
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing and all(".cls." in k for k in missing)
+    images = torch.rand(2, 3, 50, 70)
+    with torch.no_grad():
+        if top_k:  # every level's choice on "cnn"
+            for m in (base, model):
+                m.gate.mlp[-1].bias.view(4, 3)[:, 2] += 100.0
+        torch.testing.assert_close(model(images, task="seg_a")["seg"], base(images, task="seg_a")["seg"])
+        out = model(images, task="cls_b")
+    assert out["cls"].shape == (2, 3)
+    torch.testing.assert_close(out["gate_levels"].sum(dim=2), torch.ones_like(out["gate_levels"][:, :, 0]))
+    assert out["ran"].tolist() == ([False, False, True] if top_k else [True, True, True])
+    model.save_pretrained(tmp_path)
+    assert "classification reads every tap resampled onto the stride-16 grid (`cls_taps: all`)" in (
+        tmp_path / "README.md").read_text()
+    with torch.no_grad():
+        torch.testing.assert_close(Router.from_pretrained(tmp_path).eval()(images, task="cls_b")["cls"], out["cls"])
+
+
+def test_cls_taps_all_at_one_level_is_the_one_level_model():
+    """At one level the level's map already holds every tap: `cls_taps: all` builds nothing more."""
+    torch.manual_seed(0)
+    base = Router(make_config(levels=[16]))
+    torch.manual_seed(0)
+    model = Router(make_config(levels=[16], head={"seg_hidden": 16, "cls_hidden": 16, "cls_taps": "all"}))
+    assert model.state_dict().keys() == base.state_dict().keys()
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_bad_cls_taps_is_an_error_naming_the_key():
+    with pytest.raises(ValueError, match=r"head.cls_taps: expected one of \('level', 'all'\), got 'every'"):
+        make_config(head={"cls_taps": "every"})
+
+
 @pytest.mark.parametrize("refine", [[2, 1], [2]])
 @pytest.mark.parametrize("size, channels", [((97, 130), 3), ((61, 45), 1)])
 def test_refine_carries_segmentation_to_the_detail_maps_grid(refine, size, channels):
