@@ -264,7 +264,7 @@ class Router(nn.Module):
         if fusion == "gated" and weights is None:  # the gate reads the aligned features of its level
             weights, aux = self.gate(task, b, grids[g], features=torch.stack([maps[i][g] for i in active]).mean(0))
         fused: list[torch.Tensor | None] = [None] * len(levels)
-        for k in used:
+        for k in ([] if own_cls else used):  # (with own_cls a used level is aligned only for the gate to read)
             fused[k] = self._fuse({i: maps[i][k] for i in active}, self._level_weights(weights, k, grids[k]), k)
         if own_cls:
             fused[cls_k] = self._fuse(cls_maps, self._level_weights(weights, cls_k, grids[cls_k]), cls_k)

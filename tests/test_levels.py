@@ -181,14 +181,16 @@ def test_cls_taps_all_classifies_from_the_one_level_models_map():
     assert grads and all(".cls." in n or ".pooled_proj." in n for n in grads)
 
 
-@pytest.mark.parametrize("granularity, top_k", [("image", None), ("token", None), ("image", 1)])
-def test_cls_taps_all_leaves_segmentation_and_routing_as_they_were(granularity, top_k, tmp_path):
-    """With the `cls_taps: level` model's weights, the `all` model segments identically; its gate still sums
-    to one per level, top-k still skips, and it saves, loads and names the setting in its card."""
+@pytest.mark.parametrize("granularity, top_k, content", [("image", None, "pixels"), ("token", None, "pixels"),
+                                                         ("image", 1, "pixels"), ("token", None, "features")])
+def test_cls_taps_all_leaves_segmentation_and_routing_as_they_were(granularity, top_k, content, tmp_path):
+    """With the `cls_taps: level` model's weights, the `all` model segments identically; its gate (also one that
+    reads the stride-16 level's features) still sums to one per level, top-k still skips, and it saves, loads and
+    names the setting in its card."""
     torch.manual_seed(0)
-    base = Router(make_config(granularity=granularity, top_k=top_k)).eval()
-    model = Router(make_config(granularity=granularity, top_k=top_k,
-                               head={"seg_hidden": 16, "cls_hidden": 16, "cls_taps": "all"})).eval()
+    gate = {"granularity": granularity, "top_k": top_k, "hidden": 16, "content": content}
+    base = Router(make_config(gate=gate)).eval()
+    model = Router(make_config(gate=gate, head={"seg_hidden": 16, "cls_hidden": 16, "cls_taps": "all"})).eval()
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     assert not unexpected and missing and all(".cls." in k for k in missing)
     images = torch.rand(2, 3, 50, 70)
