@@ -229,7 +229,9 @@ def router_card(config: RouterConfig, infos: dict[str, ExtractorInfo], saved: li
             + (f"; trained with an auxiliary stride-16 seg head (weight {c.head.aux_weight})" if c.head.aux_weight else ""),
             *(["- classification reads " + (f"every tap resampled onto the stride-{c.strides[c.cls_level]} grid "
                                              "(`cls_taps: all`)" if c.cls_reads_all_taps
-                                             else f"the stride-{c.strides[c.cls_level]} level")]
+                                             else f"the stride-{c.strides[c.cls_level]} level"
+                                             + (", built from every tap for every task (`cls_taps: shared`)"
+                                                if c.every_tap_level is not None else ""))]
               if any(t.type == "cls" for t in c.tasks) else []),
             *([f"- gate: granularity `{g.granularity}`, content `{g.content}`, combine `{g.combine}`, top-k "
                f"{g.top_k or 'all'}" + (f" (`{g.top_k_levels}` across levels)" if g.top_k and len(c.strides) > 1 else "")

@@ -28,7 +28,7 @@ FORMAT_VERSION = 4  # 4: classification reads the level nearest stride 16 (head.
 FUSIONS = ("single", "mean", "concat", "gated")
 GRANULARITIES = ("task", "image", "token")
 TASK_TYPES = ("seg", "cls")
-CLS_TAPS = ("level", "all")
+CLS_TAPS = ("level", "all", "shared")
 
 
 @dataclass
@@ -120,7 +120,8 @@ class HeadConfig:
     refine_width: int = 8  # channels of the refiner's stages
     cls_stride: int | None = None  # the level classification reads (one of `levels`); None: the level nearest stride 16
     cls_taps: str = "level"  # what classification reads on that level's grid, levels > 1: "level" (the level's own
-    #                          map) or "all" (every tap of each extractor resampled onto that grid, as at one level)
+    #                          map), "all" (its own map: every tap of each extractor resampled onto that grid, as at
+    #                          one level) or "shared" (that level itself is built from every tap, for every task)
     cls_pooling: str = "mean"  # "mean" or "attention" pooling of the fused map
     cls_hidden: int = 256  # hidden width of the shared classification MLP
     dropout: float = 0.0  # dropout before the per-task outputs
@@ -243,6 +244,12 @@ class RouterConfig:
         """Whether classification has its own aligners (`head.cls_taps: all` on a pyramid; at one level the
         level's map already holds every tap)."""
         return self.head.cls_taps == "all" and len(self.strides) > 1
+
+    @property
+    def every_tap_level(self) -> int | None:
+        """Index of the level built from every tap of each extractor (`head.cls_taps: shared` on a pyramid: the
+        classification level, read by every task), else None (each level has its own taps)."""
+        return self.cls_level if self.head.cls_taps == "shared" and len(self.strides) > 1 else None
 
     @property
     def has_detail(self) -> bool:

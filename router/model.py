@@ -63,7 +63,8 @@ class Router(nn.Module):
     segmentation head reads it (``head.refine``: and carries it on to stride 2 / 1 with the detail stem's maps).
     Classification reads one level (``head.cls_stride``, default the one nearest stride 16) and the pooled vectors;
     with ``head.cls_taps: all`` it reads instead its own map on that level's grid, into which every tap of each
-    extractor is resampled, as at one level. With one level there is no decoder: ``levels: [16]`` is the
+    extractor is resampled, as at one level; with ``head.cls_taps: shared`` that level itself is built so, for
+    segmentation too. With one level there is no decoder: ``levels: [16]`` is the
     single-grid model of format 1, bit for bit.
 
     >>> model = Router.from_config("configs/tiny.yaml")
@@ -82,8 +83,9 @@ class Router(nn.Module):
             self.extractors[ecfg.name] = ext.freeze() if ecfg.frozen else ext
         levels, widths = config.strides, config.widths
         cls_width = widths[config.cls_level] if config.cls_reads_all_taps else None
-        self.aligners = nn.ModuleDict({n: Aligner(e.info, levels, widths, pooled_width=widths[-1], cls_width=cls_width)
-                                       for n, e in self.extractors.items()})
+        every = None if config.every_tap_level is None else levels[config.every_tap_level]
+        self.aligners = nn.ModuleDict({n: Aligner(e.info, levels, widths, pooled_width=widths[-1], cls_width=cls_width,
+                                                  every_tap_level=every) for n, e in self.extractors.items()})
         n = len(self.extractors)
         if config.fusion == "concat" or (config.fusion == "gated" and config.gate.combine == "concat"):
             self.concat_proj = nn.ModuleDict({str(s): nn.Conv2d(n * w, w, 1) for s, w in zip(levels, widths)})

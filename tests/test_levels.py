@@ -220,8 +220,51 @@ def test_cls_taps_all_at_one_level_is_the_one_level_model():
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())
 
 
+def test_cls_taps_shared_is_the_all_map_read_by_every_task(tmp_path):
+    """head.cls_taps: shared builds the stride-16 level itself from every tap: given the `all` model's weights
+    (its classification aligner moved to that level) it classifies identically; segmentation reads the same map,
+    so segmentation's gradients reach it; the other levels keep their own taps; save / load / card hold."""
+    torch.manual_seed(0)
+    head = {"seg_hidden": 16, "cls_hidden": 16}
+    ref = Router(make_config(fusion="mean", head={**head, "cls_taps": "all"})).eval()
+    model = Router(make_config(fusion="mean", head={**head, "cls_taps": "shared"})).eval()
+    level16 = model.aligners["cnn"].levels["16"]
+    assert [t.index for t in level16.taps] == [0, 1, 2, 3] and not any(t.factor for t in level16.taps)
+    assert [t.index for t in model.aligners["cnn"].levels["4"].taps] == [0]  # the other levels as with `level`
+    assert not hasattr(model.aligners["cnn"], "cls")
+    state = ref.state_dict()
+    for name in ref.extractor_names:
+        for k in [k for k in state if k.startswith(f"aligners.{name}.levels.16.")]:
+            del state[k]
+        state |= {f"aligners.{name}.levels.16.{k}": v for k, v in ref.aligners[name].cls.state_dict().items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not missing and all(".cls." in k for k in unexpected)
+    images = torch.rand(2, 3, 61, 45)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, task="cls_b")["cls"], ref(images, task="cls_b")["cls"])
+        assert not torch.allclose(model(images, task="seg_a")["seg"], ref(images, task="seg_a")["seg"])
+    model.train()(images, task="seg_a")["seg"].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in model.named_parameters() if n.startswith("aligners.cnn.levels.16.proj."))
+    model.save_pretrained(tmp_path)
+    assert "the stride-16 level, built from every tap for every task (`cls_taps: shared`)" in (
+        tmp_path / "README.md").read_text()
+    with torch.no_grad():
+        torch.testing.assert_close(Router.from_pretrained(tmp_path).eval()(images, task="cls_b")["cls"],
+                                   model.eval()(images, task="cls_b")["cls"])
+
+
+def test_cls_taps_shared_at_one_level_is_the_one_level_model():
+    torch.manual_seed(0)
+    base = Router(make_config(levels=[16]))
+    torch.manual_seed(0)
+    model = Router(make_config(levels=[16], head={"seg_hidden": 16, "cls_hidden": 16, "cls_taps": "shared"}))
+    assert model.state_dict().keys() == base.state_dict().keys()
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())
+
+
 def test_bad_cls_taps_is_an_error_naming_the_key():
-    with pytest.raises(ValueError, match=r"head.cls_taps: expected one of \('level', 'all'\), got 'every'"):
+    with pytest.raises(ValueError, match=r"head.cls_taps: expected one of \('level', 'all', 'shared'\), got 'every'"):
         make_config(head={"cls_taps": "every"})
 
 
