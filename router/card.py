@@ -226,7 +226,8 @@ def router_card(config: RouterConfig, infos: dict[str, ExtractorInfo], saved: li
                else "no (one level)")
             + (f"; refined to stride {c.head.refine[-1]} with the detail maps at {c.head.refine}" if c.head.refine else "")
             + ("; seg logits add a stride-16 head's (`coarse_logits`)" if c.head.coarse_logits else "")
-            + (f"; trained with an auxiliary stride-16 seg head (weight {c.head.aux_weight})" if c.head.aux_weight else ""),
+            + (f"; trained with an auxiliary stride-16 seg head (weight {c.head.aux_weight}"
+               + (", on classification's every-tap map)" if c.cls_reads_all_taps else ")") if c.head.aux_weight else ""),
             *(["- classification reads " + (f"every tap resampled onto the stride-{c.strides[c.cls_level]} grid "
                                              "(`cls_taps: all`)" if c.cls_reads_all_taps
                                              else f"the stride-{c.strides[c.cls_level]} level"

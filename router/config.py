@@ -126,7 +126,8 @@ class HeadConfig:
     cls_hidden: int = 256  # hidden width of the shared classification MLP
     dropout: float = 0.0  # dropout before the per-task outputs
     aux_weight: float = 0.0  # seg, levels > 1: loss weight of an auxiliary seg head on the level nearest stride 16,
-    #                          trained beside the main head, not run at inference (UPerNet / PSPNet; mmseg uses 0.4)
+    #                          trained beside the main head, not run at inference (UPerNet / PSPNet; mmseg uses 0.4);
+    #                          with cls_taps "all" it reads classification's map, which segmentation then trains too
     coarse_logits: bool = False  # seg, levels > 1: logits = a head on the level nearest stride 16 (the one-grid
     #                              model's) + the pyramid head's, whose outputs start at zero (a learned fine correction)
 

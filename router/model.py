@@ -111,9 +111,10 @@ class Router(nn.Module):
         if h.coarse_logits:  # a one-grid-style head on the stride-16 level; the pyramid head adds a correction
             self.coarse_seg_head = SegHead(widths[self.gate_level], seg, hidden=h.seg_hidden, dropout=h.dropout,
                                            trunk=h.seg_trunk)
-        if h.aux_weight > 0:  # training only: a plain seg head on the stride-16 level (UPerNet's auxiliary head)
-            self.aux_seg_head = SegHead(widths[self.gate_level], seg, hidden=h.seg_hidden, dropout=h.dropout,
-                                        trunk=h.seg_trunk)
+        if h.aux_weight > 0:  # training only: a plain seg head on the stride-16 level (UPerNet's auxiliary head),
+            #                 or with cls_taps: all on classification's map, so segmentation trains it as at one level
+            aux_width = widths[config.cls_level] if config.cls_reads_all_taps else widths[self.gate_level]
+            self.aux_seg_head = SegHead(aux_width, seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk)
         self.cls_head = ClsHead(widths[config.cls_level], cls, pooling=h.cls_pooling, hidden=h.cls_hidden, dropout=h.dropout,
                                 pooled_dim=widths[-1])
 
@@ -238,6 +239,8 @@ class Router(nn.Module):
         # Segmentation reads every level (through the decoder); classification one (head.cls_stride: nearest 16 by
         # default), or with head.cls_taps: all its own map on that level's grid (no level map is aligned for it).
         cls_k, own_cls = self.config.cls_level, tcfg.type == "cls" and self.config.cls_reads_all_taps
+        aux_cls_map = (self.training and tcfg.type == "seg" and hasattr(self, "aux_seg_head")
+                       and self.config.cls_reads_all_taps)  # the auxiliary seg head reads classification's map
         weighed = list(range(len(levels))) if tcfg.type == "seg" else [cls_k]  # levels whose gate weights count
         used = [] if own_cls else weighed  # levels whose maps are aligned
         if fusion == "gated" and self.gate.needs_features and g not in used:
@@ -260,7 +263,7 @@ class Router(nn.Module):
         level_grids = [grids[k] if k in used else None for k in range(len(levels))]
         for i in active:
             maps[i], vecs[i], cls_maps[i] = self._run_extractor(names[i], images, level_grids, features,
-                                                                cls_grid=grids[cls_k] if own_cls else None)
+                                                                cls_grid=grids[cls_k] if own_cls or aux_cls_map else None)
 
         # 3. Fuse, level by level.
         if fusion == "gated" and weights is None:  # the gate reads the aligned features of its level
@@ -298,7 +301,9 @@ class Router(nn.Module):
             else:
                 out["seg"] = self.seg_head(x, task, out_size=(h, w), skips=skip_maps)
             if self.training and hasattr(self, "aux_seg_head"):
-                out["seg_aux"] = self.aux_seg_head(fused[g], task, out_size=(h, w))
+                aux_in = self._fuse(cls_maps, self._level_weights(weights, cls_k, grids[cls_k]), cls_k) if aux_cls_map \
+                    else fused[g]
+                out["seg_aux"] = self.aux_seg_head(aux_in, task, out_size=(h, w))
         else:
             out["cls"] = self.cls_head(fused[cls_k], task, pooled=self._fuse_pooled(vecs, cls_w))
         return out

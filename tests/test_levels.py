@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from extractors import ExtractorInfo
 from heads import output_loss
 from router import Router, RouterConfig
-from router.align import assign_taps, resample
+from router.align import assign_taps, grid_size, resample
 from router.config import TaskConfig
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "router_v1"
@@ -343,6 +343,31 @@ def test_auxiliary_head_trains_on_the_stride_16_level_and_is_not_run_at_inferenc
     assert "trained with an auxiliary stride-16 seg head (weight 0.4)" in (tmp_path / "README.md").read_text()
     own, back = model.state_dict(), loaded.state_dict()
     assert own.keys() == back.keys() and all(torch.equal(own[k], back[k]) for k in own)
+
+
+def test_auxiliary_head_with_cls_taps_all_reads_and_trains_classifications_map(tmp_path):
+    """With head.cls_taps: all the auxiliary seg head reads classification's every-tap map (as the one-level model's
+    seg head reads the map its classification reads), so segmentation's loss trains classification's aligners too;
+    the main segmentation is the `cls_taps: level` model's and inference runs no auxiliary head."""
+    torch.manual_seed(0)
+    head = {"seg_hidden": 16, "cls_hidden": 16, "aux_weight": 0.4}
+    model = Router(make_config(fusion="mean", head={**head, "cls_taps": "all"})).train()
+    base = Router(make_config(fusion="mean", head=head)).train()
+    assert not base.load_state_dict(model.state_dict(), strict=False).missing_keys
+    x = torch.rand(2, 3, 61, 45)
+    out = model(x, task="seg_a")
+    torch.testing.assert_close(out["seg"], base(x, task="seg_a")["seg"])
+    grid = grid_size((61, 45), 16)
+    with torch.no_grad():
+        cls_map = sum(model.aligners[n].cls(model.extractors[n](x)["dense"], grid) for n in model.extractor_names) / 3
+        torch.testing.assert_close(out["seg_aux"], model.aux_seg_head(cls_map, "seg_a", out_size=(61, 45)))
+    out["seg_aux"].sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(".cls." in n for n in grads) and not any(".levels." in n for n in grads)
+    assert "seg_aux" not in model.eval()(x, task="seg_a")
+    model.save_pretrained(tmp_path)
+    assert "auxiliary stride-16 seg head (weight 0.4, on classification's every-tap map)" in (
+        tmp_path / "README.md").read_text()
 
 
 @pytest.mark.parametrize("refine", [[], [1]])
