@@ -210,12 +210,13 @@ def test_cls_taps_all_leaves_segmentation_and_routing_as_they_were(granularity, 
         torch.testing.assert_close(Router.from_pretrained(tmp_path).eval()(images, task="cls_b")["cls"], out["cls"])
 
 
-def test_cls_taps_all_at_one_level_is_the_one_level_model():
-    """At one level the level's map already holds every tap: `cls_taps: all` builds nothing more."""
+@pytest.mark.parametrize("cls_taps", ["all", "shared"])
+def test_cls_taps_at_one_level_is_the_one_level_model(cls_taps):
+    """At one level the level's map already holds every tap: `cls_taps: all` / `shared` build nothing more."""
     torch.manual_seed(0)
     base = Router(make_config(levels=[16]))
     torch.manual_seed(0)
-    model = Router(make_config(levels=[16], head={"seg_hidden": 16, "cls_hidden": 16, "cls_taps": "all"}))
+    model = Router(make_config(levels=[16], head={"seg_hidden": 16, "cls_hidden": 16, "cls_taps": cls_taps}))
     assert model.state_dict().keys() == base.state_dict().keys()
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())
 
@@ -244,23 +245,14 @@ def test_cls_taps_shared_is_the_all_map_read_by_every_task(tmp_path):
         torch.testing.assert_close(model(images, task="cls_b")["cls"], ref(images, task="cls_b")["cls"])
         assert not torch.allclose(model(images, task="seg_a")["seg"], ref(images, task="seg_a")["seg"])
     model.train()(images, task="seg_a")["seg"].sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0
-               for n, p in model.named_parameters() if n.startswith("aligners.cnn.levels.16.proj."))
+    shared_proj = [p for n, p in model.named_parameters() if n.startswith("aligners.cnn.levels.16.proj.")]
+    assert len(shared_proj) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in shared_proj)
     model.save_pretrained(tmp_path)
     assert "the stride-16 level, built from every tap for every task (`cls_taps: shared`)" in (
         tmp_path / "README.md").read_text()
     with torch.no_grad():
         torch.testing.assert_close(Router.from_pretrained(tmp_path).eval()(images, task="cls_b")["cls"],
                                    model.eval()(images, task="cls_b")["cls"])
-
-
-def test_cls_taps_shared_at_one_level_is_the_one_level_model():
-    torch.manual_seed(0)
-    base = Router(make_config(levels=[16]))
-    torch.manual_seed(0)
-    model = Router(make_config(levels=[16], head={"seg_hidden": 16, "cls_hidden": 16, "cls_taps": "shared"}))
-    assert model.state_dict().keys() == base.state_dict().keys()
-    assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_bad_cls_taps_is_an_error_naming_the_key():
