@@ -228,6 +228,12 @@ def check_item_files(items: list[Item], task: TaskConfig, decoded: dict[Any, Any
     return {"modes": modes, "mask_pixels": pixels}
 
 
+def read_image_labels(folder: Path) -> dict[str, str]:
+    """stem -> image class name from a dataset folder's labels.csv (its class_name, else class_idx as text)."""
+    rows = _read_csv(folder / "labels.csv", ("stem", "class_idx"))
+    return {row["stem"]: row.get("class_name") or row["class_idx"] for row in rows}
+
+
 def load_task_data(task: TaskConfig, source: DataTaskConfig, root: Path, data: DataConfig, progress: bool = False,
                    decoded: dict | None = None) -> TaskData:
     """Read one task's folder, check it (decoding every file once), fill in its classes / ignore_index, split it."""
