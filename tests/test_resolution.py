@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 import yaml
+from conftest import script_main
 
 import train.resolution
 from router import Router, RouterConfig
-from tests.conftest import script_main
 from train.errors import RunError
 from train.metrics import SegMetrics
 from train.resolution import GridCeiling, GroupIoU, block_prediction
