@@ -8,8 +8,8 @@ ceiling is 0.14 foreground IoU at stride 16 and 0.43 at stride 4; on MTD's defec
 It is an estimate of what a grid can carry, not a bound on every possible head (a learned upsampler can do better
 than bilinear), and it is computed on the masks alone.
 
-:class:`GroupIoU` accumulates intersections and unions overall and per image group (e.g. MTD's defect type from
-its labels.csv), and for two classes counts the images with foreground and those where the prediction hits any of
+:class:`GroupIoU` scores predictions with the training metric overall and per image group (e.g. MTD's defect type
+from its labels.csv), and for two classes counts the images with foreground and those where the prediction hits any of
 it: a model far below its grid's ceiling that finds few of the defect images is limited by recognition, not by
 resolution. ``python train/ceiling.py`` prints both for a config's segmentation tasks.
 
@@ -29,21 +29,23 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from train.metrics import SegMetrics
+
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)  # foreground-fraction thresholds tried for a two-class task
 ALL = "all"  # the group name of every image together
 
 
 class GroupIoU:
-    """Per-class intersections and unions of predictions against masks, overall and per image group.
+    """The training metric (train/metrics.py's SegMetrics) of predictions against masks, overall and per image group.
 
-    ``score()`` is the foreground IoU for two classes (class 1), else the mean IoU over classes that occur
-    (in the prediction or the mask), as train/metrics.py scores a task.
+    ``score()`` is what a task is scored by: the foreground IoU for two classes, else the mean IoU over the classes
+    that occur. For two classes it also counts, per group, the images with foreground and those where the
+    prediction hits any of it.
     """
 
     def __init__(self, num_classes: int, ignore_index: int | None = None):
         self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.inter: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(num_classes, dtype=torch.float64))
-        self.union: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(num_classes, dtype=torch.float64))
+        self.meters: dict[str, SegMetrics] = {}
         self.images: dict[str, int] = defaultdict(int)  # group -> images with foreground (two classes)
         self.found: dict[str, int] = defaultdict(int)  # group -> of those, images where the prediction hits any of it
 
@@ -54,37 +56,28 @@ class GroupIoU:
                              "both be B x H x W")
         if groups is not None and len(groups) != pred.shape[0]:
             raise ValueError(f"GroupIoU.update: {len(groups)} group names for a batch of {pred.shape[0]} images")
-        valid = torch.ones_like(target, dtype=torch.bool) if self.ignore_index is None else target != self.ignore_index
-        classes = torch.arange(self.num_classes, device=pred.device)[:, None, None]
-        for i in range(pred.shape[0]):
-            p = (pred[i] == classes) & valid[i]
-            t = (target[i] == classes) & valid[i]
-            inter = (p & t).flatten(1).sum(1).double().cpu()
-            union = (p | t).flatten(1).sum(1).double().cpu()
-            names = [ALL] if groups is None else [ALL, groups[i]]
-            for g in names:
-                self.inter[g] += inter
-                self.union[g] += union
-                if self.num_classes == 2 and bool(t[1].any()):
-                    self.images[g] += 1
-                    self.found[g] += int(inter[1].item() > 0)
+        members = {ALL: list(range(pred.shape[0]))}
+        for i, g in enumerate(groups or []):
+            members.setdefault(g, []).append(i)
+        fg = (target == 1).flatten(1)
+        has_fg, hit = fg.any(1), ((pred == 1).flatten(1) & fg).any(1)
+        for g, idx in members.items():
+            if g not in self.meters:
+                self.meters[g] = SegMetrics([str(k) for k in range(self.num_classes)], self.ignore_index)
+            self.meters[g].update(pred[idx], target[idx])
+            if self.num_classes == 2:
+                self.images[g] += int(has_fg[idx].sum())
+                self.found[g] += int(hit[idx].sum())
 
     def groups(self) -> list[str]:
         """The group names seen, `all` first."""
-        return [ALL] + sorted(g for g in self.inter if g != ALL)
-
-    def iou(self, group: str = ALL) -> list[float]:
-        """Per-class IoU of a group (nan for a class absent from both prediction and mask)."""
-        inter, union = self.inter[group], self.union[group]
-        return [float(i / u) if u > 0 else math.nan for i, u in zip(inter, union, strict=True)]
+        return [ALL] + sorted(g for g in self.meters if g != ALL)
 
     def score(self, group: str = ALL) -> float:
         """Foreground IoU (two classes) or mean IoU over the classes that occur; nan for an empty group."""
-        ious = self.iou(group)
-        if self.num_classes == 2:
-            return ious[1]
-        present = [v for v in ious if not math.isnan(v)]
-        return sum(present) / len(present) if present else math.nan
+        if group not in self.meters:
+            return math.nan
+        return self.meters[group].compute()["fg_iou" if self.num_classes == 2 else "mIoU"]
 
 
 def block_prediction(masks: torch.Tensor, num_classes: int, stride: int,
