@@ -1,4 +1,4 @@
-"""Multi-level routing: the one-level model unchanged bit for bit, shapes and gate sums at every level,
+"""Multi-level routing: the one-level model unchanged (format-1 outputs within float32 rounding), shapes and gate sums at every level,
 top-k skipping, tap assignment, and thin lines that only the multi-level model can segment."""
 
 from __future__ import annotations
@@ -41,9 +41,13 @@ def make_config(levels=(4, 8, 16, 32), fusion="gated", granularity="image", top_
 
 
 @pytest.mark.parametrize("name", ["gated_image", "gated_token_concat", "concat"])
-def test_format_1_checkpoints_load_as_levels_16_and_give_the_same_outputs_bit_for_bit(name):
+def test_format_1_checkpoints_load_as_levels_16_and_give_the_same_outputs(name):
     """Routers saved by the single-grid code (tests/data/router_v1/README.md) load as ``levels: [16]``, with
-    the same parameters (renamed, none added or dropped), and reproduce their saved outputs exactly."""
+    the same parameters (renamed, none added or dropped), and reproduce their saved outputs.
+
+    The outputs were saved on another machine and torch build: another BLAS, CPU or thread count sums in
+    another order (measured 1.5e-7 to 2.8e-7 apart), so they are compared within float32 rounding
+    (rtol 1e-5, atol 1e-6), while a wrong or missing weight moves them by orders of magnitude more."""
     d = GOLDEN / name
     model = Router.from_pretrained(d).eval()
     assert model.config.strides == [16] and model.config.has_detail is False and not hasattr(model, "decoder")
@@ -52,16 +56,10 @@ def test_format_1_checkpoints_load_as_levels_16_and_give_the_same_outputs_bit_fo
     assert len(own) == len(saved)  # every extractor was saved (random weights): the same number of tensors
     assert sorted(v.shape for v in own.values()) == sorted(v.shape for v in saved.values())
     io = load_file(str(d / "io.safetensors"))
-    # The files were written with 2 CPU threads; another thread count sums in another order (~1e-7 apart).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.no_grad():
-            seg, cls = model(io["images"], task="seg_a"), model(io["images"], task="cls_b")
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(seg["seg"], io["seg"]) and torch.equal(cls["cls"], io["cls"])
-    assert torch.equal(seg["gate"], io["seg_gate"]) and torch.equal(cls["gate"], io["cls_gate"])
+    with torch.no_grad():
+        seg, cls = model(io["images"], task="seg_a"), model(io["images"], task="cls_b")
+    for got, key in ((seg["seg"], "seg"), (cls["cls"], "cls"), (seg["gate"], "seg_gate"), (cls["gate"], "cls_gate")):
+        torch.testing.assert_close(got, io[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{name} {k}: {m}")
 
 
 def test_levels_16_builds_the_format_1_model_from_a_config():
