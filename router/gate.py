@@ -29,6 +29,19 @@ def top_k_renormalize(weights: torch.Tensor, k: int, dim: int = 1, score: torch.
     return kept / kept.sum(dim=dim, keepdim=True)
 
 
+def keep_renormalized(weights: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """Gate weights (B x L x E [x h x w]) with every extractor outside `keep` zeroed and the rest renormalised
+    to sum to 1 over E: the model as if only those extractors were in the committee (ablation at evaluation).
+
+    >>> keep_renormalized(torch.tensor([[[0.5, 0.3, 0.2]]]), [1, 2])
+    tensor([[[0.0000, 0.6000, 0.4000]]])
+    """
+    mask = torch.zeros(weights.shape[2], dtype=weights.dtype, device=weights.device)
+    mask[keep] = 1.0
+    kept = weights * mask.view(1, 1, -1, *([1] * (weights.ndim - 3)))
+    return kept / kept.sum(dim=2, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+
+
 class PixelStem(nn.Module):
     """A small conv stem that looks at the image itself, so the gate can decide before any extractor runs.
 

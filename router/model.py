@@ -29,7 +29,7 @@ from .align import Aligner, grid_size, resample
 from .card import router_card, write_card
 from .config import FORMAT_VERSION, RouterConfig, TaskConfig, load_yaml_or_json, nearest_level
 from .detail import SKIP_WIDTHS, DetailStem
-from .gate import TaskGate
+from .gate import TaskGate, keep_renormalized
 from .inputs import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -195,41 +195,47 @@ class Router(nn.Module):
         return resample(wk, grid) if wk.ndim == 4 and k != self.gate_level else wk
 
     def _fuse(self, maps: dict[int, torch.Tensor], weights: torch.Tensor | None, level: int) -> torch.Tensor:
-        """One level's maps (extractor index -> B x D x h x w) fused with that level's weights (B x E [x h x w])."""
+        """One level's maps (extractor index -> B x D x h x w) fused with that level's weights (B x E [x h x w]);
+        an extractor without a map (skipped, or left out by ``keep``) enters a concat as zeros."""
         fusion, n, active = self.config.fusion, len(self.extractors), list(maps)
+        zero_map = torch.zeros_like(maps[active[0]])
         if fusion == "gated":
             wmap = weights[:, :, None, None, None] if weights.ndim == 2 else weights[:, :, None]  # -> B x 1 x (1|h) x (1|w)
             if self.config.gate.combine == "concat":  # weighted maps side by side (x n: equal weights = concat)
-                zero_map = torch.zeros_like(maps[active[0]])
                 proj = self.concat_proj[str(self.config.strides[level])]
                 return proj(torch.cat([n * wmap[:, i] * maps[i] if i in maps else zero_map for i in range(n)], dim=1))
             return sum(wmap[:, i] * maps[i] for i in active)
         if fusion == "concat":
-            return self.concat_proj[str(self.config.strides[level])](torch.cat([maps[i] for i in range(n)], dim=1))
+            proj = self.concat_proj[str(self.config.strides[level])]
+            return proj(torch.cat([maps.get(i, zero_map) for i in range(n)], dim=1))
         return sum(maps.values()) / len(maps)  # single / mean
 
     def _fuse_pooled(self, vecs: dict[int, torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
         """Pooled vectors (extractor index -> B x D) fused with the classification level's image weights (B x E)."""
         fusion, n, active = self.config.fusion, len(self.extractors), list(vecs)
+        zero_vec = torch.zeros_like(vecs[active[0]])
         if fusion == "gated":
             if self.config.gate.combine == "concat":
-                zero_vec = torch.zeros_like(vecs[active[0]])
                 return self.concat_pooled_proj(torch.cat(
                     [n * weights[:, i, None] * vecs[i] if i in vecs else zero_vec for i in range(n)], dim=1))
             return sum(weights[:, i, None] * vecs[i] for i in active)
         if fusion == "concat":
-            return self.concat_pooled_proj(torch.cat([vecs[i] for i in range(n)], dim=1))
+            return self.concat_pooled_proj(torch.cat([vecs.get(i, zero_vec) for i in range(n)], dim=1))
         return sum(vecs.values()) / len(vecs)
 
-    def forward(self, images: torch.Tensor, task: str,
-                features: dict[str, ExtractorOutput] | None = None) -> RouterOutput:
+    def forward(self, images: torch.Tensor, task: str, features: dict[str, ExtractorOutput] | None = None,
+                keep: list[str] | None = None) -> RouterOutput:
         """Route `images` (B x C x H x W in [0, 1], C = 1 or 3) for one task.
 
         `features` may hold precomputed outputs of some extractors (name -> {"dense", "pooled"}), e.g.
         from a frozen-feature cache; those extractors are then not run.
+        `keep` (extractor names; ablation at evaluation): the others are left out of the fusion as if the gate
+        gave them zero weight, the kept weights renormalised to sum to 1 (gated); mean / concat fuse the kept
+        maps only (concat: zeros in place of the others). A gate that reads features still reads all of them.
         """
         images = check_images(images, "Router input")
         tcfg = self.config.task(task)
+        kept = self._kept_indices(keep)
         b, (h, w) = images.shape[0], images.shape[-2:]
         levels, g = self.config.strides, self.gate_level
         grids = [grid_size((h, w), s) for s in levels]
@@ -251,12 +257,15 @@ class Router(nn.Module):
         weights = None  # B x L x E (x h x w on the gate level's grid)
         if fusion == "gated" and not self.gate.needs_features:
             weights, aux = self.gate(task, b, grids[g], images=images)
+            weights = weights if kept is None else keep_renormalized(weights, kept)
         if fusion == "single":
             active = [names.index(self.config.single)]
         elif weights is not None and not self.training and self.config.gate.top_k is not None:
             active = rearrange(weights[:, weighed], "b l e ... -> e (b l ...)").gt(0).any(dim=1).nonzero().flatten().tolist()
         else:
             active = list(range(n))
+        if kept is not None and not (fusion == "gated" and self.gate.needs_features):
+            active = [i for i in active if i in kept]
 
         # 2. Run and align the active extractors, at the used levels.
         maps, vecs, cls_maps = {}, {}, {}
@@ -268,6 +277,10 @@ class Router(nn.Module):
         # 3. Fuse, level by level.
         if fusion == "gated" and weights is None:  # the gate reads the aligned features of its level
             weights, aux = self.gate(task, b, grids[g], features=torch.stack([maps[i][g] for i in active]).mean(0))
+            if kept is not None:
+                weights = keep_renormalized(weights, kept)
+                active = [i for i in active if i in kept]
+                vecs, cls_maps = {i: vecs[i] for i in active}, {i: cls_maps[i] for i in active}
         fused: list[torch.Tensor | None] = [None] * len(levels)
         for k in ([] if own_cls else used):  # (with own_cls a used level is aligned only for the gate to read)
             fused[k] = self._fuse({i: maps[i][k] for i in active}, self._level_weights(weights, k, grids[k]), k)
@@ -307,6 +320,18 @@ class Router(nn.Module):
         else:
             out["cls"] = self.cls_head(fused[cls_k], task, pooled=self._fuse_pooled(vecs, cls_w))
         return out
+
+    def _kept_indices(self, keep: list[str] | None) -> list[int] | None:
+        """`keep`'s extractor names as indices (None: all), checked against the extractors and the fusion."""
+        if keep is None:
+            return None
+        names = self.extractor_names
+        unknown = [k for k in keep if k not in names]
+        if unknown or not keep:
+            raise ValueError(f"keep: expected a non-empty list of extractor names from {names}, got {list(keep)}")
+        if self.config.fusion == "single" and self.config.single not in keep:
+            raise ValueError(f"keep: the single extractor {self.config.single!r} must be kept, got {list(keep)}")
+        return sorted(names.index(k) for k in keep)
 
     @torch.inference_mode()
     def predict(self, images, task: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[torch.Tensor] | torch.Tensor:

@@ -393,3 +393,23 @@ def test_text_task_embeddings_route_a_new_task_from_its_description(tmp_path, im
     loaded = Router.from_pretrained(tmp_path / "m").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(images, task="seg_new")["gate"][0], new)
+
+
+@pytest.mark.parametrize("content", ["pixels", "features"])
+def test_keep_one_extractor_is_the_single_model_with_the_same_weights(content, images):
+    """``keep=[name]`` (ablation at evaluation) gives the gated model that extractor's weight 1 and the others 0:
+    its outputs are those of ``fusion: single`` with the same parameters; ``keep`` = all is the model itself."""
+    torch.manual_seed(0)
+    gated = Router(make_config(content=content, levels=[8, 16], head={"seg_hidden": 16, "cls_hidden": 16})).eval()
+    single = Router(make_config(fusion="single", single="cnn", levels=[8, 16],
+                                head={"seg_hidden": 16, "cls_hidden": 16})).eval()
+    missing, unexpected = single.load_state_dict(gated.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("gate.") for k in unexpected)
+    with torch.no_grad():
+        for task, key in (("seg_a", "seg"), ("cls_b", "cls")):
+            kept = gated(images, task=task, keep=["cnn"])
+            torch.testing.assert_close(kept[key], single(images, task=task)[key])
+            assert kept["gate_levels"][..., 2].eq(1).all() and kept["gate_levels"][..., :2].eq(0).all()
+            torch.testing.assert_close(gated(images, task=task, keep=["p14", "p16", "cnn"])[key], gated(images, task=task)[key])
+    with pytest.raises(ValueError, match=r"keep: expected a non-empty list of extractor names from \['p14', 'p16', 'cnn'\]"):
+        gated(images, task="seg_a", keep=["vit"])
