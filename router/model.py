@@ -265,7 +265,8 @@ class Router(nn.Module):
         else:
             active = list(range(n))
         if kept is not None and not (fusion == "gated" and self.gate.needs_features):
-            active = [i for i in active if i in kept]
+            # a top-k gate chose none of the kept ones: they run with weight 0 (a zero fused map) rather than none
+            active = [i for i in active if i in kept] or kept
 
         # 2. Run and align the active extractors, at the used levels.
         maps, vecs, cls_maps = {}, {}, {}
