@@ -126,6 +126,7 @@ def create_hf_vision_model(source: str, pretrained: bool, checkpoint: str | None
     if not pretrained:
         model = cls(config, **extra)
     else:
+        check_pickled_weights(path)
         try:
             model, info = cls.from_pretrained(
                 path, config=config, local_files_only=local_only, output_loading_info=True, **extra
@@ -139,6 +140,23 @@ def create_hf_vision_model(source: str, pretrained: bool, checkpoint: str | None
                 + "; ".join(f"{k} {sorted(map(str, v))[:8]}" for k, v in problems.items())
             )
     return model.eval(), _read_preprocessor_config(path, local_only)
+
+
+def check_pickled_weights(path: str) -> None:
+    """A dir or cached repo whose weights are only ``pytorch_model.bin`` (read by transformers with ``torch.load``):
+    read it first with :func:`load_state_dict_file`, whose refusal of pickled code names the file."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from .checkpoints import load_state_dict_file
+
+    def find(name: str) -> Path | None:
+        if Path(path).is_dir():
+            return p if (p := Path(path) / name).is_file() else None
+        cached = try_to_load_from_cache(path, name)
+        return Path(cached) if isinstance(cached, str) else None
+
+    if not find(WEIGHT_NAMES[0]) and not find(WEIGHT_NAMES[1]) and (pickled := find(WEIGHT_NAMES[2])):
+        load_state_dict_file(pickled)
 
 
 def _find_blocks(model: nn.Module) -> list[nn.Module]:

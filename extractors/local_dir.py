@@ -29,6 +29,7 @@ from .base import Extractor
 from .checkpoints import load_state_dict_file, load_state_dict_strict
 from .registry import register_extractor
 from .timm_backend import TimmExtractor, _build_timm, create_timm_model, is_timm_config, timm_dir_architecture
+from .untrusted import check_model_name
 
 FORMAT = "backbone-router-extractor"
 FORMAT_VERSION = 1
@@ -116,6 +117,7 @@ def _build_local_dir(directory: str, layers=None, pretrained=True, checkpoint=No
         return _build_timm(f"local-dir:{directory}", layers=layers, pretrained=pretrained, checkpoint=checkpoint,
                            architecture=architecture, **kwargs)
     config = check_extractor_config(raw, f"local-dir:{directory} (architecture=)" if folder_gone else directory / CONFIG_NAME)
+    check_model_name(config["model_name"], f"{directory / CONFIG_NAME}: model_name")
     model = create_timm_model(config["model_name"], pretrained=False, checkpoint=None, **{**config.get("model_kwargs", {}), **kwargs})
     if pretrained:
         weights = Path(checkpoint) if checkpoint is not None else directory / WEIGHTS_NAME

@@ -27,9 +27,14 @@ from .atomic import atomic_save_safetensors, atomic_write_bytes
 from .base import Extractor, ExtractorInfo, resolve_layers
 from .checkpoints import load_into_timm_model
 from .registry import register_extractor
+from .untrusted import check_architecture_kwargs, check_model_name
 
 TIMM_SCHEMAS = ("local-dir:", "hf-hub:")
 TIMM_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")  # what timm loads from a local-dir / hf-hub model
+SAFE_TIMM = (1, 0, 26)  # from 1.0.26 timm's load_checkpoint / load_state_dict default to torch.load(weights_only=True)
+if tuple(int(p) for p in timm.__version__.split("+")[0].split(".")[:3] if p.isdigit()) < SAFE_TIMM:
+    raise ImportError(f"timm {timm.__version__} loads checkpoints with torch.load(weights_only=False) by default, which "
+                      "runs pickled code; backbone-router needs timm >= 1.0.26 (pip install -U timm)")
 OWN_KEY = "backbone_router"  # config.json key with this package's facts: layers, family, source (timm ignores it)
 # pretrained_cfg keys that describe saved weights of any origin (preprocessing, input, classifier); the rest
 # (tag, license, hf_hub_id, paper, ...) belongs to the architecture's published weights, not to ours
@@ -43,12 +48,26 @@ def is_vit(model: nn.Module) -> bool:
 
 
 def create_timm_model(name: str, pretrained: bool, checkpoint: str | None, **kwargs) -> nn.Module:
-    """`timm.create_model` with weights from `checkpoint`, the HF cache or the hub; never silently random."""
+    """`timm.create_model` with weights from `checkpoint`, the HF cache or the hub; never silently random.
+
+    `kwargs` are architecture arguments only (:func:`check_architecture_kwargs`: timm would open a
+    ``checkpoint_path`` itself), and every weight file of a ``local-dir:`` / ``hf-hub:`` name is read by
+    :func:`load_into_timm_model` (safetensors or ``torch.load(weights_only=True)``)."""
+    check_architecture_kwargs(kwargs, f"timm:{name} kwargs")
     if name.startswith(TIMM_SCHEMAS):
         config = schema_config(name, weights=pretrained and checkpoint is None)
         arch = config["architecture"]
-        if name.startswith("local-dir:") and pretrained and checkpoint is None:  # read by us: strict keys, CRC-32
-            checkpoint = str(next(p for w in TIMM_WEIGHT_NAMES if (p := Path(config["_dir"]) / w).is_file()))
+        check_model_name(arch, f"{config['_dir']}/config.json: architecture")
+        check_architecture_kwargs(config.get("model_args") or {}, f"{config['_dir']}/config.json: model_args")
+        if pretrained and checkpoint is None:  # read by us: strict keys, CRC-32, never unpickled
+            if name.startswith("local-dir:"):
+                checkpoint = str(next(p for w in TIMM_WEIGHT_NAMES if (p := Path(config["_dir"]) / w).is_file()))
+            else:
+                from .hub import resolve_model_file
+
+                repo, _, revision = name.removeprefix("hf-hub:").partition("@")
+                checkpoint = str(resolve_model_file(repo, TIMM_WEIGHT_NAMES, what=f"timm:{name}",
+                                                    revision=revision or None))
     else:
         arch = name
     if "dynamic_img_size" not in kwargs and _is_vit_name(arch):
@@ -78,6 +97,7 @@ def model_from_timm_config(config: dict, where: str, **kwargs) -> nn.Module:
     if not is_timm_config(config):
         raise ValueError(f"{where}: not a timm config.json (expected 'architecture', 'pretrained_cfg'; got keys "
                          f"{sorted(config) if isinstance(config, dict) else config!r})")
+    check_model_name(config["architecture"], f"{where}: architecture")
     model = create_timm_model(config["architecture"], pretrained=False, checkpoint=None,
                               **{**config.get("model_args", {}), **kwargs})
     pre = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("pretrained_cfg", {}).items()}

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from extractors.base import FAMILIES
+from extractors.untrusted import check_extractor_kwargs
 from heads.decoder import DECODER_BLOCKS, DECODER_OUTPUTS
 from heads.seg import SEG_TRUNKS
 
@@ -41,13 +42,20 @@ class ExtractorConfig:
     checkpoint: str | None = None  # local weight file or dir overriding where the weights come from
     frozen: bool = True  # frozen extractors are not saved by save_pretrained (their spec rebuilds them)
     unfreeze_last: int = 0  # blocks trained in phase 2 of fine-tuning (0: stays frozen)
-    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the library's model constructor
+    kwargs: dict[str, Any] = field(default_factory=dict)  # architecture arguments for the library's model
+    #                                                       constructor (no paths: see extractors/untrusted.py)
+    sha256: str | None = None  # of the local weight file(s) of a frozen extractor a saved model does not hold;
+    #                            written by save_pretrained, checked by from_pretrained
 
     def __post_init__(self):
         if not self.name:
             self.name = re.sub(r"[^0-9a-zA-Z_]+", "_", self.spec.split("/")[-1].split(":")[-1]).strip("_")
         if not re.fullmatch(r"[0-9a-zA-Z_]+", self.name):
             raise ValueError(f"extractors[].name {self.name!r}: use letters, digits and '_' only")
+        check_extractor_kwargs(self.kwargs, f"extractors[{self.name}].kwargs")
+        if not (isinstance(self.unfreeze_last, int) and self.unfreeze_last >= 0):
+            raise ValueError(f"extractors[{self.name}].unfreeze_last: expected an integer >= 0 (0: stays frozen), "
+                             f"got {self.unfreeze_last!r}")
         if self.family is not None and self.family not in FAMILIES:
             raise ValueError(f"extractors[{self.name}].family: expected one of {FAMILIES}, got {self.family!r}")
 

@@ -31,6 +31,7 @@ from .config import FORMAT_VERSION, RouterConfig, TaskConfig, load_yaml_or_json,
 from .detail import SKIP_WIDTHS, DetailStem
 from .gate import TaskGate, keep_renormalized
 from .inputs import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
+from .saved import paths_for_loading, paths_for_saving
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -401,6 +402,7 @@ class Router(nn.Module):
         for ecfg in config.extractors:  # a saved local-dir extractor rebuilds without its folder
             if ecfg.name in saved and (arch := local_dir_architecture(ecfg.spec)) is not None:
                 ecfg.kwargs = {**ecfg.kwargs, "architecture": arch}
+            paths_for_saving(ecfg, directory, pinned=ecfg.name not in saved)
         config.save_json(directory / CONFIG_NAME)
         write_card(directory, card, card_data, self.config, {n: e.info for n, e in self.extractors.items()})
         return directory
@@ -463,6 +465,7 @@ class Router(nn.Module):
         directory = resolve_model_dir(name_or_path, (CONFIG_NAME, WEIGHTS_NAME), what="Router.from_pretrained",
                                       revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                                       token=token)
+        from_hub = directory != Path(os.fspath(name_or_path)).expanduser()  # a snapshot: only its own files
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         raw = load_yaml_or_json(config_path)
         config = RouterConfig.from_dict(raw, where=str(config_path))
@@ -482,6 +485,8 @@ class Router(nn.Module):
         unknown = set(saved) - {e.name for e in config.extractors}
         if unknown:
             raise ValueError(f"{weights_path}: saved_extractors {sorted(unknown)} are not in {config_path}")
+        for ecfg in config.extractors:  # paths against this folder; frozen local weights checked against sha256
+            paths_for_loading(ecfg, directory, from_hub, str(config_path), pinned=ecfg.name not in saved)
         # Extractors saved here need no weights from their spec (which may be unavailable offline).
         load_cfg = RouterConfig.from_dict(config.to_dict())
         for ecfg in load_cfg.extractors:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -24,6 +25,7 @@ import yaml
 from conftest import script_main
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_hub import cache_snapshot
 
 from extractors import create_extractor
 from extractors.local_dir import save_extractor_dir
@@ -927,3 +929,129 @@ def test_predict_shrinks_images_above_the_pixel_budget_and_answers_at_the_origin
     assert (small == full).float().mean() > 0.5  # the same image at ~1/4 of the pixels: mostly the same classes
     empty = model.predict([], task="cls")
     assert empty.shape == (0,) and empty.dtype == torch.long
+
+
+# ---- saved and downloaded configs are data (issue 26) ------------------------------------------------------------
+@pytest.fixture
+def new_repo_id():
+    """Fresh hub repo ids whose cache folders are removed after the test."""
+    from extractors.hub import repo_cache_dir
+
+    made = []
+    yield lambda kind="router": made.append(f"org/{kind}-{os.urandom(4).hex()}") or made[-1]
+    for repo in made:
+        shutil.rmtree(repo_cache_dir(repo), ignore_errors=True)
+
+
+def frozen_router_config(spec: str, checkpoint: str | None = None) -> dict:
+    """A Router whose one extractor is frozen and pretrained from a local file or folder: left out of the save."""
+    kwargs = TINY_VIT if checkpoint else {}
+    return {**router_config(), "extractors": [{"spec": spec, "name": "p16", "checkpoint": checkpoint, "kwargs": kwargs}]}
+
+
+def tiny_vit_weights(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    save_file(create_extractor("timm:vit_small_patch16_224", pretrained=False, **TINY_VIT).model.state_dict(), str(path))
+    return path
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"checkpoint_path": "EVIL"}, "kwargs.checkpoint_path"),
+    ({"pretrained_cfg_overlay": {"file": "EVIL"}}, "kwargs.pretrained_cfg_overlay"),
+    ({"architecture": {"architecture": "vit_small_patch16_224", "model_args": {**TINY_VIT, "checkpoint_path": "EVIL"},
+                       "pretrained_cfg": {}}}, "kwargs.architecture.model_args.checkpoint_path"),
+    ({"architecture": {"architecture": "local-dir:/etc", "pretrained_cfg": {}}}, "kwargs.architecture.architecture"),
+    ({"act_layer": "EVIL"}, "kwargs.act_layer"),
+])
+def test_saved_config_kwargs_that_name_a_file_are_refused_and_the_pickle_never_runs(saved_router, tmp_path, kwargs, key):
+    marker = tmp_path / "marker.txt"
+    evil = plant_pickle(tmp_path / "evil.pth", marker)
+    d = tmp_path / "m"
+    shutil.copytree(saved_router[1], d)
+    config = json.loads((d / "config.json").read_text())
+    config["extractors"][0]["kwargs"] = json.loads(json.dumps(kwargs).replace("EVIL", str(evil)))
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"config\.json.*extractors\[p16\]\.{re.escape(key)}: (.*refused|.* is not a model name)"):
+        Router.from_pretrained(d)
+    # the same kwargs straight to the factory, and timm's own loader (timm >= 1.0.26: weights_only=True by default)
+    with pytest.raises(ValueError, match=r"kwargs\.checkpoint_path: refused"):
+        create_extractor("timm:vit_small_patch16_224", pretrained=False, checkpoint_path=str(evil), **TINY_VIT)
+    import timm
+
+    with pytest.raises(Exception, match="(?i)weights.only"):
+        timm.models.load_checkpoint(timm.create_model("vit_small_patch16_224", **TINY_VIT), str(evil))
+    assert not marker.exists(), "pickled code ran"
+
+
+def test_timm_hf_hub_and_hf_dir_pickles_are_refused_by_our_reader_naming_the_file(tmp_path, new_repo_id):
+    from timm.models import save_for_hf
+
+    marker = tmp_path / "marker.txt"
+    folder = tmp_path / "timm_repo"
+    save_for_hf(create_extractor("timm:vit_small_patch16_224", pretrained=False, **TINY_VIT).model, str(folder),
+                model_args=TINY_VIT, safe_serialization=False)
+    plant_pickle(folder / "pytorch_model.bin", marker)
+    repo = new_repo_id("timm")
+    cache_snapshot(repo, folder)
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: refused or unreadable with torch\.load\(weights_only=True\)"):
+        create_extractor(f"timm:hf-hub:{repo}")
+    import transformers as tf
+
+    hf = tmp_path / "hf"
+    tf.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=30,
+                    patch_size=2).save_pretrained(hf)
+    plant_pickle(hf / "pytorch_model.bin", marker)
+    with pytest.raises(ValueError, match=r"hf/pytorch_model\.bin: refused or unreadable with torch\.load\(weights_only=True\)"):
+        create_extractor(f"hf:{hf}")
+    assert not marker.exists(), "pickled code ran"
+
+
+def test_a_hub_routers_paths_stay_inside_its_snapshot(tmp_path, new_repo_id):
+
+    outside = tiny_vit_weights(tmp_path / "outside.safetensors", seed=1)
+    torch.manual_seed(0)
+    model = Router(RouterConfig.from_dict(frozen_router_config("timm:vit_small_patch16_224", str(outside)))).eval()
+    folder = model.save_pretrained(tmp_path / "m")
+    assert model.saved_extractors() == []
+    config = json.loads((folder / "config.json").read_text())
+    for checkpoint in (str(outside), "../../../../../outside.safetensors", os.path.relpath(outside, folder)):
+        config["extractors"][0]["checkpoint"] = checkpoint
+        (folder / "config.json").write_text(json.dumps(config))
+        repo = new_repo_id()
+        cache_snapshot(repo, folder)
+        with pytest.raises(ValueError, match=r"config\.json: extractors\[p16\]\.checkpoint: .* is outside the "
+                                             r"downloaded model's snapshot"):
+            Router.from_pretrained(repo)
+    # a file inside the snapshot loads, and gives the model's outputs
+    shutil.copy(outside, folder / "ext.safetensors")
+    config["extractors"][0]["checkpoint"] = "ext.safetensors"
+    (folder / "config.json").write_text(json.dumps(config))
+    repo = new_repo_id()
+    cache_snapshot(repo, folder)
+    images = torch.rand(1, 3, 32, 32)
+    assert torch.equal(Router.from_pretrained(repo)(images, task="seg")["seg"], model(images, task="seg")["seg"])
+
+
+def test_relative_local_paths_resolve_against_the_model_folder_and_frozen_weights_are_pinned(
+        saved_extractor_dir, tmp_path, monkeypatch):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(saved_extractor_dir, work / "ext")
+    monkeypatch.chdir(work)
+    torch.manual_seed(0)
+    model = Router(RouterConfig.from_dict(frozen_router_config("local-dir:ext"))).eval()
+    folder = model.save_pretrained(work / "models" / "m")
+    saved = json.loads((folder / "config.json").read_text())["extractors"][0]
+    assert saved["spec"] == "local-dir:../../ext" and len(saved["sha256"]) == 64
+    # another working directory holding a folder of the same name with other weights
+    other = elsewhere / "ext"
+    shutil.copytree(saved_extractor_dir, other)
+    tiny_vit_weights(other / "model.safetensors", seed=5)
+    monkeypatch.chdir(elsewhere)
+    images = torch.rand(1, 3, 32, 32)
+    loaded = Router.from_pretrained(folder)
+    assert torch.equal(loaded(images, task="seg")["seg"], model(images, task="seg")["seg"])
+    # the pinned weights changed: a one-line error naming the file
+    tiny_vit_weights(work / "ext" / "model.safetensors", seed=6)
+    with pytest.raises(ValueError, match=r"ext/model\.safetensors: sha256 \w+\.\.\. differs from the \w+\.\.\. recorded "
+                                         r"in .*config\.json: extractors\[p16\]\.sha256"):
+        Router.from_pretrained(folder)
