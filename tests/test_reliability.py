@@ -1055,3 +1055,49 @@ def test_relative_local_paths_resolve_against_the_model_folder_and_frozen_weight
     with pytest.raises(ValueError, match=r"ext/model\.safetensors: sha256 \w+\.\.\. differs from the \w+\.\.\. recorded "
                                          r"in .*config\.json: extractors\[p16\]\.sha256"):
         Router.from_pretrained(folder)
+
+
+# ---- a finished run is immutable (issue 26) ----------------------------------------------------------------------
+def test_resume_of_a_finished_run_is_a_no_op_and_final_stays(run_setup, reference_run, tmp_path, capsys):
+    out = tmp_path / "done"
+    shutil.copytree(reference_run, out)
+    card = (out / "final" / "README.md").read_text()
+    assert "mIoU" in card  # the card holds the run's metrics
+    before = dir_hash(out)
+    for extra in ((), ("train.max_steps=2",), ("train.max_steps=8",)):
+        assert main(["--output-dir", str(out), "--resume", *extra]) == 0
+        said = capsys.readouterr().out
+        assert f"--resume: {out} is a finished run (final/ holds the model of step 4); nothing to do" in said
+        assert dir_hash(out) == before  # final/, its card, config.yaml and metrics.jsonl unchanged
+
+
+KILL_DURING_FINAL = """
+import os, signal, sys
+from pathlib import Path
+from router import Router
+original = Router.save_pretrained
+def save_pretrained(self, directory, **kw):  # final/: write its temp dir, cut its card short, then kill -9
+    original(self, directory, **kw)
+    card = Path(directory) / "README.md"
+    card.write_text(card.read_text()[:200])
+    os.kill(os.getpid(), signal.SIGKILL)
+Router.save_pretrained = save_pretrained
+import runpy
+sys.argv[0] = os.path.join(os.getcwd(), "train", "finetune.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_kill9_while_final_is_written_then_resume_writes_final_with_its_metrics(run_setup, reference_run, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_FINAL, "--config", str(run_setup / "tiny.yaml"),
+                           "--output-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (out / ".tmp_final").is_dir() and not (out / "final").exists()
+    assert main(["--output-dir", str(out), "--resume"]) == 0
+    assert not (out / ".tmp_final").exists()
+    card, reference_card = (out / "final" / "README.md").read_text(), (reference_run / "final" / "README.md").read_text()
+    assert "mIoU" in card and len(card) > 0.9 * len(reference_card)
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [r["step"] for r in map(json.loads, (reference_run / "metrics.jsonl").read_text().splitlines())]

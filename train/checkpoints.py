@@ -56,6 +56,24 @@ def check_free_space(output_dir: Path, model: torch.nn.Module, trainable: int, k
                          "space or pick another --output-dir")
 
 
+def finished_run(output_dir: Path, max_steps: int) -> str | None:
+    """With ``--resume``: a one-line note when the run is finished (final/ holds its model: the resume is a no-op, so a
+    finished run's final/, card and config stay as they are); None when there is training or final/ left to do. A
+    latest checkpoint past ``train.max_steps`` without final/ is an error."""
+    ckpt = latest_checkpoint(output_dir)
+    step = int(read_trainer_state(ckpt)["step"]) if ckpt is not None else None
+    final = output_dir / "final"
+    if all((final / name).is_file() for name in ("config.json", "model.safetensors", "README.md")):
+        more = (f"; train.max_steps={max_steps} does not extend a finished run: start a new --output-dir"
+                if step is not None and max_steps > step else "")
+        return (f"--resume: {output_dir} is a finished run (final/ holds the model of step {step}); nothing to do, "
+                f"nothing written{more}")
+    if step is not None and step > max_steps:
+        raise SystemExit(f"--resume: the latest checkpoint {ckpt} is at step {step}, past train.max_steps={max_steps}; "
+                         f"resume with train.max_steps>={step}")
+    return None
+
+
 def check_checkpoint(ckpt: Path) -> int:
     """The step of a checkpoint dir, after reading every pickle-format file in it with weights_only=True.
 

@@ -264,7 +264,11 @@ class Finetuner:
                      f"continue with --resume --output-dir {self.output_dir}")
             acc.end_training()
             return 0
-        if last_eval != t.max_steps and start < t.max_steps:
+        if start >= t.max_steps:  # resumed at the last checkpoint without final/ (killed while writing it): its
+            #                       evaluation again for final/'s card, replacing the same line of metrics.jsonl
+            self.keep_metrics_until(t.max_steps - 1, resume=True)
+            results = self.evaluate(t.max_steps)
+        elif last_eval != t.max_steps:
             results = self.evaluate(t.max_steps)
         if last_save != t.max_steps and start < t.max_steps:
             save_checkpoint(acc, self.output_dir, t.max_steps, t.keep_last)

@@ -99,6 +99,9 @@ def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> int:
     say = accelerator.print
     run_dir.enter_context(claim_output_dir(output_dir, "finetune", FINETUNE_OUTPUTS, resume=args.resume,
                                            overwrite=args.overwrite, accelerator=accelerator))
+    if args.resume and (note := checkpoints.finished_run(output_dir, t.max_steps)):
+        say(note)  # final/ is written once: a finished run stays as it is
+        return 0
     if cfg.data.synthetic is not None and all(not e.pretrained for e in cfg.model.extractors):
         say("quickstart: synthetic data + tiny random extractors; not a real model")
     elif all(not e.pretrained for e in cfg.model.extractors):
