@@ -18,9 +18,33 @@ def hub_offline() -> bool:
     return bool(HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
+LOCAL_PREFIXES = ("/", ".", "~", "runs/")  # runs/: where the scripts write their run folders
+
+
 def looks_like_path(source: str) -> bool:
-    """A source that can only be a path: starts with / . ~ or has more than one '/' (a repo id has one)."""
-    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.sep + os.sep in source
+    """A source meant as a local path, not a hub repo id ``org/name``: it starts with / . ~ or runs/, has more than
+    one '/' (a repo id has one), has the platform's own separator (Windows), or its first component is an existing
+    local folder (``runs/quickstrat`` beside ``runs/``).
+
+    >>> looks_like_path("./runs/x"), looks_like_path("runs/quickstrat"), looks_like_path("org/name")
+    (True, True, False)
+    """
+    first = source.replace(os.sep, "/").split("/", 1)[0]
+    return (source.startswith(LOCAL_PREFIXES) or source.count("/") > 1 or (os.sep != "/" and os.sep in source)
+            or ("/" in source.replace(os.sep, "/") and bool(first) and Path(first).expanduser().is_dir()))
+
+
+def missing_dir_error(what: str, path: Path) -> FileNotFoundError:
+    """The error for a local folder that does not exist, with the nearest sibling's name when one is close."""
+    import difflib
+
+    parent = path.parent if str(path.parent) else Path(".")
+    siblings = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+    near = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.6)
+    hint = (f"; did you mean {str(parent / near[0])!r}?" if near else
+            f" ({parent} holds {', '.join(siblings[:8])}{', ...' if len(siblings) > 8 else ''})" if siblings else
+            "" if parent.is_dir() else f" ({parent} does not exist either)")
+    return FileNotFoundError(f"{what}: no local folder {path}{hint} (taken as a path, not a hub repo id 'org/name')")
 
 
 def repo_cache_dir(repo_id: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -65,6 +89,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike, files: Sequence[str], *, 
     source = os.fspath(name_or_path)
     path = Path(source).expanduser()
     if path.is_dir() or isinstance(name_or_path, os.PathLike) or looks_like_path(source):
+        if not path.exists():
+            raise missing_dir_error(what, path)
         if not path.is_dir():
             raise FileNotFoundError(f"{what}: {path} is not a directory (and not a hub repo id 'org/name')")
         if missing := [f for f in files if not (path / f).is_file()]:

@@ -205,8 +205,9 @@ def router_card(config: RouterConfig, infos: dict[str, ExtractorInfo], saved: li
         f"{len(c.tasks)} task(s).",
         "## Use\n\n```python\nfrom router import Router\n\n"
         f"model = Router.from_pretrained({model_id!r})\n"
-        f"out = model.predict(images, task={first.name!r})  # "
-        + ("class masks at each image's size" if first.type == "seg" else "class indices") + "\n```",
+        f"out = model.predict(images, task={first.name!r})  # images: file paths, PIL, NumPy or tensors; "
+        + ("[{'mask': H x W class indices, 'classes': names}, ...]" if first.type == "seg"
+           else "[[{'label': name, 'score': p}, ...], ...]") + "\n```",
         "## Tasks\n\n" + _table(
             ["task", "type", "classes", "decided by (gate: extractor, family, weight)", "metrics"],
             [[t.name, t.type, ", ".join(t.classes), _deciding(c, gates.get(t.name), infos),

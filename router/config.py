@@ -7,6 +7,7 @@ too, so ``Router.from_config("configs/tiny.yaml")`` and ``Router.from_pretrained
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -342,6 +343,17 @@ def load_yaml_or_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def did_you_mean(unknown: list[str], known, prefix: str = "") -> str:
+    """`` (did you mean 'max_steps'?)`` for the unknown keys with a close known key (difflib), else ``""``.
+
+    >>> did_you_mean(["max_step"], ["max_steps", "seed"], prefix="train.")
+    " (did you mean 'train.max_steps'?)"
+    """
+    near = [f"{prefix}{m[0]}" for k in unknown
+            if isinstance(k, str) and (m := difflib.get_close_matches(k, [str(x) for x in known], n=1, cutoff=0.6))]
+    return f" (did you mean {', '.join(repr(n) for n in near)}?)" if near else ""
+
+
 def _from_dict(cls, data: Any, where: str):
     """Strict dataclass decoding, any depth: unknown keys and wrong types are errors naming the path."""
     if not isinstance(data, dict):
@@ -349,7 +361,8 @@ def _from_dict(cls, data: Any, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
+        raise ValueError(f"{where}: unknown key(s) {unknown}{did_you_mean(unknown, fields)}; expected some of "
+                         f"{sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _decode(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]

@@ -31,6 +31,7 @@ from .config import FORMAT_VERSION, RouterConfig, TaskConfig, load_yaml_or_json,
 from .detail import SKIP_WIDTHS, DetailStem
 from .gate import TaskGate, keep_renormalized
 from .inputs import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
+from .predictions import Label, SegPrediction, class_names, same_size_batches, top_labels
 from .saved import paths_for_loading, paths_for_saving
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -336,38 +337,65 @@ class Router(nn.Module):
         return sorted(names.index(k) for k in keep)
 
     @torch.inference_mode()
-    def predict(self, images, task: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[torch.Tensor] | torch.Tensor:
-        """Predictions for PIL images, NumPy arrays or tensors of any size, one image at a time.
+    def predict(self, images, task: str, *, top_k: int | None = 5, return_probs: bool = False, batch_size: int = 8,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[list[Label]] | list[SegPrediction]:
+        """Predictions for images of any size: class names with scores, or class masks with their class names.
 
-        Segmentation tasks return a list of H x W class-index masks at each image's original size;
-        classification tasks return a tensor of class indices, one per image (empty for no images). An image
-        above `max_pixels` is shrunk for the forward pass (with a warning) and its logits resized back.
+        Args:
+            images: one image or a list of them: file paths (str / Path), PIL images, NumPy arrays (H, W) or
+                (H, W, C), tensors (C, H, W) in [0, 1]; or a batch tensor (B, C, H, W).
+            task: a task of the model (``model.config.tasks``).
+            top_k: classification: the labels kept per image, best first (None: every class).
+            return_probs: segmentation: add per-class probabilities (K x H x W) at each image's size.
+            batch_size: images of the same size run together, this many per forward pass.
+            max_pixels: an image above this is shrunk for the forward pass (with a warning) and its logits resized
+                back; None predicts at full size.
 
-        >>> masks = model.predict([Image.open("a.png"), np.zeros((97, 130), np.uint8)], task="demo_seg")
+        Returns:
+            One entry per image, in order. Classification: a list of ``{"label": class name, "score": softmax
+            probability}``, best first, as transformers' image-classification pipeline. Segmentation:
+            ``{"mask": H x W int64 class indices at the image's original size, "classes": class names (index = mask
+            value)}`` plus ``"probs"`` (K x H x W) with ``return_probs=True``.
+
+        >>> model.predict(["cat.jpg", np.zeros((97, 130), np.uint8)], task="demo_cls", top_k=2)
+        [[{'label': 'cat', 'score': 0.91}, {'label': 'dog', 'score': 0.06}], [...]]
+        >>> model.predict(Image.open("a.png"), task="demo_seg")[0]["mask"].shape
+        torch.Size([97, 130])
         """
         tcfg = self.config.task(task)
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
+        originals = to_image_list(images)
+        inputs = []
+        for i, image in enumerate(originals):
+            small, note = fit_pixel_budget(image, max_pixels, f"images[{i}]")
+            if note:
+                warnings.warn(note, stacklevel=2)
+            inputs.append(small)
+        batches = same_size_batches(inputs, batch_size)
+        preds: list = [None] * len(inputs)
         was_training = self.training
         self.eval()
         try:
             device = next(self.parameters()).device
-            preds = []
-            for i, image in enumerate(to_image_list(images)):
-                small, note = fit_pixel_budget(image, max_pixels, f"images[{i}]")
-                if note:
-                    warnings.warn(note, stacklevel=2)
-                out = self(small[None].to(device), task=task)
-                if tcfg.type == "seg":
-                    logits = out["seg"]
-                    if logits.shape[-2:] != image.shape[-2:]:
-                        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
-                    preds.append(logits[0].argmax(0).cpu())
-                else:
-                    preds.append(out["cls"][0].argmax().cpu())
+            for batch in batches:
+                out = self(torch.stack([inputs[i] for i in batch]).to(device), task=task)
+                logits = out["seg" if tcfg.type == "seg" else "cls"].float()
+                names = class_names(tcfg.classes, logits.shape[1])
+                for row, i in enumerate(batch):
+                    if tcfg.type == "cls":
+                        preds[i] = top_labels(logits[row].softmax(0).cpu(), names, top_k)
+                        continue
+                    one = logits[row: row + 1]
+                    if one.shape[-2:] != originals[i].shape[-2:]:
+                        one = F.interpolate(one, size=originals[i].shape[-2:], mode="bilinear", align_corners=False)
+                    pred: SegPrediction = {"mask": one[0].argmax(0).cpu(), "classes": names}
+                    if return_probs:
+                        pred["probs"] = one[0].softmax(0).cpu()
+                    preds[i] = pred
         finally:
             self.train(was_training)
-        if tcfg.type == "seg":
-            return preds
-        return torch.stack(preds) if preds else torch.empty(0, dtype=torch.long)
+        return preds
 
     # ---- save / load -----------------------------------------------------------------------------
     def saved_extractors(self) -> list[str]:

@@ -159,9 +159,11 @@ def test_from_pretrained_on_the_output_predicts(one_process):
     model = Router.from_pretrained(run / "final")
     images = [torch.rand(3, 37, 45), torch.rand(1, 30, 30)]
     masks = model.predict(images, task="shape_seg")
-    assert [tuple(m.shape) for m in masks] == [(37, 45), (30, 30)]
-    labels = model.predict(images, task="shape_cls")
-    assert labels.shape == (2,) and int(labels.max()) < 3
+    assert [tuple(m["mask"].shape) for m in masks] == [(37, 45), (30, 30)]
+    assert masks[0]["classes"] == ["background", "shape"]  # the class names the run read from meta.json
+    labels = model.predict(images, task="shape_cls", top_k=1)
+    assert [len(top) for top in labels] == [1, 1]
+    assert all(top[0]["label"] in ("circle", "square", "triangle") for top in labels)
     # the saved model is the trained one: its eval logits equal those of the last checkpoint's weights
     ckpt = load_file(str(run / "checkpoints/step_8/model.safetensors"))
     own = model.state_dict()

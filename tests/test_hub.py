@@ -14,7 +14,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 
-from extractors.hub import repo_cache_dir
+from extractors.hub import looks_like_path, repo_cache_dir
 from router import Router, RouterConfig
 
 TINY = {
@@ -123,8 +123,25 @@ def test_partial_or_absent_cache_errors_name_the_cache_dir_the_missing_file_and_
 
     with pytest.raises(FileNotFoundError, match=r"revision 'v9'"):
         Router.from_pretrained(repo_id, revision="v9")
-    with pytest.raises(FileNotFoundError, match=r"nowhere is not a directory"):
+    with pytest.raises(FileNotFoundError, match=r"no local folder .*nowhere"):
         Router.from_pretrained(tmp_path / "nowhere")
+
+
+def test_a_path_looking_name_that_does_not_exist_is_a_missing_folder_before_any_hub_lookup(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a hub lookup for a local path")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", no_hub)
+    with pytest.raises(FileNotFoundError, match=r"no local folder runs/quickstrat; did you mean 'runs/quickstart'"):
+        Router.from_pretrained("runs/quickstrat")
+    (tmp_path / "mine").mkdir()  # an existing first component makes a one-slash name a path too
+    for name in ("./nothing", "mine/model", "runs/x", f"{tmp_path}/x"):
+        with pytest.raises(FileNotFoundError, match=r"no local folder"):
+            Router.from_pretrained(name)
+    assert not looks_like_path("org/name") and looks_like_path("mine/model")
 
 
 @pytest.fixture

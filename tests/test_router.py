@@ -313,20 +313,53 @@ def test_tiny_config_contract_on_odd_sizes_and_greyscale():
         model(grey, task="nope")
 
 
-def test_predict_returns_masks_at_original_size():
+def test_predict_returns_masks_at_original_size_and_top_k_labels_with_scores(tmp_path):
     torch.manual_seed(0)
     model = Router(make_config())
+    Image.fromarray(np.random.randint(0, 255, (40, 52, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     images = [
         Image.fromarray(np.random.randint(0, 255, (61, 83, 3), dtype=np.uint8)),
         np.random.randint(0, 255, (97, 130), dtype=np.uint8),
         torch.rand(1, 45, 50),
+        str(tmp_path / "a.png"),
+        tmp_path / "a.png",
     ]
-    masks = model.predict(images, task="seg_a")
-    assert [tuple(m.shape) for m in masks] == [(61, 83), (97, 130), (45, 50)]
-    assert all(m.dtype == torch.int64 and m.max() <= 1 for m in masks)
-    labels = model.predict(images, task="cls_b")
-    assert labels.shape == (3,) and labels.max() <= 2
+    preds = model.predict(images, task="seg_a")
+    assert [tuple(p["mask"].shape) for p in preds] == [(61, 83), (97, 130), (45, 50), (40, 52), (40, 52)]
+    assert all(p["mask"].dtype == torch.int64 and p["mask"].max() <= 1 and "probs" not in p for p in preds)
+    assert preds[0]["classes"] == model.config.task("seg_a").classes
+    with_probs = model.predict(images[:2], task="seg_a", return_probs=True)
+    for p in with_probs:
+        assert p["probs"].shape == (2, *p["mask"].shape)
+        torch.testing.assert_close(p["probs"].sum(0), torch.ones(p["mask"].shape))
+        assert torch.equal(p["probs"].argmax(0), p["mask"])
+
+    labels = model.predict(images, task="cls_b", top_k=2)
+    names = model.config.task("cls_b").classes
+    assert len(labels) == 5 and all(len(top) == 2 for top in labels)
+    assert all(set(d) == {"label", "score"} and d["label"] in names for top in labels for d in top)
+    assert all(top[0]["score"] >= top[1]["score"] for top in labels)
+    every = model.predict(images[0], task="cls_b", top_k=None)[0]
+    assert sorted(d["label"] for d in every) == sorted(names) and abs(sum(d["score"] for d in every) - 1) < 1e-5
     assert model.training  # predict restores the mode
+    with pytest.raises(ValueError, match=r"top_k: expected an int >= 1 or None, got 0"):
+        model.predict(images, task="cls_b", top_k=0)
+
+
+def test_predict_in_batches_gives_what_one_image_at_a_time_gives():
+    torch.manual_seed(0)
+    model = Router(make_config()).eval()
+    images = [torch.rand(3, 40, 48), torch.rand(3, 33, 37), torch.rand(3, 40, 48), torch.rand(3, 40, 48)]
+    one = model.predict(images, task="seg_a", batch_size=1, return_probs=True)
+    for batched in (model.predict(images, task="seg_a", batch_size=2, return_probs=True),
+                    model.predict(images, task="seg_a", batch_size=8, return_probs=True)):
+        for a, b in zip(one, batched):
+            torch.testing.assert_close(a["probs"], b["probs"], rtol=1e-4, atol=1e-5)
+    cls_one = model.predict(images, task="cls_b", batch_size=1)
+    cls_all = model.predict(images, task="cls_b", batch_size=4)
+    assert [[d["label"] for d in t] for t in cls_one] == [[d["label"] for d in t] for t in cls_all]
+    with pytest.raises(ValueError, match=r"batch_size: expected an int >= 1"):
+        model.predict(images, task="seg_a", batch_size=0)
 
 
 def test_new_task_added_after_training_gets_outputs_and_a_gate(images):

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from extractors.base import FAMILIES
-from router.config import RouterConfig, _from_dict, load_yaml_or_json
+from router.config import RouterConfig, _from_dict, did_you_mean, load_yaml_or_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ENV = "BACKBONE_ROUTER_DATA"
@@ -575,7 +575,8 @@ def apply_override(tree: dict[str, Any], item: str, strict: bool = True) -> None
             if part not in node and not strict:
                 node[part] = None if last else {}
             if part not in node:
-                raise ValueError(f"override {key!r}: unknown key {here!r}; expected one of {sorted(node)}")
+                near = did_you_mean([part], node, prefix=here[: -len(part)])
+                raise ValueError(f"override {key!r}: unknown key {here!r}{near}; expected one of {sorted(node)}")
             if last:
                 node[part] = _parse_value(raw, node[part], key)
             else:

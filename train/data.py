@@ -87,7 +87,7 @@ class TaskData:
     val: list[Item] = field(default_factory=list)
     channels: int = 3  # 1 for greyscale datasets (kept as 1 channel; the extractors repeat it)
     val_carved: bool = False  # True when val was carved from train (no val split in splits.csv)
-    mask_pixels: dict[Path, tuple[int, int]] = field(default_factory=dict)  # mask -> (class-1, non-ignored) pixels
+    mask_pixels: dict[Path, tuple[int, int]] = field(default_factory=dict)  # mask -> (class >= 1, non-ignored) pixels
 
 
 def nfc(name: str) -> str:
@@ -201,10 +201,10 @@ def decode_image_info(path: Path) -> ImageInfo:
 def check_item_files(items: list[Item], task: TaskConfig, decoded: dict[Any, Any], progress: bool = False) -> dict:
     """Decode every image and mask once; masks must fit the classes and the displayed size of their image.
 
-    Returns {"modes": set of image modes, "mask_pixels": {mask: (class-1 pixels, non-ignored pixels)}}. `decoded`
-    caches results across tasks that read the same folder.
+    Returns {"modes": set of image modes, "mask_pixels": {mask: (pixels of classes >= 1, non-ignored pixels)},
+    "ignored": ignored pixels over all masks}. `decoded` caches results across tasks that read the same folder.
     """
-    modes, pixels = set(), {}
+    modes, pixels, ignored = set(), {}, 0
     for it in tqdm(items, desc=f"reading {task.name}", unit="file", disable=not progress, dynamic_ncols=True):
         if it.image not in decoded:
             decoded[it.image] = decode_image_info(it.image)
@@ -216,7 +216,7 @@ def check_item_files(items: list[Item], task: TaskConfig, decoded: dict[Any, Any
         if key not in decoded:
             m = read_mask(it.mask, task.num_classes, task.ignore_index).numpy()
             ok = m != task.ignore_index if task.ignore_index is not None else np.ones(m.shape, dtype=bool)
-            decoded[key] = ((m.shape[1], m.shape[0]), int(np.count_nonzero((m == 1) & ok)), int(np.count_nonzero(ok)))
+            decoded[key] = ((m.shape[1], m.shape[0]), int(np.count_nonzero((m >= 1) & ok)), int(np.count_nonzero(ok)))
         msize, fg, valid = decoded[key]
         if msize != info.size:
             rotated = (f" as displayed (its EXIF orientation {info.orientation} turns the stored {info.stored[0]}x"
@@ -225,7 +225,26 @@ def check_item_files(items: list[Item], task: TaskConfig, decoded: dict[Any, Any
             raise ValueError(f"{it.mask}: mask is {msize[0]}x{msize[1]} (w x h) but its image {it.image.name} is "
                              f"{info.size[0]}x{info.size[1]}{rotated}")
         pixels[it.mask] = (fg, valid)
-    return {"modes": modes, "mask_pixels": pixels}
+        ignored += msize[0] * msize[1] - valid
+    return {"modes": modes, "mask_pixels": pixels, "ignored": ignored}
+
+
+def check_mask_classes(task: TaskConfig, folder: Path, mask_pixels: dict[Path, tuple[int, int]], ignored: int) -> None:
+    """Masks with no pixel of any class but 0 are an error that says what to do (0/255 masks with ignore_index 255
+    are the usual cause: every object pixel is ignored), before any model is built."""
+    if not mask_pixels or sum(fg for fg, _ in mask_pixels.values()) > 0:
+        return
+    valid = sum(v for _, v in mask_pixels.values())
+    others = ", ".join(f"{i} = {c!r}" for i, c in enumerate(task.classes))
+    if ignored and task.ignore_index is not None:
+        share = 100 * ignored / (ignored + valid)
+        raise ValueError(
+            f"{folder / 'masks'}: the masks of task {task.name!r} hold only class 0 and ignore_index {task.ignore_index} "
+            f"({share:.1f} % of pixels), no pixel of the other classes. Masks saved as 0/{task.ignore_index}? Save "
+            f"class indices ({others}), e.g. Image.fromarray((np.asarray(mask) > 127).astype(np.uint8)), and keep "
+            "ignore_index for pixels to leave out of the loss")
+    raise ValueError(f"{folder / 'masks'}: the masks of task {task.name!r} hold only class 0 ({task.classes[0]!r}); "
+                     f"a segmentation task needs pixels of its other classes ({others})")
 
 
 def read_image_labels(folder: Path) -> dict[str, str]:
@@ -330,6 +349,8 @@ def load_task_data(task: TaskConfig, source: DataTaskConfig, root: Path, data: D
 
     # Every file decoded once: truncated images, mask values and sizes fail here, before any training.
     checked = check_item_files(train + val, task, {} if decoded is None else decoded, progress)
+    if task.type == "seg":
+        check_mask_classes(task, folder, checked["mask_pixels"], checked["ignored"])
     channels = int(meta.get("channels", 1 if checked["modes"] <= {"L", "1", *HIGH_DEPTH_MODES} else 3))
     return TaskData(task, source, folder, train, val, channels, carved, checked["mask_pixels"])
 
@@ -377,7 +398,9 @@ def read_mask(path: Path, num_classes: int, ignore_index: int | None) -> torch.T
     if bad.any():
         values = sorted(np.unique(arr[bad]).tolist())[:10]
         allowed = f"0..{num_classes - 1}" + (f" or ignore_index {ignore_index}" if ignore_index is not None else "")
-        raise ValueError(f"{path}: mask values {values} outside the classes ({allowed})")
+        hint = ("; masks saved as 0/255? Save class indices, e.g. (np.asarray(mask) > 127).astype(np.uint8)"
+                if values == [255] and num_classes == 2 else "")
+        raise ValueError(f"{path}: mask values {values} outside the classes ({allowed}){hint}")
     return torch.from_numpy(arr)
 
 
