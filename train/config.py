@@ -397,8 +397,8 @@ class PretrainModelConfig:
     kwargs: dict[str, Any] = field(  # timm.create_model kwargs: the size of the ViT
         default_factory=lambda: {"img_size": 96, "embed_dim": 192, "depth": 6, "num_heads": 3}
     )
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # normalization saved with the weights
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # normalization mean saved with the weights
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # normalization std saved with the weights
     family: str = "morphological"  # family tag of the saved extractor
     layers: list[int] | None = None  # dense layers of the saved extractor; None: the last block
 
@@ -463,7 +463,7 @@ class DINOConfig:
     teacher_temp: float = 0.07  # teacher temperature after the warm-up
     teacher_temp_warmup_steps: int = 300  # linear warm-up of the teacher temperature
     momentum: float = 0.996  # EMA momentum of the teacher at step 0 (cosine schedule to momentum_end)
-    momentum_end: float = 1.0
+    momentum_end: float = 1.0  # EMA momentum of the teacher at the last step
     center_momentum: float = 0.9  # EMA momentum of the center of teacher outputs
 
     def __post_init__(self):
