@@ -93,6 +93,7 @@ def test_frozen_encoder_stays_put_and_finetuned_one_trains(stand_in):
             torch.testing.assert_close(peer(images, task="seg")["seg"], peer(images.expand(-1, 3, -1, -1), task="seg")["seg"])
 
 
+@pytest.mark.slow
 def test_peer_variants_in_the_tiny_comparison(tmp_path, stand_in):
     argv = ["--config", str(TINY), "--output-dir", str(tmp_path / "out"), f"compare.cache_dir={tmp_path / 'cache'}",
             "compare.variants=[gated_task, peer_unet_frozen, peer_unet_finetuned]", "compare.seeds=[0]",

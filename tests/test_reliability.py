@@ -282,6 +282,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_kill9_during_a_checkpoint_write_keeps_the_previous_one_and_resume_finishes(run_setup, reference_run, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.run([sys.executable, "-c", KILL_DURING_SECOND_SAVE, "--config", str(run_setup / "tiny.yaml"),
@@ -834,6 +835,7 @@ def run_compare(tmp_path: Path, args: list[str], processes: int = 1, **env) -> s
                           env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
 
+@pytest.mark.slow
 def test_a_killed_comparison_keeps_its_results_reports_them_and_resumes_to_the_same_numbers(tmp_path):
     report = script_main("report")  # train/report.py's main
 

@@ -108,6 +108,7 @@ def shapes(tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow
 def test_script_reports_the_ceiling_and_scores_a_model_as_evaluation_does(shapes, capsys):
     out = shapes / "ceiling.json"
     code = script_main("ceiling")(["--config", str(shapes / "cfg.yaml"), "--strides", "1", "4", "16", "--by-label",
