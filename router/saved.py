@@ -36,7 +36,8 @@ def paths_for_saving(ecfg: ExtractorConfig, directory: Path, pinned: bool) -> No
 
 def paths_for_loading(ecfg: ExtractorConfig, directory: Path, from_hub: bool, where: str, pinned: bool) -> None:
     """Resolve `ecfg`'s paths against the saved model's `directory` (a model from the Hub may name only files inside
-    its snapshot) and, with `pinned`, check its local weights against the recorded sha256. Errors name the key."""
+    its snapshot) and, with `pinned`, check its local weights against the recorded sha256 (then cleared: a save hashes
+    them again). Errors name the key."""
     at = f"{where}: extractors[{ecfg.name}]"
     if found := spec_local_path(ecfg.spec):
         ecfg.spec = found[0] + resolve_saved_path(found[1], directory, from_hub, f"{at}.spec")
@@ -49,3 +50,4 @@ def paths_for_loading(ecfg: ExtractorConfig, directory: Path, from_hub: bool, wh
         if (got := weights_sha256(weights)) != ecfg.sha256:
             raise ValueError(f"{', '.join(map(str, weight_files(weights)))}: sha256 {got[:12]}... differs from the {ecfg.sha256[:12]}... recorded in "
                              f"{at}.sha256: these are not the frozen weights the model was saved with")
+    ecfg.sha256 = None  # checked; save_pretrained hashes the file again (a loaded config equals the one saved from)
