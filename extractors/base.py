@@ -66,6 +66,8 @@ def check_images(images: torch.Tensor, where: str = "images") -> torch.Tensor:
         )
     if not images.is_floating_point():
         raise TypeError(f"{where}: expected float values in [0, 1], got dtype {images.dtype}")
+    if images.dtype != torch.float32:  # float16 / bfloat16 / float64 in [0, 1]: the weights are float32 (mixed
+        images = images.float()        # precision runs under autocast, which casts per operation)
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     return images
@@ -122,6 +124,9 @@ class Extractor(nn.Module):
         return x
 
     def forward(self, images: torch.Tensor) -> ExtractorOutput:
+        if images.ndim == 4 and images.shape[0] == 0:  # an empty batch: empty maps of the shapes one image gets
+            one = self.forward(images.new_zeros(1, *images.shape[1:]))
+            return {"dense": [d[:0] for d in one["dense"]], "pooled": one["pooled"][:0]}
         self.forward_calls += 1
         h, w = images.shape[-2:]
         dense, pooled = self.forward_features(self.preprocess(images))

@@ -162,7 +162,7 @@ def resolve_tag_file(arch: str, tag: str) -> str:
         try:
             return download_pretrained_from_hf(repo, filename=filename)
         except Exception as e:
-            raise RuntimeError(
+            raise FileNotFoundError(
                 f"open_clip:{arch}/{tag}: no weights found. Looked for hub repo {repo!r} "
                 f"(file {filename or 'open_clip_pytorch_model.bin / open_clip_model.safetensors'}) in {where} "
                 f"{HF_HUB_CACHE}{note}. Pass checkpoint=<weight file> or use 'open_clip:{arch}/<file.bin>', or "
@@ -173,7 +173,7 @@ def resolve_tag_file(arch: str, tag: str) -> str:
     if cached.is_file():
         return str(cached)
     if HF_HUB_OFFLINE:
-        raise RuntimeError(
+        raise FileNotFoundError(
             f"open_clip:{arch}/{tag}: no weights found. Looked for {cached} (the open_clip download cache for "
             f"{url}); HF_HUB_OFFLINE is set, so not on the network. Pass checkpoint=<weight file>."
         )

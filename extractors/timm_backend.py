@@ -83,7 +83,7 @@ def create_timm_model(name: str, pretrained: bool, checkpoint: str | None, **kwa
         cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
         hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        raise RuntimeError(
+        raise FileNotFoundError(  # a clear error (one line from the scripts), not a crash
             f"timm:{name}: no pretrained weights could be loaded. Looked for hub repo {hub_id!r} in the HF "
             f"cache {HF_HUB_CACHE}{' (HF_HUB_OFFLINE is set, so not on the network)' if offline else ' and on the hub'}. "
             f"Pass checkpoint=<weight file> to load local weights, or pretrained=False for random weights. "

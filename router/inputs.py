@@ -51,8 +51,10 @@ def pil_to_array(img: Image.Image, where: str = "image") -> np.ndarray:
     img = ImageOps.exif_transpose(img)
     if img.mode in HIGH_DEPTH_MODES:
         return high_depth_to_unit(img, where)
+    if img.mode == "F":  # 32-bit float greyscale: its values as they are (checked to lie in [0, 1] by the caller);
+        return np.asarray(img, dtype=np.float32)  # Pillow's convert("RGB") would truncate [0, 1] to zeros
     if img.mode not in ("L", "RGB"):
-        img = img.convert("RGB")  # P, PA, RGBA, LA, CMYK, YCbCr, 1, F ...
+        img = img.convert("RGB")  # P, PA, RGBA, LA, CMYK, YCbCr, 1 ...
     return np.asarray(img)
 
 
@@ -66,6 +68,9 @@ def read_image(path: str | os.PathLike, channels: int) -> torch.Tensor:
             im = ImageOps.exif_transpose(im)
             if im.mode in HIGH_DEPTH_MODES:  # Pillow's convert("L") would clip these at 255
                 t = torch.from_numpy(high_depth_to_unit(im, str(path)))[None]
+                return t.expand(channels, -1, -1).contiguous()
+            if im.mode == "F":  # float values as they are, in [0, 1] (convert("L") would truncate them to 0)
+                t = check_unit_range(torch.from_numpy(np.asarray(im, dtype=np.float32).copy())[None], str(path))
                 return t.expand(channels, -1, -1).contiguous()
             im = im.convert("L" if channels == 1 else "RGB")
             arr = np.asarray(im, dtype=np.uint8).copy()

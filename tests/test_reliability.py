@@ -1104,3 +1104,80 @@ def test_kill9_while_final_is_written_then_resume_writes_final_with_its_metrics(
     assert "mIoU" in card and len(card) > 0.9 * len(reference_card)
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [r["step"] for r in map(json.loads, (reference_run / "metrics.jsonl").read_text().splitlines())]
+
+
+# ---- one line, not a traceback; inputs users have (issue 26) -------------------------------------------------------
+def test_pretrained_weights_missing_offline_are_one_line_naming_the_cache(run_setup, tmp_path, capsys):
+    from train.errors import run_cli
+
+    cfg = yaml.safe_load((run_setup / "tiny.yaml").read_text())
+    cfg["model"]["extractors"] = [{"spec": "timm:resnet18.a1_in1k", "name": "r18"}]  # pretrained, not in the cache
+    (tmp_path / "pretrained.yaml").write_text(yaml.safe_dump(cfg))
+    code = run_cli(lambda: main(["--config", str(tmp_path / "pretrained.yaml"), "--output-dir", str(tmp_path / "out")]),
+                   argv=[])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln or "Traceback" in ln]  # not progress bars
+    assert code == 2 and len(err) == 1, err
+    assert re.match(r"error: (FileNotFoundError: )?timm:resnet18\.a1_in1k: no pretrained weights could be loaded", err[0])
+    assert "HF_HUB_OFFLINE" in err[0]
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("data.image_size=100000", r"data\.image_size: 100000 is 10,000,000,000 pixels per image, above the budget"),
+    ("data.eval_size=[5000, 5000]", r"data\.eval_size: \[5000, 5000\] is 25,000,000 pixels per image"),
+    ("data.tasks.0.image_size=8192", r"data\.tasks\[shape_seg\]\.image_size: 8192 is 67,108,864 pixels"),
+])
+def test_sizes_above_the_pixel_budget_are_refused_at_load(override, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ExperimentConfig.from_dict(TINY_RUN, [override])
+
+
+def test_report_on_a_truncated_result_file_is_one_line_naming_it(tmp_path, capsys):
+    results = tmp_path / "cmp" / "results"
+    (results / "gated").mkdir(parents=True)
+    (results / "meta.json").write_text(json.dumps({"meta": {"seeds": [0]}, "settings": {"gated": {}}}))
+    (results / "gated" / "seed_0.json").write_text('{"variant": "gated", "seed": 0, "ro')  # cut short
+    assert script_main("report")([str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(r"error: .*results/gated/seed_0\.json: not a readable result", err[0]), err
+
+
+def test_a_peer_checkpoint_that_is_a_pickle_or_truncated_is_an_error_naming_it(tmp_path):
+    from train.peers import encoder_state
+
+    marker = tmp_path / "marker.txt"
+    evil = plant_pickle(tmp_path / "mnv2.pth", marker)
+    with pytest.raises(ValueError, match=r"compare\.peer_checkpoint: .*mnv2\.pth: refused or unreadable with torch\.load\(weights_only=True\)"):
+        encoder_state(evil)
+    assert not marker.exists(), "pickled code ran"
+    cut = tmp_path / "mnv2.safetensors"
+    save_file({"features.0.0.weight": torch.zeros(4, 3, 3, 3)}, str(cut))
+    cut.write_bytes(cut.read_bytes()[:-20])
+    with pytest.raises(ValueError, match=r"compare\.peer_checkpoint: .*mnv2\.safetensors: not a readable safetensors file"):
+        encoder_state(cut)
+
+
+def test_half_and_double_tensors_and_empty_batches_work_in_forward_and_predict(saved_router):
+    model = saved_router[0]
+    images = torch.rand(2, 3, 32, 32)
+    for task in ("seg", "cls"):
+        ref = model(images, task=task)[task]
+        for dtype in (torch.float16, torch.bfloat16, torch.float64):
+            x = images.to(dtype)
+            assert torch.allclose(model(x, task=task)[task], model(x.float(), task=task)[task])
+            assert len(model.predict(x, task=task)) == 2
+        empty = model(images[:0], task=task)
+        assert empty[task].shape == (0, *ref.shape[1:]) and empty["gate"].shape[0] == 0
+        assert len(model.predict(images[:0], task=task)) == 0
+
+
+@pytest.mark.parametrize("reader", list(READERS))
+def test_pil_mode_f_images_in_0_1_keep_their_values(tmp_path, reader):
+    values = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    path = tmp_path / "f.tiff"
+    Image.fromarray(values, mode="F").save(path)
+    got = READERS[reader](path)
+    assert torch.allclose(got[0], torch.from_numpy(values))  # before: all zeros (Pillow's convert truncates floats)
+    assert torch.allclose(to_image_tensor(Image.fromarray(values, mode="F"))[0], torch.from_numpy(values))
+    Image.fromarray(values * 255, mode="F").save(tmp_path / "f255.tiff")
+    with pytest.raises(ValueError, match=r"(f255\.tiff|image): float values in \[0, 255\]; expected \[0, 1\]"):
+        READERS[reader](tmp_path / "f255.tiff")

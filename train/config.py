@@ -97,10 +97,22 @@ def check_size(where: str, value: Any, low: int = 1) -> None:
 
 
 def check_eval_size(where: str, value: Any) -> None:
-    """A side (int >= 1) or [h, w] of two ints >= 1."""
+    """A side (int >= 1) or [h, w] of two ints >= 1, within the pixel budget."""
     if isinstance(value, list) and len(value) != 2:
         raise ValueError(f"{where}: expected a side or [h, w], got {value}")
     check_size(where, value)
+    check_pixels(where, value)
+
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # a crop or eval size above this would take gigabytes per image before the model
+
+
+def check_pixels(where: str, value: int | list[int]) -> None:
+    """A side or [h, w] (already checked to be ints >= 1) of at most MAX_IMAGE_PIXELS pixels, else an error naming the key."""
+    h, w = (value, value) if isinstance(value, int) else value
+    if h * w > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{where}: {value} is {h * w:,} pixels per image, above the budget of {MAX_IMAGE_PIXELS:,} "
+                         "(4096 x 4096); use a smaller size")
 
 
 # Model sizes an experiment checks at load that RouterConfig does not (it checks width, stride, levels itself).
@@ -130,6 +142,7 @@ class DataTaskConfig:
             raise ValueError(f"{where}.weight: must be >= 0, got {self.weight}")
         if self.image_size is not None:
             check_size(f"{where}.image_size", self.image_size)
+            check_pixels(f"{where}.image_size", self.image_size)
         if self.eval_size is not None:
             check_eval_size(f"{where}.eval_size", self.eval_size)
         if self.max_val_items is not None:
@@ -181,6 +194,7 @@ class DataConfig:
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction: expected a value in (0, 1), got {self.val_fraction}")
         check_size("data.image_size", self.image_size)
+        check_pixels("data.image_size", self.image_size)
         check_eval_size("data.eval_size", self.eval_size)
         check_size("data.num_workers", self.num_workers, 0)
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from extractors import check_images
+from extractors.checkpoints import load_state_dict_file
 from heads.seg import prior_logits
 
 # peer variant name -> whether its encoder trains
@@ -65,14 +66,10 @@ def encoder_state(path: str | os.PathLike | None) -> dict[str, torch.Tensor]:
         )
     if path.suffix not in (".pth", ".pt", ".bin", ".safetensors"):
         raise ValueError(f"compare.peer_checkpoint: {path}: expected a .pth/.pt/.bin or .safetensors weights file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"compare.peer_checkpoint: {path}: expected a flat state dict of tensors")
+    try:  # the package's safe reader: safetensors, or torch.load(weights_only=True); a pickle or truncation names the file
+        state = load_state_dict_file(path)
+    except ValueError as e:
+        raise ValueError(f"compare.peer_checkpoint: {e}") from e
     return {k: v for k, v in state.items() if not k.startswith("classifier.")}
 
 

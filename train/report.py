@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from train.errors import RunError
 from train.reporting import load_run, merge_runs, write_report
 
 
@@ -33,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rows, gate_rows, sweep_rows, meta = load_run(Path(args.run))
             out = Path(args.run)
-    except (FileNotFoundError, ValueError) as e:
-        print(e, file=sys.stderr)
+    except (FileNotFoundError, ValueError, RunError) as e:  # e.g. a truncated results/<variant>/seed_<n>.json
+        print(f"error: {e}", file=sys.stderr)
         return 2
     paths = write_report(out, rows, gate_rows, sweep_rows, meta)
     print(Path(paths["md"]).read_text())
