@@ -144,6 +144,8 @@ class HeadConfig:
         if not (isinstance(self.aux_weight, (int, float)) and math.isfinite(self.aux_weight) and self.aux_weight >= 0):
             raise ValueError(f"head.aux_weight: expected a finite loss weight >= 0 (0: no auxiliary head), "
                              f"got {self.aux_weight!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):  # NaN fails too
+            raise ValueError(f"head.dropout: expected a probability in [0, 1), got {self.dropout!r}")
         if self.cls_taps not in CLS_TAPS:
             raise ValueError(f"head.cls_taps: expected one of {CLS_TAPS}, got {self.cls_taps!r}")
         if self.seg_trunk not in SEG_TRUNKS:

@@ -1181,3 +1181,26 @@ def test_pil_mode_f_images_in_0_1_keep_their_values(tmp_path, reader):
     Image.fromarray(values * 255, mode="F").save(tmp_path / "f255.tiff")
     with pytest.raises(ValueError, match=r"(f255\.tiff|image): float values in \[0, 255\]; expected \[0, 1\]"):
         READERS[reader](tmp_path / "f255.tiff")
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("train.lr=nan", r"train\.lr: expected a finite number, got nan"),
+    ("train.lr=inf", r"train\.lr: expected a finite number, got inf"),
+    ("train.weight_decay=nan", r"train\.weight_decay: expected a finite number, got nan"),
+    ("train.grad_clip=nan", r"train\.grad_clip: expected a finite number, got nan"),
+    ("train.betas=[0.9, 1.5]", r"train\.betas: expected two values in \[0, 1\), got \[0\.9, 1\.5\]"),
+    ("train.seed=-1", r"train\.seed: must be an int >= 0, got -1"),
+    ("train.loss_weights.shape_seg=heavy", r"train\.loss_weights\.shape_seg.*: expected a (finite )?number"),
+    ("train.loss_weights.shape_seg=-1", r"train\.loss_weights\.shape_seg: expected a finite number >= 0, got -1"),
+    ("data.tasks.0.weight=nan", r"data\.tasks\[shape_seg\]\.weight: must be a finite number >= 0, got nan"),
+    ("data.color_jitter=nan", r"data\.color_jitter: expected a finite strength >= 0"),
+    ("data.color_jitter=-0.1", r"data\.color_jitter: expected a finite strength >= 0"),
+    ("model.head.dropout=1.5", r"head\.dropout: expected a probability in \[0, 1\), got 1\.5"),
+    ("model.head.dropout=nan", r"head\.dropout: expected a probability in \[0, 1\), got nan"),
+])
+def test_non_finite_and_out_of_range_values_name_the_key(override, pattern):
+    with pytest.raises((TypeError, ValueError), match=pattern):
+        ExperimentConfig.from_dict(TINY_RUN, [override])
+    extractors = [{**TINY_RUN["model"]["extractors"][0], "unfreeze_last": -2}]
+    with pytest.raises(ValueError, match=r"extractors\[p16\]\.unfreeze_last: expected an integer >= 0"):
+        ExperimentConfig.from_dict({**TINY_RUN, "model": {**TINY_RUN["model"], "extractors": extractors}})

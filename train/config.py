@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -138,8 +139,8 @@ class DataTaskConfig:
 
     def __post_init__(self):
         where = f"data.tasks[{self.name}]"
-        if self.weight < 0:
-            raise ValueError(f"{where}.weight: must be >= 0, got {self.weight}")
+        if not math.isfinite(self.weight) or self.weight < 0:
+            raise ValueError(f"{where}.weight: must be a finite number >= 0, got {self.weight}")
         if self.image_size is not None:
             check_size(f"{where}.image_size", self.image_size)
             check_pixels(f"{where}.image_size", self.image_size)
@@ -195,6 +196,8 @@ class DataConfig:
             raise ValueError(f"data.val_fraction: expected a value in (0, 1), got {self.val_fraction}")
         check_size("data.image_size", self.image_size)
         check_pixels("data.image_size", self.image_size)
+        if not math.isfinite(self.color_jitter) or self.color_jitter < 0:
+            raise ValueError(f"data.color_jitter: expected a finite strength >= 0 (0 disables), got {self.color_jitter}")
         check_eval_size("data.eval_size", self.eval_size)
         check_size("data.num_workers", self.num_workers, 0)
 
@@ -243,6 +246,16 @@ class TrainConfig:
             raise ValueError(f"train.betas: expected two values, got {self.betas}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.on_nonfinite: expected 'stop' or 'skip', got {self.on_nonfinite!r}")
+        for key in ("lr", "weight_decay", "grad_clip", "phase2_lr_scale", "aux_loss_weight", "min_lr_ratio"):
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"train.{key}: expected a finite number, got {getattr(self, key)}")
+        if not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas: expected two values in [0, 1), got {self.betas}")
+        if self.seed < 0:
+            raise ValueError(f"train.seed: must be an int >= 0, got {self.seed}")
+        for task, w in self.loss_weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(f"train.loss_weights.{task}: expected a finite number >= 0, got {w!r}")
         for key in ("lr", "weight_decay", "grad_clip", "phase2_lr_scale", "warmup_steps", "phase2_warmup_steps",
                     "aux_loss_weight"):
             if getattr(self, key) < 0 or (key == "lr" and self.lr == 0):
