@@ -65,7 +65,11 @@ def test_report_files_and_contents(two_runs):
         vals = [r["value"] for r in rows if r["variant"] == v and r["task"] == "shape_cls" and r["metric"] == "balanced_accuracy"]
         cell = f"{100 * np.mean(vals):.1f} ± {100 * np.std(vals, ddof=1):.1f}"
         assert cell in md, (cell, md)
-    assert "Best routed variant (by task mean): **gated_token**" in md
+    # 12 steps on 24 synthetic images learn nothing: the report says what it came from and concludes nothing
+    assert "Data: shape_seg on shapes (24 train / 12 val images), shape_cls on shapes (24 train / 12 val images) " \
+           "(synthetic: train/synthetic.py). Budget per variant and seed: 12 steps of batch 8; seeds [0, 1]." in md
+    assert summary["gains"]["nothing_learned"] and "this run learned nothing to compare" in md
+    assert "Best routed variant" not in md and "routed >= best single" not in md
     assert summary["meta"]["budget"]["max_steps"] == 12 and summary["meta"]["seeds"] == [0, 1]
 
     # Threshold sweep of the binary seg task: 9 thresholds, recall falls as the threshold rises.
@@ -186,6 +190,34 @@ def test_variants_expand_and_errors_name_the_key():
 
 
 # ---- report values -------------------------------------------------------------------------------------
+def test_a_run_at_chance_bolds_nothing_and_concludes_nothing():
+    """Every variant at chance (1/3 within two binomial SEs on 30 val images) or at 0 IoU: no bold, no best routed,
+    no "routed >= best single"; a task above chance gets its bold back."""
+    values = {"single_a": {"seg": 0.0, "cls": 0.30}, "concat": {"seg": 0.001, "cls": 0.40},
+              "gated_task": {"seg": 0.0, "cls": 0.45}}
+    rows = [{"variant": v, "seed": s, "task": t, "metric": "fg_iou" if t == "seg" else "balanced_accuracy",
+             "value": x} for v, per in values.items() for t, x in per.items() for s in (0, 1)]
+    meta = {"tasks": ["seg", "cls"], "primary": {"seg": "fg_iou", "cls": "balanced_accuracy"},
+            "num_classes": {"seg": 2, "cls": 3}, "variants": list(values),
+            "kinds": {"single_a": "single", "concat": "concat", "gated_task": "routed"}, "seeds": [0, 1],
+            "extractors": ["a"], "families": {"a": "semantic"}, "datasets": {"seg": "parts", "cls": "parts"},
+            "budget": {"max_steps": 40, "batch_size": 4, "train_items": {"seg": 90, "cls": 90},
+                       "val_items": {"seg": 30, "cls": 30}}}
+    agg = aggregate(rows)
+    g = gains(agg, meta)
+    md = results_markdown(agg, meta, g)
+    assert g["nothing_learned"] and g["best_routed"] is None and "**" not in md
+    assert md.startswith("Data: seg on parts (90 train / 30 val images), cls on parts (90 train / 30 val images). "
+                         "Budget per variant and seed: 40 steps of batch 4; seeds [0, 1].")
+    assert "none is in bold" in md and "this run learned nothing to compare" in md and "routed >=" not in md
+    rows += [{"variant": "gated_task", "seed": 2, "task": "cls", "metric": "balanced_accuracy", "value": 0.95}]
+    agg = aggregate(rows)  # gated_task on cls: mean (0.45 + 0.45 + 0.95) / 3 = 0.62 > 1/3 + 2 x 0.086
+    g = gains(agg, meta)
+    md = results_markdown(agg, meta, g)
+    assert not g["nothing_learned"] and g["best_routed"] == "gated_task"
+    assert "except on seg, where every variant is at chance or 0" in md and "| **61.7 ± 28.9** |" in md
+
+
 def test_gains_and_table_values(tmp_path):
     values = {  # variant -> task -> per-seed values
         "single_a": {"t1": [0.50, 0.52], "t2": [0.70, 0.70]},
@@ -214,6 +246,7 @@ def test_gains_and_table_values(tmp_path):
     assert "| gated_task | routed | 62.0 ± 0.0 | **72.0 ± 0.0** | **67.0** |" in md
     assert "| single_a | single | 51.0 ± 1.4 | 70.0 ± 0.0 | 60.5 |" in md
     assert "| **average** | | | +2.0 | | +2.5 |" in md
+    assert "this run learned nothing" not in md and not g["nothing_learned"]  # metric "m": chance unknown
     paths = write_report(tmp_path, rows, [], [], meta)
     assert paths["sweeps_png"] == {} and set(paths["heatmaps"]) == {"gated_task", "gated_image"}
     heat = json.loads(paths["heatmap_values"].read_text())

@@ -117,6 +117,8 @@ def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> int:
         say(f"note: train.grad_accum_steps={t.grad_accum_steps}: each optimizer step accumulates that many batches")
     meta = {
         "tasks": task_names, "task_types": {n: tasks[n].task.type for n in task_names}, "primary": primary,
+        "num_classes": {n: tasks[n].task.num_classes for n in task_names},
+        "datasets": {n: tasks[n].folder.name for n in task_names}, "synthetic": cfg.data.synthetic is not None,
         "variants": [v.name for v in variants], "kinds": {v.name: v.kind for v in variants}, "notes": notes,
         "peer_checkpoint": cmp.peer_checkpoint if peer_names else None,
         "extractors": list(job.shared), "families": {n: ext.info.family for n, ext in job.shared.items()},

@@ -34,6 +34,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from extractors.atomic import atomic_write_bytes  # noqa: E402
 from router.card import plot_gate_panels  # noqa: E402
@@ -69,6 +71,49 @@ def task_average(table: dict, variant: str, tasks: list[str]) -> float | None:
     return float(np.mean(vals)) if len(vals) == len(tasks) else None
 
 
+CHANCE_1_OVER_K = ("accuracy", "balanced_accuracy")  # a constant guess scores 1/K
+FLOOR_0 = ("fg_iou", "fg_dice", "mIoU", "mDice")  # a model that finds nothing scores 0
+
+
+def chance_level(meta: dict, task: str) -> float | None:
+    """What a model that learned nothing scores on the task's primary metric: 1/K for (balanced) accuracy (K from
+    ``meta["num_classes"]``), 0 for IoU / Dice; None when unknown (another metric, a run from before num_classes)."""
+    metric, k = meta["primary"][task], (meta.get("num_classes") or {}).get(task)
+    if metric in CHANCE_1_OVER_K:
+        return 1.0 / k if k else None
+    return 0.0 if metric in FLOOR_0 else None
+
+
+def at_chance(a: dict | None, meta: dict, task: str) -> bool:
+    """Whether a variant's mean is indistinguishable from chance: 0 for IoU / Dice (under 0.5 points), else within
+    two binomial standard errors of 1/K on the task's validation images (meta budget.val_items; 2 points if unknown)."""
+    chance = chance_level(meta, task)
+    if a is None or chance is None:
+        return a is None
+    if chance == 0.0:
+        return a["mean"] < 0.005
+    n = ((meta.get("budget") or {}).get("val_items") or {}).get(task)
+    margin = 2 * math.sqrt(chance * (1 - chance) / n) if n else 0.02
+    return a["mean"] <= chance + margin
+
+
+def flat_tasks(table: dict, meta: dict) -> list[str]:
+    """The tasks on which every variant is at chance or 0 (:func:`at_chance`): no variant there is better than another."""
+    return [t for t in meta["tasks"] if chance_level(meta, t) is not None
+            and all(at_chance(table[v][t], meta, t) for v in meta["variants"])]
+
+
+def data_line(meta: dict) -> str:
+    """What the numbers come from: per task its dataset and train / val images, the steps, batch and seeds."""
+    budget, seeds = meta.get("budget") or {}, meta.get("seeds", [])
+    train, val = budget.get("train_items") or {}, budget.get("val_items") or {}
+    parts = [f"{t} on {(meta.get('datasets') or {}).get(t, '?')} ({train.get(t, '?')} train / {val.get(t, '?')} val "
+             "images)" for t in meta["tasks"]]
+    synthetic = " (synthetic: train/synthetic.py)" if meta.get("synthetic") else ""
+    return (f"Data: {', '.join(parts)}{synthetic}. Budget per variant and seed: {budget.get('max_steps', '?')} steps "
+            f"of batch {budget.get('batch_size', '?')}; seeds {seeds}.")
+
+
 def gains(agg: dict, meta: dict) -> dict[str, Any]:
     """The best routed variant (highest task average) against the best single per task and against concat.
 
@@ -80,8 +125,9 @@ def gains(agg: dict, meta: dict) -> dict[str, Any]:
     singles = [v for v in meta["variants"] if kinds[v] == "single"]
     concat = next((v for v in meta["variants"] if kinds[v] == "concat"), None)
     out: dict[str, Any] = {"best_routed": None, "per_task": {}, "vs_best_single_avg": None, "vs_concat_avg": None,
-                           "routed_ge_best_single_every_task": None, "routed_ge_concat_plus_1_avg": None}
-    if not routed:
+                           "routed_ge_best_single_every_task": None, "routed_ge_concat_plus_1_avg": None,
+                           "nothing_learned": flat_tasks(table, meta) == list(tasks)}
+    if not routed or out["nothing_learned"]:  # every variant at chance or 0: no best, no conclusion
         return out
     best = max(routed, key=lambda v: task_average(table, v, tasks))
     out["best_routed"] = best
@@ -176,10 +222,16 @@ def results_markdown(agg: dict, meta: dict, gain: dict, gate_rows: list[dict] | 
     tasks, variants = meta["tasks"], meta["variants"]
     table = primary_table(agg, meta)
     avgs = {v: task_average(table, v, tasks) for v in variants}
-    best = {t: max((table[v][t]["mean"] for v in variants if table[v][t] is not None), default=None) for t in tasks}
-    best_avg = max((a for a in avgs.values() if a is not None), default=None)
+    flat = flat_tasks(table, meta)  # every variant at chance or 0 there: no best to mark
+    best = {t: None if t in flat else max((table[v][t]["mean"] for v in variants if table[v][t] is not None),
+                                          default=None) for t in tasks}
+    best_avg = None if len(flat) == len(tasks) else max((a for a in avgs.values() if a is not None), default=None)
     seeds = meta.get("seeds", [])
-    lines = [f"Primary metric per task, x100, mean ± std over {len(seeds)} seed(s) {seeds}; best per column in bold.",
+    bold = ("every variant is at chance (1/K, within two binomial standard errors on the val images) or 0 on every "
+            "task, so none is in bold" if len(flat) == len(tasks) else f"best per column in bold, except on "
+            f"{', '.join(flat)}, where every variant is at chance or 0" if flat else "best per column in bold")
+    lines = [data_line(meta), "",
+             f"Primary metric per task, x100, mean ± std over {len(seeds)} seed(s) {seeds}; {bold}.",
              "", "| variant | kind | " + " | ".join(f"{t} ({meta['primary'][t]})" for t in tasks) + " | task mean |",
              "|---|---|" + "---|" * (len(tasks) + 1)]
     for v in variants:
@@ -225,7 +277,9 @@ def results_markdown(agg: dict, meta: dict, gain: dict, gate_rows: list[dict] | 
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
         lines.append("")
     if gain["best_routed"] is None:
-        lines.append("No routed (gated) variant in this comparison: no gains to report.")
+        lines.append("Every variant is at chance or 0 on every task: this run learned nothing to compare, so no "
+                     "variant is best and nothing is concluded (more steps, data or real extractors)."
+                     if gain.get("nothing_learned") else "No routed (gated) variant in this comparison: no gains to report.")
         return "\n".join(lines) + "\n"
     lines += [f"Best routed variant (by task mean): **{gain['best_routed']}**.", "",
               "| task | routed | best single | routed - best single | concat | routed - concat |", "|---|---|---|---|---|---|"]
@@ -246,7 +300,8 @@ def results_markdown(agg: dict, meta: dict, gain: dict, gate_rows: list[dict] | 
 
 # ---- plots ---------------------------------------------------------------------------------------------
 def plot_bars(agg: dict, meta: dict, path: Path) -> Path:
-    """One panel per task: the primary metric of each variant, mean with std error bars over seeds."""
+    """One panel per task: the primary metric of each variant, mean with std error bars over seeds, coloured by kind
+    (legend), with a dashed line at chance (1/K for accuracy, 0 for IoU / Dice)."""
     tasks, variants = meta["tasks"], meta["variants"]
     table = primary_table(agg, meta)
     fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.0, 0.45 * len(variants) + 1.5) * len(tasks), 4.2),
@@ -259,15 +314,22 @@ def plot_bars(agg: dict, meta: dict, path: Path) -> Path:
         ax.set_xticks(range(len(variants)), variants, rotation=60, ha="right", fontsize=8)
         ax.set_title(f"{t}", fontsize=10)
         ax.set_ylabel(f"{meta['primary'][t]} x100")
+        chance = chance_level(meta, t)
+        if chance is not None:
+            ax.axhline(100 * chance, color="#444444", linestyle="--", linewidth=1)
         finite = [m for m in means if np.isfinite(m)]
         if finite:
-            lo = min(m - s for m, s in zip(means, stds) if np.isfinite(m))
-            hi = max(m + s for m, s in zip(means, stds) if np.isfinite(m))
+            lo = min([m - s for m, s in zip(means, stds) if np.isfinite(m)] + ([100 * chance] if chance is not None else []))
+            hi = max([m + s for m, s in zip(means, stds) if np.isfinite(m)] + ([100 * chance] if chance is not None else []))
             pad = max(1.0, 0.15 * (hi - lo))
             ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad) if hi + pad > lo else hi + 1)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"mean ± std over seeds {meta.get('seeds', [])}", fontsize=10)
-    fig.tight_layout()
+    kinds = list(dict.fromkeys(meta["kinds"][v] for v in variants))
+    handles = [Patch(color=KIND_COLOURS.get(k, "#444444"), label=k) for k in kinds]
+    handles.append(Line2D([], [], color="#444444", linestyle="--", linewidth=1, label="chance (1/K) or 0"))
+    fig.legend(handles=handles, loc="upper right", fontsize=8, ncol=len(handles), frameon=False)
+    fig.suptitle(f"mean ± std over seeds {meta.get('seeds', [])}", fontsize=10, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
