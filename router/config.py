@@ -6,6 +6,7 @@ too, so ``Router.from_config("configs/tiny.yaml")`` and ``Router.from_pretrained
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import json
@@ -332,14 +333,97 @@ def default_level_width(width: int, stride: int) -> int:
     return width if stride >= 16 else max(min(width, 32), width * stride // 16)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one mapping (YAML) or object (JSON); the message names the key."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key twice in one mapping (PyYAML keeps the last) and reads ``1e-3`` /
+    ``5E+2`` as floats (YAML 1.1 needs ``1.0e-3``)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; its keys may be overridden
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in lines:
+                        at = f"lines {lines[key]} and {line}" if lines[key] != line else f"twice on line {line}"
+                        raise DuplicateKeyError(f"duplicate key {key!r} ({at})")
+                    lines[key] = line
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    pass
+        return super().construct_mapping(node, deep)
+
+
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                   list("-+0123456789."))
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _non_finite(data: Any, where: str = "") -> tuple[str, float] | None:
+    """(dotted key, value) of the first NaN / Infinity in a decoded JSON document, else None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return where or "(the document)", data
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for k, v in items:
+        if found := _non_finite(v, f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k)):
+            return found
+    return None
+
+
+def read_text_file(path: Path) -> str:
+    """A config file's text: UTF-8 (a BOM allowed); UTF-16 / UTF-32 or binary content is an error naming the file."""
+    raw = path.read_bytes()
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"),
+                      (codecs.BOM_UTF16_BE, "UTF-16")):
+        if raw.startswith(bom):
+            raise ValueError(f"{path}: {name} text (byte-order mark {bom.hex()}); config files are UTF-8: save it as "
+                             f"UTF-8 (e.g. iconv -f {name} -t UTF-8)")
+    if b"\x00" in raw:
+        at = raw.index(b"\x00")
+        raise ValueError(f"{path}: holds a NUL byte at offset {at} (binary data or UTF-16 without a byte-order mark), "
+                         "not UTF-8 text; config files are UTF-8 YAML or JSON")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); config files are "
+                         "UTF-8: save it as UTF-8") from None
+
+
 def load_yaml_or_json(path: Path) -> dict[str, Any]:
+    """The one reader of config files (YAML, or JSON by suffix) as a dict; every error names the file.
+
+    UTF-8 only (UTF-16 / binary content is refused), a key twice in one mapping is refused (YAML and JSON), JSON's
+    non-standard NaN / Infinity are refused naming the key, and YAML reads ``1e-3`` as a float (:class:`ConfigLoader`).
+
+    >>> load_yaml_or_json(Path("configs/quickstart.yaml"))["train"]["max_steps"]
+    1000
+    """
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
+    text = read_text_file(path)
+    is_json = path.suffix == ".json"
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_json_object) if is_json else yaml.load(text, Loader=ConfigLoader)
+    except DuplicateKeyError as e:
+        raise ValueError(f"{path}: {e}; a key may appear once in a mapping: merge or delete one") from e
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({e})") from e
+        raise ValueError(f"{path}: not valid {'JSON' if is_json else 'YAML'} ({e})") from e
+    if is_json and (bad := _non_finite(data)):
+        raise ValueError(f"{path}: {bad[0]} is {json.dumps(bad[1])}; a config value must be a finite number (NaN and "
+                         "Infinity are not JSON)")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -381,6 +465,9 @@ def _decode(tp, value, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # `X | None`: X's own error names the key inside it (data.synthetic.n_trian)
+            return _decode(options[0], value, where)
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:

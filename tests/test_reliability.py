@@ -1204,3 +1204,47 @@ def test_non_finite_and_out_of_range_values_name_the_key(override, pattern):
     extractors = [{**TINY_RUN["model"]["extractors"][0], "unfreeze_last": -2}]
     with pytest.raises(ValueError, match=r"extractors\[p16\]\.unfreeze_last: expected an integer >= 0"):
         ExperimentConfig.from_dict({**TINY_RUN, "model": {**TINY_RUN["model"], "extractors": extractors}})
+
+
+# ---- config files: one reader, router.config.load_yaml_or_json (issue 26) -------------------------------------------
+@pytest.mark.parametrize("name, content, pattern", [
+    ("dup.yaml", b"train:\n  lr: 0.1\n  lr: 0.2\n", r"dup\.yaml: duplicate key 'lr' \(lines 2 and 3\); a key may appear once"),
+    ("two_train.yaml", b"train: {lr: 0.1}\nmodel: {}\ntrain: {seed: 1}\n", r"duplicate key 'train' \(lines 1 and 3\)"),
+    ("flow.yaml", b"train: {lr: 0.1, lr: 0.2}\n", r"duplicate key 'lr' \(twice on line 1\)"),
+    ("dup.json", b'{"train": {"lr": 0.1, "lr": 0.2}}', r"dup\.json: duplicate key 'lr'; a key may appear once"),
+    ("nan.json", b'{"train": {"lr": NaN}}', r"nan\.json: train\.lr is NaN; a config value must be a finite number"),
+    ("inf.json", b'{"train": {"betas": [0.9, -Infinity]}}', r"inf\.json: train\.betas\[1\] is -Infinity"),
+    ("utf16.yaml", "train:\n  lr: 0.1\n".encode("utf-16"), r"utf16\.yaml: UTF-16 text \(byte-order mark fffe\); config "
+                                                           r"files are UTF-8"),
+    ("utf16.json", '{"train": {}}'.encode("utf-16-le"), r"utf16\.json: holds a NUL byte at offset 1 \(binary data or "
+                                                        r"UTF-16 without a byte-order mark\)"),
+    ("binary.yaml", bytes(range(256)), r"binary\.yaml: holds a NUL byte at offset 0"),
+    ("latin1.yaml", "name: café\n".encode("latin-1"), r"latin1\.yaml: not UTF-8 text \(byte 0xe9 at offset 9\)"),
+])
+def test_config_files_with_duplicate_keys_nan_or_not_utf8_are_refused_naming_file_and_key(tmp_path, name, content,
+                                                                                           pattern):
+    from train.config import load_pretrain_config
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    for read in (ExperimentConfig.from_file, RouterConfig.from_file, load_pretrain_config):  # every reader is this one
+        with pytest.raises(ValueError, match=pattern):
+            read(path)
+
+
+def test_a_config_file_error_is_one_line_and_good_files_still_load(run_setup, tmp_path, capsys):
+    from router.config import load_yaml_or_json
+    from train.errors import run_cli
+
+    text = (run_setup / "tiny.yaml").read_text()
+    (tmp_path / "two.yaml").write_text(text + "train: {max_steps: 8}\n")  # a second train: section at the end
+    code = run_cli(lambda: main(["--config", str(tmp_path / "two.yaml"), "--output-dir", str(tmp_path / "out")]), argv=[])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1 and re.match(r"error: .*two\.yaml: duplicate key 'train' \(lines \d+ and \d+\)",
+                                                    err[0]), err
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    # what stays readable: a JSON config with a UTF-8 BOM, YAML merge keys overriding merged ones, 1e-3 as a float
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(TINY_RUN).encode())
+    assert ExperimentConfig.from_file(tmp_path / "bom.json").train.max_steps == 4
+    (tmp_path / "merge.yaml").write_text("base: &b {lr: 1e-3, seed: 2}\ntrain:\n  <<: *b\n  seed: 3\n")
+    assert load_yaml_or_json(tmp_path / "merge.yaml")["train"] == {"lr": 0.001, "seed": 3}

@@ -16,11 +16,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate.utils import load
 
 from extractors.atomic import atomic_write_bytes
-from train.config import RESUMABLE_CHANGES, config_differences
+from train.config import RESUMABLE_CHANGES, config_differences, load_config_file
 from train.rundir import check_global_batch, read_trainer_state
 
 CHECKPOINT_FILES = ("model.safetensors", "trainer_state.json")
@@ -104,7 +103,7 @@ def check_resume_config(saved_config: Path, resolved: dict, resume_from: Path | 
     train.batch_size may change when the global batch stays (another process count), or with
     ``change_global_batch``.
     """
-    saved = yaml.safe_load(saved_config.read_text())
+    saved = load_config_file(saved_config)
     changed = [k for k in config_differences(saved, resolved) if k not in RESUMABLE_CHANGES]
     note = None
     if resume_from is not None:

@@ -25,7 +25,6 @@ import copy
 import dataclasses
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import yaml
 
 from extractors.base import FAMILIES
-from router.config import RouterConfig, _from_dict, did_you_mean, load_yaml_or_json
+from router.config import ConfigLoader, RouterConfig, _from_dict, did_you_mean, load_yaml_or_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ENV = "BACKBONE_ROUTER_DATA"
@@ -64,28 +63,10 @@ def decode(cls: type, data: Any, where: str = "config") -> Any:
 
 DEFAULT_SEG_LOSS: list[dict[str, Any]] = [{"name": "ce", "weight": 1.0}, {"name": "dice", "weight": 1.0, "per_image": True}]
 DEFAULT_CLS_LOSS: list[dict[str, Any]] = [{"name": "ce", "weight": 1.0}]
-class ConfigLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` that also reads ``1e-3`` / ``5E+2`` as floats (YAML 1.1 needs ``1.0e-3``)."""
-
-
-ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-                                   list("-+0123456789."))
-
-
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML (read with :class:`ConfigLoader`) or JSON config file as a dict; errors name the file."""
-    path = Path(path)
-    if path.suffix == ".json":
-        return load_yaml_or_json(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=ConfigLoader)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+    """A YAML or JSON config file as a dict: :func:`router.config.load_yaml_or_json`, the one config reader (UTF-8,
+    duplicate keys and JSON NaN refused, ``1e-3`` a float); errors name the file."""
+    return load_yaml_or_json(Path(path))
 
 
 def check_size(where: str, value: Any, low: int = 1) -> None:

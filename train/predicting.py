@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
+from router.config import load_yaml_or_json
 from train.data import IMAGE_SUFFIXES
 
 Colour = tuple[int, int, int]
@@ -71,7 +70,7 @@ def class_colours(meta_path: Path | None, num_classes: int) -> tuple[list[Colour
     checked), else the default palette."""
     if meta_path is None:
         return default_palette(), "default palette"
-    meta = json.loads(Path(meta_path).read_text())
+    meta = load_yaml_or_json(Path(meta_path))
     colours = meta.get("colors")
     if colours is None:
         return default_palette(), f"default palette ({meta_path} has no 'colors')"
@@ -89,9 +88,9 @@ def run_meta(model_dir: Path, task: str) -> Path | None:
     config = Path(model_dir).parent / "config.yaml"
     if Path(model_dir).name != "final" or not config.is_file():
         return None
-    from train.config import data_root
+    from train.config import data_root, load_config_file
 
-    data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+    data = load_config_file(config).get("data") or {}
     source = next((t for t in data.get("tasks") or [] if t.get("name") == task), None)
     if source is None:
         return None
