@@ -1248,3 +1248,70 @@ def test_a_config_file_error_is_one_line_and_good_files_still_load(run_setup, tm
     assert ExperimentConfig.from_file(tmp_path / "bom.json").train.max_steps == 4
     (tmp_path / "merge.yaml").write_text("base: &b {lr: 1e-3, seed: 2}\ntrain:\n  <<: *b\n  seed: 3\n")
     assert load_yaml_or_json(tmp_path / "merge.yaml")["train"] == {"lr": 0.001, "seed": 3}
+
+
+# ---- dataset folders: meta.json typed, stems once (train/data.py, issue 26) ------------------------------------------
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    """A small synthetic dataset folder (meta.json ignore_index 255) to break."""
+    return write_synthetic_dataset(tmp_path / "data", "shapes", n_train=6, n_val=2, size=16, ignore_border=1, seed=0)
+
+
+def load_shapes(folder: Path, task_type: str = "seg", **task):
+    from router.config import TaskConfig
+    from train.config import DataConfig, DataTaskConfig
+    from train.data import load_task_data
+
+    data = DataConfig(tasks=[DataTaskConfig("t", folder.name)], image_size=16, eval_size=16)
+    return load_task_data(TaskConfig("t", task_type, **task), data.task("t"), folder.parent, data)
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"ignore_index": "void"}, r"meta\.json: 'ignore_index' must be an int >= 0 .* or null, got 'void'"),
+    ({"ignore_index": 2.5}, r"'ignore_index' must be an int >= 0 .*, got 2\.5"),
+    ({"ignore_index": -1}, r"'ignore_index' must be an int >= 0 .*, got -1"),
+    ({"channels": 5}, r"meta\.json: 'channels' must be 1 \(greyscale\) or 3 \(RGB\), got 5"),
+    ({"channels": True}, r"'channels' must be 1 \(greyscale\) or 3 \(RGB\), got True"),
+    ({"classes": "background,shape"}, r"meta\.json: 'classes' must be a list of class names \(strings\), got 'backgr"),
+    ({"classes": ["background", 1]}, r"'classes' must be a list of class names \(strings\), got \['background', 1\]"),
+    ({"image_classes": None}, r"'image_classes' must be a list of class names"),
+])
+def test_meta_json_values_are_typed_naming_the_key(dataset, change, pattern):
+    meta = json.loads((dataset / "meta.json").read_text())
+    (dataset / "meta.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(ValueError, match=pattern):
+        load_shapes(dataset)
+
+
+def test_meta_json_and_config_ignore_index_must_agree_and_stems_are_listed_once(dataset):
+    assert load_shapes(dataset).task.ignore_index == 255  # taken from meta.json
+    assert load_shapes(dataset, ignore_index=255).task.ignore_index == 255  # the same value: fine
+    with pytest.raises(ValueError, match=r"model\.tasks\[t\]\.ignore_index 0 differs from .*shapes/meta\.json "
+                                         r"ignore_index 255; .* leave ignore_index out of the config"):
+        load_shapes(dataset, ignore_index=0)  # every background pixel would be left out of loss and metrics
+    meta = dataset / "meta.json"
+    meta.write_text(meta.read_text().replace("{", '{"classes": ["a", "b"], ', 1))  # a key twice in meta.json
+    with pytest.raises(ValueError, match=r"meta\.json: duplicate key 'classes'"):
+        load_shapes(dataset)
+
+    splits, labels = dataset / "splits.csv", dataset / "labels.csv"
+    meta.write_text(meta.read_text().replace('{"classes": ["a", "b"], ', "{", 1))
+    good_splits, good_labels = splits.read_text(), labels.read_text()
+    splits.write_text(good_splits + "shape_00001,train\n")  # listed twice in one split (line 3 and line 10)
+    with pytest.raises(ValueError, match=r"splits\.csv: stem 'shape_00001' is listed twice in split 'train' \(lines 3 "
+                                         r"and 10\); list each stem once"):
+        load_shapes(dataset)
+    splits.write_text(good_splits)
+    first = good_labels.splitlines()[2]  # shape_00001,<name>,<idx>
+    stem, name, idx = first.split(",")
+    other = (int(idx) + 1) % 3
+    labels.write_text(good_labels + first + "\n")  # the same class twice: harmless, loads
+    assert len(load_shapes(dataset, "cls").train) == 6
+    labels.write_text(good_labels + f"{stem},,{other}\n")
+    with pytest.raises(ValueError, match=rf"labels\.csv: stem '{stem}' has class_idx {idx} \({name}\) on line 3 and "
+                                         rf"class_idx {other} on line 10; a stem has one class"):
+        load_shapes(dataset, "cls")
+    from train.data import read_image_labels
+
+    with pytest.raises(ValueError, match=rf"labels\.csv: stem '{stem}' has class_idx {idx}"):
+        read_image_labels(dataset)  # train/ceiling.py's reader: the same check

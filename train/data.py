@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import json
 import math
 import os
 import unicodedata
@@ -43,7 +42,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from router.config import TaskConfig
+from router.config import TaskConfig, load_yaml_or_json
 from router.inputs import HIGH_DEPTH_MODES, IMAGE_ERRORS, read_image
 from train.config import DATA_ENV, DataConfig, DataTaskConfig, ExperimentConfig, data_root
 
@@ -107,15 +106,25 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
+    """A dataset's meta.json (read by the config reader: duplicate keys, NaN, non-UTF-8 refused) with the keys that
+    are read typed (docs/data.md): classes / image_classes lists of names, ignore_index an int >= 0 or null,
+    channels 1 or 3. An error names the file, the key and the value."""
     path = folder / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (expected classes, ignore_index, ... see docs/data.md)")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    meta = load_yaml_or_json(path)
+    for key in ("classes", "image_classes"):
+        names = meta.get(key)
+        if key in meta and not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)):
+            raise ValueError(f"{path}: {key!r} must be a list of class names (strings), got {names!r}")
+    ignore = meta.get("ignore_index")
+    if ignore is not None and (not isinstance(ignore, int) or isinstance(ignore, bool) or ignore < 0):
+        raise ValueError(f"{path}: 'ignore_index' must be an int >= 0 (the mask value left out of losses and "
+                         f"metrics) or null, got {ignore!r}")
+    channels = meta.get("channels")
+    if "channels" in meta and (isinstance(channels, bool) or channels not in (1, 3)):
+        raise ValueError(f"{path}: 'channels' must be 1 (greyscale) or 3 (RGB), got {channels!r}; leave it out to "
+                         "take it from the images")
     return meta
 
 
@@ -128,6 +137,9 @@ def read_splits(folder: Path) -> dict[str, list[str]]:
         if stem in split_of and split_of[stem][0] != split:
             raise ValueError(f"{folder / 'splits.csv'}: stem {stem!r} is in split {split_of[stem][0]!r} (line "
                              f"{split_of[stem][1]}) and in split {split!r} (line {row_no}); a stem belongs to one split")
+        if stem in split_of:  # listed twice in one split: it would be drawn (and scored) twice as often
+            raise ValueError(f"{folder / 'splits.csv'}: stem {stem!r} is listed twice in split {split!r} (lines "
+                             f"{split_of[stem][1]} and {row_no}); list each stem once")
         split_of.setdefault(stem, (split, row_no))
         splits.setdefault(split, []).append(stem)
     return splits
@@ -247,10 +259,25 @@ def check_mask_classes(task: TaskConfig, folder: Path, mask_pixels: dict[Path, t
                      f"a segmentation task needs pixels of its other classes ({others})")
 
 
+def read_label_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
+    """(line, row) of a labels.csv; a stem listed twice with different classes is an error naming both lines."""
+    rows, first = [], {}
+    for line, row in enumerate(_read_csv(path, ("stem", "class_idx")), start=2):
+        stem, idx, name = row["stem"], row["class_idx"].strip(), (row.get("class_name") or "").strip()
+        if stem in first:
+            was, was_idx, was_name = first[stem]
+            if idx != was_idx or (name and was_name and name != was_name):
+                raise ValueError(f"{path}: stem {stem!r} has class_idx {was_idx}{f' ({was_name})' if was_name else ''} "
+                                 f"on line {was} and class_idx {idx}{f' ({name})' if name else ''} on line {line}; a "
+                                 "stem has one class: keep one row")
+        first.setdefault(stem, (line, idx, name))
+        rows.append((line, row))
+    return rows
+
+
 def read_image_labels(folder: Path) -> dict[str, str]:
     """stem -> image class name from a dataset folder's labels.csv (its class_name, else class_idx as text)."""
-    rows = _read_csv(folder / "labels.csv", ("stem", "class_idx"))
-    return {row["stem"]: row.get("class_name") or row["class_idx"] for row in rows}
+    return {row["stem"]: row.get("class_name") or row["class_idx"] for _, row in read_label_rows(folder / "labels.csv")}
 
 
 def load_task_data(task: TaskConfig, source: DataTaskConfig, root: Path, data: DataConfig, progress: bool = False,
@@ -265,8 +292,14 @@ def load_task_data(task: TaskConfig, source: DataTaskConfig, root: Path, data: D
     # Classes: for seg the mask classes, for cls the image classes; config and meta.json must agree.
     if task.type == "seg":
         known = meta.get("classes")
+        if "ignore_index" in meta and task.ignore_index is not None and task.ignore_index != meta["ignore_index"]:
+            raise ValueError(
+                f"model.tasks[{task.name}].ignore_index {task.ignore_index} differs from {meta_path} ignore_index "
+                f"{meta['ignore_index']}; the masks mark ignored pixels with meta.json's value, so leave ignore_index "
+                "out of the config to take it (or correct meta.json)"
+            )
         if task.ignore_index is None and meta.get("ignore_index") is not None:
-            task.ignore_index = int(meta["ignore_index"])
+            task.ignore_index = meta["ignore_index"]
     else:
         known = meta.get("image_classes", meta.get("classes"))
     if known is not None and task.classes and list(task.classes) != list(known):
@@ -289,7 +322,7 @@ def load_task_data(task: TaskConfig, source: DataTaskConfig, root: Path, data: D
     if task.type == "cls":
         if not labels_path.is_file():
             raise FileNotFoundError(f"{labels_path}: missing; cls task {task.name!r} reads its labels from it")
-        for row in _read_csv(labels_path, ("stem", "class_idx")):
+        for _, row in read_label_rows(labels_path):
             try:
                 idx = int(row["class_idx"])
             except ValueError:
