@@ -1315,3 +1315,23 @@ def test_meta_json_and_config_ignore_index_must_agree_and_stems_are_listed_once(
 
     with pytest.raises(ValueError, match=rf"labels\.csv: stem '{stem}' has class_idx {idx}"):
         read_image_labels(dataset)  # train/ceiling.py's reader: the same check
+
+
+@pytest.mark.parametrize("synthetic, error, pattern", [
+    ({"n_trian": 8}, ValueError, r"data\.synthetic: unknown key\(s\) \['n_trian'\] \(did you mean 'n_train'\?\)"),
+    ({"sise": 32}, ValueError, r"data\.synthetic: unknown key\(s\) \['sise'\] \(did you mean 'size'\?\)"),
+    ({"size": "big"}, TypeError, r"data\.synthetic\.size: expected int, got str 'big'"),
+    ({"n_val": None}, TypeError, r"data\.synthetic\.n_val: expected int, got NoneType None"),
+    ({"seed": -1}, ValueError, r"data\.synthetic\.seed: must be an int >= 0, got -1"),
+    ({"size": 100000}, ValueError, r"data\.synthetic\.size: 100000 is 10,000,000,000 pixels per image, above the budget"),
+    ({"name": "../elsewhere"}, ValueError, r"data\.synthetic\.name: '\.\./elsewhere' must be a folder name"),
+    (True, TypeError, r"data\.synthetic: expected a mapping for SyntheticConfig, got bool"),
+])
+def test_bad_keys_under_data_synthetic_are_named_with_the_nearest_key(synthetic, error, pattern):
+    # before: "data.synthetic: {...} does not match SyntheticConfig | None" for all but the name and seed, which passed
+    with pytest.raises(error, match=pattern):
+        ExperimentConfig.from_dict({**TINY_RUN, "data": {**TINY_RUN["data"], "synthetic": synthetic}})
+    with pytest.raises(ValueError, match=r"override 'data\.synthetic\.n_trian': unknown key .*did you mean "
+                                         r"'data\.synthetic\.n_train'"):
+        ExperimentConfig.from_dict({**TINY_RUN, "data": {**TINY_RUN["data"], "synthetic": {}}}, ["data.synthetic.n_trian=8"])
+    assert ExperimentConfig.from_dict({**TINY_RUN, "data": {**TINY_RUN["data"], "synthetic": {"name": "shapes.v2"}}})

@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,12 @@ class SyntheticConfig:
     seed: int = 0  # generator seed: the same seed writes the same files
 
     def __post_init__(self):
-        for key, low in (("n_train", 2), ("n_val", 1), ("size", 8), ("ignore_border", 0)):
+        for key, low in (("n_train", 2), ("n_val", 1), ("size", 8), ("ignore_border", 0), ("seed", 0)):
             check_size(f"data.synthetic.{key}", getattr(self, key), low)
+        check_pixels("data.synthetic.size", self.size)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name) or ".." in self.name:
+            raise ValueError(f"data.synthetic.name: {self.name!r} must be a folder name (letters, digits, '_', '-', '.'; "
+                             "no '/' or '..'): the dataset is written to <output_dir>/data/<name>")
 
 
 @dataclass
