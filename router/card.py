@@ -13,6 +13,9 @@ knows them, the gate weights per task and level and the metrics of the run that 
                 it, a known `gate` is drawn there (:func:`plot_gate_panels`, the heatmap train/report.py draws too)
     model_id:   how users load it, in the usage snippet (push_to_hub sets the repo id)
     notes:      free text, printed under the title
+    ablation:   {task: {extractor: {"drop": x, "only": y}}}  the task's metric with all extractors minus without this
+                one, and with this one alone (train/gate_proof.py; card_gate_proof() picks a variant's from a comparison)
+    agreement:  {task: rho or None}   Spearman rank correlation of the mean gate weights and those drops
 
 >>> card = router_card(model.config, {n: e.info for n, e in model.extractors.items()}, saved=[], card_data={})
 >>> card.data.library_name
@@ -38,7 +41,9 @@ from .config import RouterConfig
 
 LIBRARY_NAME = "backbone-router"
 GATE_IMAGE_NAME = "gate_heatmap.png"
-CARD_KEYS = ("metrics", "gate", "datasets", "license", "base_model", "gate_image", "model_id", "notes")
+CARD_KEYS = ("metrics", "gate", "datasets", "license", "base_model", "gate_image", "model_id", "notes", "ablation",
+             "agreement")
+ABLATION_KEYS = ("drop", "only")
 PIPELINES = {"seg": "image-segmentation", "cls": "image-classification"}
 
 
@@ -48,13 +53,14 @@ def check_card_data(card_data: dict[str, Any] | None, config: RouterConfig) -> d
     if unknown := sorted(set(card_data) - set(CARD_KEYS)):
         raise ValueError(f"card_data: unknown key(s) {unknown}; expected some of {list(CARD_KEYS)}")
     tasks, names = [t.name for t in config.tasks], [e.name for e in config.extractors]
-    for key in ("metrics", "gate"):
+    for key in ("metrics", "gate", "ablation", "agreement"):
         if bad := sorted(set(card_data.get(key) or {}) - set(tasks)):
             raise ValueError(f"card_data.{key}: unknown task(s) {bad}; the model's tasks are {tasks}")
     for task, levels in (card_data.get("gate") or {}).items():
         for row in gate_rows(levels).values():
             if bad := sorted(set(row) - set(names)):
                 raise ValueError(f"card_data.gate.{task}: unknown extractor(s) {bad}; the model's are {names}")
+    check_ablation(card_data.get("ablation") or {}, card_data.get("agreement") or {}, names)
     datasets = card_data.get("datasets")
     if isinstance(datasets, dict) and (bad := sorted(set(datasets) - set(tasks))):
         raise ValueError(f"card_data.datasets: unknown task(s) {bad}; the model's tasks are {tasks}")
@@ -62,6 +68,25 @@ def check_card_data(card_data: dict[str, Any] | None, config: RouterConfig) -> d
     if image is not None and not Path(image).is_file():
         raise FileNotFoundError(f"card_data.gate_image: {image} does not exist")
     return card_data
+
+
+def check_ablation(ablation: dict, agreement: dict, names: list[str]) -> None:
+    """card_data's ablation ({task: {extractor: {drop, only}}}) and agreement ({task: rho}): known extractors and
+    keys, numbers or None; errors name the key."""
+    def number(x: Any) -> bool:
+        return x is None or (isinstance(x, numbers.Real) and not isinstance(x, bool))
+
+    for task, per in ablation.items():
+        if not isinstance(per, dict):
+            raise ValueError(f"card_data.ablation.{task}: expected {{extractor: {{drop, only}}}}, got {per!r}")
+        if bad := sorted(set(per) - set(names)):
+            raise ValueError(f"card_data.ablation.{task}: unknown extractor(s) {bad}; the model's are {names}")
+        for e, entry in per.items():
+            if not isinstance(entry, dict) or set(entry) - set(ABLATION_KEYS) or not all(map(number, entry.values())):
+                raise ValueError(f"card_data.ablation.{task}.{e}: expected {{drop, only}} numbers, got {entry!r}")
+    for task, rho in agreement.items():
+        if not number(rho) or (rho is not None and not -1.0 <= rho <= 1.0):
+            raise ValueError(f"card_data.agreement.{task}: expected a rank correlation in [-1, 1] or null, got {rho!r}")
 
 
 def gate_rows(levels: dict) -> dict[str, dict[str, float]]:
@@ -251,11 +276,34 @@ def router_card(config: RouterConfig, infos: dict[str, ExtractorInfo], saved: li
                 ["level", *[f"{n} ({infos[n].family})" for n in names]],
                 [[lv, *[f"{row[n]:.3f}" if n in row else "n/a" for n in names]] for lv, row in gate_rows(levels).items()]))
         parts.append("\n\n".join(section))
+    if card_data.get("ablation") or card_data.get("agreement"):
+        parts.append(_ablation_section(card_data.get("ablation") or {}, card_data.get("agreement") or {},
+                                       [e.name for e in c.extractors], infos))
     if any(scalar_metrics(m) for m in metrics.values()):
         rows = [[t, k, f"{v:.4f}"] for t, m in metrics.items() for k, v in scalar_metrics(m).items()]
         parts.append("## Metrics\n\n" + _table(["task", "metric", "value"], rows))
     body = "\n\n".join(p for p in parts if p)
     return ModelCard(f"---\n{card_metadata(config, card_data).to_yaml()}\n---\n\n{body}\n")
+
+
+def _ablation_section(ablation: dict, agreement: dict, names: list[str], infos: dict[str, ExtractorInfo]) -> str:
+    """The card's gate check: per task, each extractor's metric drop when removed and its metric alone (x100), and
+    the rank agreement of gate and drop."""
+    def points(x: float | None, fmt: str) -> str:
+        return "n/a" if x is None else format(100 * x, fmt)
+
+    def cell(entry: dict | None) -> str:
+        return "n/a" if not entry else f"{points(entry.get('drop'), '+.1f')} / {points(entry.get('only'), '.1f')}"
+
+    tasks = list(dict.fromkeys([*ablation, *agreement]))
+    rows = [[t, *[cell(ablation.get(t, {}).get(n)) for n in names],
+             "n/a" if agreement.get(t) is None else f"{agreement[t]:.2f}"] for t in tasks]
+    return "\n\n".join([
+        "## Gate check (ablation)",
+        "Each extractor removed at evaluation (the kept gate weights renormalised): the task's metric x100 with all "
+        "extractors minus without it (drop) / with it alone (only); ρ: Spearman rank correlation of the mean gate "
+        "weights and the drops (n/a: undefined).",
+        _table(["task", *[f"{n} ({infos[n].family}) drop / only" for n in names], "ρ(gate, drop)"], rows)])
 
 
 def write_card(directory: Path, card: ModelCard, card_data: dict[str, Any] | None, config: RouterConfig,

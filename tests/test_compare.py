@@ -122,6 +122,24 @@ def test_heatmap_values_equal_logged_gate_means(two_runs):
         np.testing.assert_allclose(panels[0][1], np.asarray(heat["matrix"]), rtol=0, atol=1e-12)
 
 
+def test_gate_proof_entries(two_runs):
+    """The gated variant's ablation (on by default), agreement, spread and oracle entries, as results.md shows them
+    (values: tests/test_gate_proof.py)."""
+    root, summary, _ = two_runs
+    tasks, exts = ["shape_seg", "shape_cls"], ["vit14", "vit16"]
+    assert list(summary["ablation"]) == ["gated_token"] and list(summary["agreement"]) == ["gated_token"]
+    for t in tasks:
+        entry = summary["ablation"]["gated_token"][t]
+        assert entry["seeds"] == [0, 1] and list(entry["extractors"]) == exts
+        assert entry["full"] == pytest.approx(summary["primary"]["gated_token"][t]["mean"], abs=1e-12)
+    assert set(summary["agreement"]["gated_token"]) == set(tasks)
+    assert np.asarray(summary["spread"]["gated_token"]["overall"]).shape == (2, 2)
+    assert summary["oracle_single"] == {"per_task": {t: None for t in tasks}, "task_mean": None}  # no single variant
+    md = (root / "a" / "results.md").read_text()
+    assert "| gated_token | shape_seg | " in md and "Task spread" in md and (root / "a" / "gate_proof.png").is_file()
+    assert len(json.loads((root / "a" / "ablation.json").read_text())) == 2 * 2 * 2  # seeds x tasks x extractors
+
+
 def test_second_comparison_runs_no_extractor_forward(two_runs):
     root, first, second = two_runs
     assert first["meta"]["cache"]["misses"] > 0

@@ -120,6 +120,7 @@ def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> int:
         "num_classes": {n: tasks[n].task.num_classes for n in task_names},
         "datasets": {n: tasks[n].folder.name for n in task_names}, "synthetic": cfg.data.synthetic is not None,
         "variants": [v.name for v in variants], "kinds": {v.name: v.kind for v in variants}, "notes": notes,
+        "single_extractors": {v.name: v.model.single for v in variants if v.kind == "single"},
         "peer_checkpoint": cmp.peer_checkpoint if peer_names else None,
         "extractors": list(job.shared), "families": {n: ext.info.family for n, ext in job.shared.items()},
         "seeds": cmp.seeds,
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> int:
         done = collect(pairs, cmp.seeds)
         meta["notes"] = {**notes, **missing_notes(done["missing"])}
         meta["timings_s"]["train_per_variant"] = done["train_s"]
-        paths = write_report(output_dir, done["rows"], done["gates"], done["sweeps"], meta)
+        paths = write_report(output_dir, done["rows"], done["gates"], done["sweeps"], meta, done["ablation"])
         say(f"\nreport: {paths['md']}\n" + Path(paths["md"]).read_text())
     accelerator.end_training()
     return 0

@@ -22,7 +22,9 @@ training image (view 0: the eval transform; views 1..V-1: seeded random resized 
 the mask or label travelling with its view); each training batch uses one view.
 
 The output dir gets results.csv / results.json (rows variant, seed, task, metric, value), gates.json,
-sweeps.json, summary.json, results.md and the plots of :mod:`train.report`, plus config.yaml (resolved).
+sweeps.json, ablation.json, summary.json, results.md and the plots of :mod:`train.report`, plus config.yaml
+(resolved). With ``compare.ablation`` (the default) every gated variant is also scored on val without each extractor
+and with it alone (``Router.forward(keep=...)``): the gate proof of :mod:`train.gate_proof`.
 Each (variant, seed) result is written to results/<variant>/seed_<seed>.json the moment it is done
 (:mod:`train.results`); processes never wait for each other at a collective while one trains; ``--resume``
 trains the seeds that still miss a result, and ``report.py <output dir>`` reports whatever is done. One run at a
@@ -32,6 +34,7 @@ time per output dir, no overwrite without --overwrite (:mod:`train.rundir`).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import re
@@ -56,6 +59,7 @@ from train.data import (
 )
 from train.evaluation import evaluate_task
 from train.feature_cache import FeatureCache
+from train.gate_proof import ablation_scores
 from train.optim import lr_factor, make_optimizer, set_lrs
 from train.peers import PEER_VARIANTS, UnetPeer, build_peer
 
@@ -355,38 +359,61 @@ class Comparison:
                         if td.task.type == "seg" and td.task.num_classes == 2} if t.prior_init else {})
         self.weights = [tasks[n].source.weight for n in self.task_names]
 
+    def val_outputs(self, model: torch.nn.Module, name: str, task: str, keep: list[str] | None = None):
+        """(output, target) per val batch of `task`, from the cached features (``keep``: a Router's kept extractors)."""
+        vs, live, device, batch = self.views[task]["val"], self.live[name], self.device, self.t.eval_batch_size
+        extra = {} if keep is None else {"keep": keep}
+        for lo in range(0, len(vs), batch):
+            idx = torch.arange(lo, min(lo + batch, len(vs)))
+            images = vs.images[0][idx].to(device).float().div_(255)
+            target = vs.targets[0][idx].to(device).long()
+            own = {k: f for k, f in self.feats[task]["val"][0].gather(idx, device).items() if k not in live}
+            yield model(images, task=task, features=own, **extra), target
+
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, name: str) -> tuple[dict, dict, dict, dict]:
         """Per served task: all metrics, the mean gate per extractor (and per level), the threshold sweep (binary seg)."""
         model.eval()
-        t, device, live = self.t, self.device, self.live[name]
+        device = self.device
         results, gates, level_gates, sweeps = {}, {}, {}, {}
         names = model.extractor_names if isinstance(model, Router) else []  # a peer has no gate
         levels = model.config.strides if isinstance(model, Router) else None
-
-        def outputs(n: str):
-            vs = self.views[n]["val"]
-            for lo in range(0, len(vs), t.eval_batch_size):
-                idx = torch.arange(lo, min(lo + t.eval_batch_size, len(vs)))
-                images = vs.images[0][idx].to(device).float().div_(255)
-                target = vs.targets[0][idx].to(device).long()
-                own = {k: f for k, f in self.feats[n]["val"][0].gather(idx, device).items() if k not in live}
-                yield model(images, task=n, features=own), target
-
         for n in self.serves[name]:
-            r = evaluate_task(outputs(n), self.tasks[n].task, names, levels, device)
+            r = evaluate_task(self.val_outputs(model, name, n), self.tasks[n].task, names, levels, device)
             results[n], gates[n], level_gates[n] = scalar_metrics(r.metrics), r.gate, r.gate_levels
             if "sweep" in r.metrics:
                 sweeps[n] = r.metrics["sweep"]
         model.train()
         return results, gates, level_gates, sweeps
 
+    @torch.no_grad()
+    def ablate(self, model: Router, name: str, seed: int, results: dict[str, dict]) -> list[dict]:
+        """Ablation rows of a gated variant (train/gate_proof.py): per served task and extractor, the primary metric
+        on val without it and with it alone, scored as :meth:`evaluate` scores (`results`: its metrics, the full)."""
+        model.eval()
+        rows = []
+        for n in self.serves[name]:
+            metric = self.primary[n]
+            score = functools.partial(self.kept_score, model, name, n)
+            rows += [{"variant": name, "seed": seed, "task": n, "metric": metric, **r}
+                     for r in ablation_scores(score, model.extractor_names, results[n][metric])]
+        model.train()
+        return rows
+
+    def kept_score(self, model: Router, name: str, task: str, keep: list[str]) -> float:
+        """The task's primary metric on val with only the extractors `keep` in the model's fusion."""
+        r = evaluate_task(self.val_outputs(model, name, task, keep), self.tasks[task].task, model.extractor_names,
+                          model.config.strides, self.device)
+        return float(r.metrics[self.primary[task]])
+
     def train_seed(self, seed: int, peer_state, save, progress: bool = True) -> None:
         """Every variant trained for one seed on the same batches, evaluated, and handed to
-        ``save(variant, seed, rows, gate_rows, sweep_rows, train_seconds)`` the moment it is done."""
+        ``save(variant, seed, rows, gate_rows, sweep_rows, train_seconds, ablation_rows)`` the moment it is done
+        (ablation rows: gated variants with ``compare.ablation``)."""
         t, cmp, device, tasks, names = self.t, self.cmp, self.device, self.tasks, self.task_names
         families = {n: ext.info.family for n, ext in self.shared.items()}
-        rows, gate_rows, sweep_rows = [], [], []
+        rows, gate_rows, sweep_rows, ablation_rows = [], [], [], []
+        kinds = {v.name: v.kind for v in self.variants}
         A = t.grad_accum_steps
         train_time = {v.name: 0.0 for v in self.variants}
         models = {}
@@ -447,7 +474,9 @@ class Comparison:
                               for lv, per in (level_gates[n] or {}).items() for e, w in per.items()]
             for n, s in sweeps.items():
                 sweep_rows.append({"variant": name, "seed": seed, "task": n, **s})
-            save(name, seed, rows, gate_rows, sweep_rows, train_time[name])  # on disk now, atomically
+            if cmp.ablation and kinds[name] == "routed":
+                ablation_rows += self.ablate(model, name, seed, results)
+            save(name, seed, rows, gate_rows, sweep_rows, train_time[name], ablation_rows)  # on disk now, atomically
             self.say(f"seed {seed} {name:<22} " + "  ".join(f"{n} {self.primary[n]} {results[n][self.primary[n]]:.4f}"
                                                           for n in results))
         del models, opts

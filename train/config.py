@@ -332,6 +332,7 @@ class CompareConfig:
     metrics: dict[str, str] = field(default_factory=dict)  # task -> primary metric; default by task type
     threads: int | None = None  # torch.set_num_threads; null: leave as is (OMP_NUM_THREADS)
     peer_checkpoint: str | None = None  # torchvision MobileNetV2 weights for the peer_unet_* variants' encoder
+    ablation: bool = True  # gated variants: val score without / with only each extractor (train/gate_proof.py)
 
     def __post_init__(self):
         if not self.variants:

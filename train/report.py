@@ -29,15 +29,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.merge:
-            rows, gate_rows, sweep_rows, meta = merge_runs([Path(r) for r in args.merge])
+            rows, gate_rows, sweep_rows, ablation_rows, meta = merge_runs([Path(r) for r in args.merge])
             out = Path(args.output)
         else:
-            rows, gate_rows, sweep_rows, meta = load_run(Path(args.run))
+            rows, gate_rows, sweep_rows, ablation_rows, meta = load_run(Path(args.run))
             out = Path(args.run)
     except (FileNotFoundError, ValueError, RunError) as e:  # e.g. a truncated results/<variant>/seed_<n>.json
         print(f"error: {e}", file=sys.stderr)
         return 2
-    paths = write_report(out, rows, gate_rows, sweep_rows, meta)
+    paths = write_report(out, rows, gate_rows, sweep_rows, meta, ablation_rows)
     print(Path(paths["md"]).read_text())
     return 0
 

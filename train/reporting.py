@@ -3,10 +3,11 @@
 Input is what ``train/compare.py`` logs: metric rows ``{variant, seed, task, metric, value}``, gate rows
 ``{variant, seed, task, extractor, family, level, weight}`` (the mean gate weight over the val images; ``level``
 None or absent: averaged over the model's levels, else the level's stride), sweep rows
-``{variant, seed, task, thresholds, precision, recall, iou, fpr}`` and a ``meta`` dict (tasks, primary metric
-per task, variants and their kinds, extractors and their families, budget, timings, notes). Every figure is
-computed from those rows, so the report can be rebuilt from a finished run (``train/report.py`` is the
-command line over this module)::
+``{variant, seed, task, thresholds, precision, recall, iou, fpr}``, ablation rows
+``{variant, seed, task, metric, extractor, full, without, only, drop}`` (gated variants; :mod:`train.gate_proof`,
+absent from runs before them) and a ``meta`` dict (tasks, primary metric per task, variants and their kinds,
+extractors and their families, budget, timings, notes). Every figure is computed from those rows, so the report
+can be rebuilt from a finished run (``train/report.py`` is the command line over this module)::
 
     python train/report.py runs/cmp
     python train/report.py --merge runs/cmp runs/cmp_seeds345 --output runs/cmp_6seeds   # more seeds later
@@ -39,6 +40,15 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from extractors.atomic import atomic_write_bytes  # noqa: E402
 from router.card import plot_gate_panels  # noqa: E402
+from train.gate_proof import (  # noqa: E402
+    ablation_metric_rows,
+    ablation_table,
+    agreement_table,
+    gate_proof_markdown,
+    oracle_single,
+    plot_gate_proof,
+    spread_entry,
+)
 
 ROW_KEYS = ("variant", "seed", "task", "metric", "value")
 KIND_COLOURS = {"single": "#8c8c8c", "mean": "#6a9fd4", "concat": "#2b5d9c", "routed": "#d9622b", "peer": "#3a9a4a"}
@@ -198,6 +208,19 @@ def level_table(agg: dict, meta: dict, gate_rows: list[dict]) -> dict[str, dict[
     return out
 
 
+def gate_proof_tables(meta: dict, gate_rows: list[dict], ablation_rows: list[dict]) -> dict[str, Any]:
+    """summary.json's ``ablation``, ``agreement`` and ``spread`` of the gated variants (:mod:`train.gate_proof`);
+    a variant without ablation rows (switched off, or a run from before them) has no ablation / agreement entry."""
+    tasks, exts = meta["tasks"], meta["extractors"]
+    gated = [v for v in meta["variants"] if meta["kinds"][v] == "routed"]
+    gates = {v: gate_matrix(gate_rows, v, tasks, exts) for v in gated}
+    ablation = ablation_table(aggregate(ablation_metric_rows(ablation_rows)), ablation_rows, gates, meta)
+    spread = {v: spread_entry(tasks, gates[v], [(lv, gate_matrix(gate_rows, v, tasks, exts, lv))
+                                                for lv in gate_levels(gate_rows, v)])
+              for v in gated if np.isfinite(gates[v]).any()}
+    return {"ablation": ablation, "agreement": agreement_table(ablation), "spread": spread}
+
+
 # ---- tables --------------------------------------------------------------------------------------------
 def write_rows(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     """results.csv and results.json: one row per (variant, seed, task, metric)."""
@@ -216,9 +239,11 @@ def _fmt(a: dict | None) -> str:
     return "n/a" if a is None else f"{100 * a['mean']:.1f} ± {100 * a['std']:.1f}"
 
 
-def results_markdown(agg: dict, meta: dict, gain: dict, gate_rows: list[dict] | None = None) -> str:
-    """Per task mean ± std over seeds (points), best per column in bold; the peers and the level settings against
-    the best routed (when there are several settings in `gate_rows`); then the gains of the best routed."""
+def results_markdown(agg: dict, meta: dict, gain: dict, gate_rows: list[dict] | None = None,
+                     proof: dict | None = None) -> str:
+    """Per task mean ± std over seeds (points), best per column in bold, and the oracle single (the best single per
+    task); the peers and the level settings against the best routed (when there are several settings in
+    `gate_rows`); then the gains of the best routed, and the gate proof (`proof`: :func:`gate_proof_tables`)."""
     tasks, variants = meta["tasks"], meta["variants"]
     table = primary_table(agg, meta)
     avgs = {v: task_average(table, v, tasks) for v in variants}
@@ -244,6 +269,11 @@ def results_markdown(agg: dict, meta: dict, gain: dict, gate_rows: list[dict] | 
         if avgs[v] is not None and avgs[v] == best_avg:
             avg = f"**{avg}**"
         lines.append(f"| {v} | {meta['kinds'][v]} | " + " | ".join(cells) + f" | {avg} |")
+    oracle = oracle_single(table, meta)
+    if any(oracle["per_task"].values()):
+        cells = [f"{_fmt(e)} ({e['extractor']})" if e else "n/a" for e in oracle["per_task"].values()]
+        avg = "n/a" if oracle["task_mean"] is None else f"{100 * oracle['task_mean']:.1f}"
+        lines.append("| *oracle_single* | best single per task, chosen on val | " + " | ".join(cells) + f" | {avg} |")
     lines.append("")
     if meta.get("notes"):
         lines += [f"- {v}: {note}" for v, note in meta["notes"].items()] + [""]
@@ -276,11 +306,13 @@ def results_markdown(agg: dict, meta: dict, gain: dict, gate_rows: list[dict] | 
                              else "n/a")
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
         lines.append("")
+    proof_md = gate_proof_markdown(proof["ablation"], proof["agreement"], proof["spread"], meta["extractors"]) \
+        if proof else ""
     if gain["best_routed"] is None:
         lines.append("Every variant is at chance or 0 on every task: this run learned nothing to compare, so no "
                      "variant is best and nothing is concluded (more steps, data or real extractors)."
                      if gain.get("nothing_learned") else "No routed (gated) variant in this comparison: no gains to report.")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + (f"\n{proof_md}" if proof_md else "")
     lines += [f"Best routed variant (by task mean): **{gain['best_routed']}**.", "",
               "| task | routed | best single | routed - best single | concat | routed - concat |", "|---|---|---|---|---|---|"]
     for t in tasks:
@@ -295,7 +327,7 @@ def results_markdown(agg: dict, meta: dict, gain: dict, gate_rows: list[dict] | 
     lines += [f"| **average** | | | {avg_s} | | {avg_c} |", "",
               f"- routed >= best single on every task: {gain['routed_ge_best_single_every_task']}",
               f"- routed >= concat + 1 point on average: {gain['routed_ge_concat_plus_1_avg']}"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + (f"\n{proof_md}" if proof_md else "")
 
 
 # ---- plots ---------------------------------------------------------------------------------------------
@@ -415,7 +447,7 @@ def plot_sweeps(sweep_rows: list[dict], task: str, variants: list[str], kinds: d
 
 # ---- the whole report ------------------------------------------------------------------------------------
 def write_report(out_dir: str | Path, rows: list[dict], gate_rows: list[dict], sweep_rows: list[dict],
-                 meta: dict) -> dict[str, Any]:
+                 meta: dict, ablation_rows: list[dict] | None = None) -> dict[str, Any]:
     """Write every table and plot into `out_dir`; returns their paths and the gate matrices shown."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -425,20 +457,25 @@ def write_report(out_dir: str | Path, rows: list[dict], gate_rows: list[dict], s
     csv_path, json_path = write_rows(rows, out_dir)
     agg = aggregate(rows)
     gain = gains(agg, meta)
-    md = results_markdown(agg, meta, gain, gate_rows)
+    ablation_rows = ablation_rows or []
+    proof = gate_proof_tables(meta, gate_rows, ablation_rows)
+    md = results_markdown(agg, meta, gain, gate_rows, proof)
     paths: dict[str, Any] = {"csv": csv_path, "json": json_path, "md": out_dir / "results.md"}
     atomic_write_bytes(paths["md"], md.encode())
-    for name, obj in (("gates", gate_rows), ("sweeps", sweep_rows)):
+    for name, obj in (("gates", gate_rows), ("sweeps", sweep_rows), ("ablation", ablation_rows)):
         paths[name] = out_dir / f"{name}.json"
         atomic_write_bytes(paths[name], (json.dumps(obj, indent=1) + "\n").encode())
     table = primary_table(agg, meta)
     summary = {"meta": meta, "gains": gain, "peers": peer_table(agg, meta), "levels": level_table(agg, meta, gate_rows),
                "primary": {v: {t: (None if a is None else {k: a[k] for k in ("mean", "std", "n")}) for t, a in r.items()}
-                           for v, r in table.items()}}
+                           for v, r in table.items()},
+               **proof, "oracle_single": oracle_single(table, meta)}
     paths["summary"] = out_dir / "summary.json"
     atomic_write_bytes(paths["summary"], (json.dumps(summary, indent=1) + "\n").encode())
 
     paths["bars"] = plot_bars(agg, meta, out_dir / "bars.png")
+    paths["gate_proof_png"] = (plot_gate_proof(proof["ablation"], proof["agreement"], meta["extractors"],
+                                               out_dir / "gate_proof.png") if proof["ablation"] else None)
     heat, matrices = {}, {}
     gated = [v for v in meta["variants"] if meta["kinds"][v] == "routed"]
     def cells(m: np.ndarray) -> list[list[float | None]]:
@@ -463,8 +500,9 @@ def write_report(out_dir: str | Path, rows: list[dict], gate_rows: list[dict], s
     return paths
 
 
-def load_run(run: Path) -> tuple[list[dict], list[dict], list[dict], dict]:
-    """Metric, gate and sweep rows and the meta dict of a finished train/compare.py output dir."""
+def load_run(run: Path) -> tuple[list[dict], list[dict], list[dict], list[dict], dict]:
+    """Metric, gate, sweep and ablation rows and the meta dict of a finished train/compare.py output dir (no
+    ablation.json, a run from before it: no ablation rows)."""
     if (run / "results" / "meta.json").is_file():  # the per-(variant, seed) files: whatever is done, naming the rest
         from train.results import load_partial
 
@@ -473,22 +511,23 @@ def load_run(run: Path) -> tuple[list[dict], list[dict], list[dict], dict]:
     if absent := [str(p) for p in needed if not p.is_file()]:
         raise FileNotFoundError(f"report: missing {absent}; is {run} a train/compare.py output dir?")
     rows, gate_rows, sweep_rows, summary = (json.loads(p.read_text()) for p in needed)
-    return rows, gate_rows, sweep_rows, summary["meta"]
+    ablation = run / "ablation.json"
+    return rows, gate_rows, sweep_rows, json.loads(ablation.read_text()) if ablation.is_file() else [], summary["meta"]
 
 
 SAME_IN_MERGED_RUNS = ("tasks", "primary", "variants", "kinds", "extractors", "families", "budget")
 
 
-def merge_runs(runs: list[Path]) -> tuple[list[dict], list[dict], list[dict], dict]:
-    """The rows of several runs of one comparison with different seeds, as one run.
+def merge_runs(runs: list[Path]) -> tuple[list[dict], list[dict], list[dict], list[dict], dict]:
+    """The rows of several runs of one comparison with different seeds, as one run (see :func:`load_run`).
 
     The runs must agree on tasks, metrics, variants, extractors and budget, and their seeds must not overlap
     (e.g. ``compare.seeds=[3, 4, 5]`` after a run with seeds 0, 1, 2), so that every (variant, seed) is
     trained exactly once under the same settings.
     """
-    rows, gate_rows, sweep_rows, metas = [], [], [], []
+    rows, gate_rows, sweep_rows, ablation_rows, metas = [], [], [], [], []
     for run in runs:
-        r, g, s, m = load_run(run)
+        r, g, s, a, m = load_run(run)
         if metas:
             differ = [k for k in SAME_IN_MERGED_RUNS if m.get(k) != metas[0].get(k)]
             if differ:
@@ -496,10 +535,11 @@ def merge_runs(runs: list[Path]) -> tuple[list[dict], list[dict], list[dict], di
             overlap = set(m.get("seeds", [])) & {seed for x in metas for seed in x.get("seeds", [])}
             if overlap:
                 raise ValueError(f"report: {run} repeats seeds {sorted(overlap)} of an earlier run")
-        rows, gate_rows, sweep_rows, metas = rows + r, gate_rows + g, sweep_rows + s, metas + [m]
+        rows, gate_rows, sweep_rows, ablation_rows, metas = rows + r, gate_rows + g, sweep_rows + s, ablation_rows + a, \
+            metas + [m]
     meta = dict(metas[0])
     meta["seeds"] = sorted(seed for m in metas for seed in m.get("seeds", []))
     meta["merged_from"] = [str(r) for r in runs]
     for key in ("command", "cache", "timings_s"):  # per run, in the order of `runs`
         meta[key] = [m.get(key) for m in metas]
-    return rows, gate_rows, sweep_rows, meta
+    return rows, gate_rows, sweep_rows, ablation_rows, meta

@@ -1,8 +1,9 @@
 """A comparison's results per (variant, seed), on disk the moment they are done: what is done, what is missing.
 
-``<output_dir>/results/<variant>/seed_<seed>.json`` holds one trained pair: its metric, gate and sweep rows, its
-training seconds and the settings that produced it (the resolved config less what cannot change a number, plus the
-variant's own model section). Each file is written atomically, so a crash, a kill or a timeout loses at most the
+``<output_dir>/results/<variant>/seed_<seed>.json`` holds one trained pair: its metric, gate, sweep and ablation
+rows (:mod:`train.gate_proof`; files from before them have none, and report as before), its training seconds and the
+settings that produced it (the resolved config less what cannot change a number, plus the variant's own model
+section). Each file is written atomically, so a crash, a kill or a timeout loses at most the
 pairs in training, and a pair trained under other settings is never mixed into a run: it is an error naming the
 keys that differ.
 
@@ -37,8 +38,9 @@ from train.metrics import json_safe
 RESULTS_DIR = "results"
 # What cannot change any number of a pair: where the feature cache lives, threads, the feature batch, loader
 # workers, and which seeds and variants this invocation runs. They may differ between a run and its --resume.
+# compare.ablation only adds rows (a pair without them reports without them), so runs from before it resume too.
 NEUTRAL_KEYS = ("compare.seeds", "compare.variants", "compare.cache_dir", "compare.threads",
-                "compare.feature_batch_size", "data.num_workers")
+                "compare.feature_batch_size", "data.num_workers", "compare.ablation")
 
 
 def pair_settings(resolved: dict[str, Any], variant_model: dict[str, Any]) -> dict[str, Any]:
@@ -82,11 +84,13 @@ class ResultStore:
         return self.root / variant / f"seed_{seed}.json"
 
     def save(self, variant: str, seed: int, rows: list[dict], gate_rows: list[dict], sweep_rows: list[dict],
-             train_s: float) -> Path:
-        """Write this pair's rows (those of `rows` / `gate_rows` / `sweep_rows` with its variant and seed)."""
-        mine = [[r for r in rs if r["variant"] == variant and r["seed"] == seed] for rs in (rows, gate_rows, sweep_rows)]
+             train_s: float, ablation_rows: list[dict] | None = None) -> Path:
+        """Write this pair's rows (those of `rows` / `gate_rows` / `sweep_rows` / `ablation_rows` with its variant
+        and seed)."""
+        mine = [[r for r in rs if r["variant"] == variant and r["seed"] == seed]
+                for rs in (rows, gate_rows, sweep_rows, ablation_rows or [])]
         record = {"variant": variant, "seed": seed, "rows": mine[0], "gates": mine[1], "sweeps": mine[2],
-                  "train_s": train_s, "settings": self.settings[variant]}
+                  "ablation": mine[3], "train_s": train_s, "settings": self.settings[variant]}
         path = self.path(variant, seed)
         atomic_write_bytes(path, json.dumps(json_safe(record)).encode())
         return path
@@ -129,8 +133,9 @@ class ResultStore:
 
 
 def collect(store: ResultStore, seeds: Sequence[int]) -> dict[str, Any]:
-    """The rows of every finished pair, the training seconds per variant, and the missing pairs."""
-    rows, gates, sweeps, train_s, missing = [], [], [], {v: 0.0 for v in store.variants}, []
+    """The rows of every finished pair (ablation rows: none in a file from before them), the training seconds per
+    variant, and the missing pairs."""
+    rows, gates, sweeps, ablation, train_s, missing = [], [], [], [], {v: 0.0 for v in store.variants}, []
     for seed in seeds:
         for v in store.variants:
             record = store.load(v, seed)
@@ -140,19 +145,21 @@ def collect(store: ResultStore, seeds: Sequence[int]) -> dict[str, Any]:
             rows += record["rows"]
             gates += record["gates"]
             sweeps += record["sweeps"]
+            ablation += record.get("ablation", [])
             train_s[v] += record["train_s"]
-    return {"rows": rows, "gates": gates, "sweeps": sweeps, "train_s": train_s, "missing": missing}
+    return {"rows": rows, "gates": gates, "sweeps": sweeps, "ablation": ablation, "train_s": train_s,
+            "missing": missing}
 
 
-def load_partial(output_dir: Path) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
-    """Metric, gate and sweep rows of every finished pair of a comparison, and its meta; a note per variant names
-    the seeds it misses (a run that crashed, was killed or is still training)."""
+def load_partial(output_dir: Path) -> tuple[list[dict], list[dict], list[dict], list[dict], dict[str, Any]]:
+    """Metric, gate, sweep and ablation rows of every finished pair of a comparison, and its meta; a note per
+    variant names the seeds it misses (a run that crashed, was killed or is still training)."""
     store, meta = ResultStore.from_dir(output_dir)
     done = collect(store, meta["seeds"])
     meta = {**meta, "notes": {**meta.get("notes", {}), **missing_notes(done["missing"])},
             "missing": [list(p) for p in done["missing"]]}
     meta.setdefault("timings_s", {})["train_per_variant"] = done["train_s"]
-    return done["rows"], done["gates"], done["sweeps"], meta
+    return done["rows"], done["gates"], done["sweeps"], done["ablation"], meta
 
 
 def missing_notes(missing: list[tuple[str, int]]) -> dict[str, str]:

@@ -42,7 +42,8 @@ LOCK_NAME = ".lock"
 FINETUNE_OUTPUTS = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "tensorboard")
 PRETRAIN_OUTPUTS = ("config.yaml", "metrics.jsonl", "final", "tb")
 COMPARE_OUTPUTS = ("config.yaml", "results", "results.csv", "results.json", "results.md", "summary.json", "gates.json",
-                   "sweeps.json", "gate_heatmaps.json", "bars.png", "gate_heatmap_*.png", "sweep_*.png")
+                   "sweeps.json", "ablation.json", "gate_heatmaps.json", "bars.png", "gate_heatmap_*.png", "sweep_*.png",
+                   "gate_proof.png")
 
 
 def add_run_dir_args(parser: argparse.ArgumentParser) -> None:
