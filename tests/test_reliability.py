@@ -1335,3 +1335,46 @@ def test_bad_keys_under_data_synthetic_are_named_with_the_nearest_key(synthetic,
                                          r"'data\.synthetic\.n_train'"):
         ExperimentConfig.from_dict({**TINY_RUN, "data": {**TINY_RUN["data"], "synthetic": {}}}, ["data.synthetic.n_trian=8"])
     assert ExperimentConfig.from_dict({**TINY_RUN, "data": {**TINY_RUN["data"], "synthetic": {"name": "shapes.v2"}}})
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"garbage", r"not JSON: 'garbage'"),
+    (b"", r"not JSON: ''"),
+    (b"[1, 2]", r"a JSON list, not an object"),
+    (b'{"pid": "abc"}', r"'pid' 'abc' is not a process id"),
+    (b'{"pid": -5, "host": "h"}', r"'pid' -5 is not a process id"),  # os.kill(-5, 0) would probe a process group
+    (b'{"pid": 99999999999999999999, "host": "h"}', r"'pid' 99999999999999999999 is not a process id"),
+    (b'{"pid": 7}', r"'host' None is not a host name"),
+    (b"\xff\xfe\x00\x01", r"UnicodeDecodeError|utf-8"),
+    (None, r"Is a directory"),
+])
+def test_a_lock_file_holding_garbage_is_one_line_naming_it_and_is_left_alone(tmp_path, content, reason):
+    from train.errors import RunError
+    from train.rundir import claim_output_dir
+
+    out = tmp_path / "run"
+    lock = out / ".lock"
+    if content is None:
+        lock.mkdir(parents=True)
+    else:
+        out.mkdir()
+        lock.write_bytes(content)
+    with pytest.raises(RunError, match=rf"run/\.lock: not a lock file of this package \(.*({reason}).*\); if no run is "
+                                       rf"writing to .*run, delete .*run/\.lock and start again"):
+        with claim_output_dir(out, "finetune", outputs=("final",)):
+            pass
+    assert lock.is_dir() if content is None else lock.read_bytes() == content  # not removed, not rewritten
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing else written
+
+
+def test_a_garbage_lock_stops_finetune_with_one_line(run_setup, tmp_path, capsys):
+    from train.errors import run_cli
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("garbage")
+    assert run_cli(lambda: finetune(run_setup, out), argv=[]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and re.match(r"error: .*run/\.lock: not a lock file of this package \(not JSON: 'garbage'\); "
+                                      r"if no run is writing to .*run, delete .*run/\.lock and start again", err[0]), err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]

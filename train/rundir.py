@@ -3,7 +3,8 @@
 - **Lock.** ``<output_dir>/.lock`` holds the pid, host, script and command of the run using the dir. A second run
   into that dir is refused with the holder named. A lock whose process is gone (same host: the pid no longer runs,
   or runs a newer process) is stale: it is replaced and named. A lock from another host cannot be checked and is
-  never taken over.
+  never taken over, nor is a ``.lock`` that is not one this package writes (garbage, binary, a folder): the error
+  names it and says to delete it.
 - **No overwrite.** A fresh run (no ``--resume``) into a dir holding a previous run's outputs (``config.yaml``,
   ``metrics.jsonl``, ``final/``, checkpoints, results) is refused unless ``--overwrite``, which removes exactly those
   outputs first (nothing else in the dir).
@@ -84,6 +85,22 @@ def describe_holder(holder: dict[str, Any]) -> str:
             f"{holder.get('started')}: {holder.get('command')})")
 
 
+def lock_holder(text: str) -> dict[str, Any]:
+    """The holder a lock file names; a ValueError saying what is wrong when the text is not a lock this package wrote."""
+    try:
+        holder = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"not JSON: {text[:40]!r}") from None
+    if not isinstance(holder, dict):
+        raise ValueError(f"a JSON {type(holder).__name__}, not an object")
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
+        raise ValueError(f"'pid' {pid!r} is not a process id")
+    if not isinstance(holder.get("host"), str):
+        raise ValueError(f"'host' {holder.get('host')!r} is not a host name")
+    return holder
+
+
 def holder_is_stale(holder: dict[str, Any]) -> bool | None:
     """True when the lock's process is gone, False when it runs, None when it cannot be told (another host)."""
     if holder.get("host") != socket.gethostname():
@@ -139,21 +156,20 @@ def acquire_lock(output_dir: Path, script: str) -> RunLock:
                 pass
             try:
                 seen = path.read_text()
+                other = lock_holder(seen)
             except FileNotFoundError:
                 continue  # released meanwhile: try again
-            try:
-                other = json.loads(seen)
-            except json.JSONDecodeError:
-                other = {}
-            stale = holder_is_stale(other) if other else True
+            except (OSError, ValueError) as e:  # garbage, binary (UnicodeDecodeError), a folder: not ours to remove
+                raise RunError(f"{path}: not a lock file of this package ({e}); if no run is writing to {output_dir}, "
+                               f"delete {path} and start again") from None
+            stale = holder_is_stale(other)
             if not stale:
                 where = ("on another host, so it cannot be checked from here; if that run is over, delete "
                          f"{path}" if stale is None else "and that process is still running")
                 raise RunError(f"--output-dir {output_dir} is in use by {describe_holder(other)} {where}; wait for it "
                                "to finish or pick another --output-dir")
             _remove_if_unchanged(path, seen)
-            notes.append(f"removed a stale lock of {output_dir}: {describe_holder(other) if other else 'unreadable'}, "
-                         "no longer running")
+            notes.append(f"removed a stale lock of {output_dir}: {describe_holder(other)}, no longer running")
         raise RunError(f"--output-dir {output_dir}: could not take {path} (other runs keep claiming it)")
     finally:
         tmp.unlink(missing_ok=True)
