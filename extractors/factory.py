@@ -9,6 +9,7 @@ Specs name the library and the model the way users know them::
     open_clip:local-dir:<dir>           ... or from a folder
     hf:<repo id or local dir>           a transformers vision model (Dinov2Model, CLIPVisionModel, ...)
     local-dir:<dir>                     a checkpoint this package wrote (config.json + model.safetensors)
+    filters:geometric, filters:texture  weight-free banks of classical filters (extractors/filters.py)
     <registered name>                   anything added with `register_extractor`
 """
 
@@ -28,7 +29,7 @@ LOCAL_SCHEMAS = ("local-dir:", "timm:local-dir:", "open_clip:local-dir:")  # spe
 def _load_backends() -> None:
     # Imported lazily so that `import extractors` stays cheap; each module registers its prefix.
     # open_clip and transformers themselves are imported on first use of their backend.
-    from . import hf_backend, local_dir, open_clip_backend, timm_backend  # noqa: F401
+    from . import filters, hf_backend, local_dir, open_clip_backend, timm_backend  # noqa: F401
 
 
 def list_extractors(pattern: str = "*", backend: str | None = None) -> list[str]:

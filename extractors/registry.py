@@ -1,7 +1,7 @@
 """The extractor registry: names and backend prefixes -> builders (timm's ``_registry.py``).
 
-Backends (``timm_backend``, ``open_clip_backend``, ``hf_backend``, ``local_dir``) register their prefix here;
-:mod:`extractors.factory` looks builders up here. Neither the backends nor this module import the factory.
+Backends (``timm_backend``, ``open_clip_backend``, ``hf_backend``, ``local_dir``, ``filters``) register their prefix
+here; :mod:`extractors.factory` looks builders up here. Neither the backends nor this module import the factory.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from .base import Extractor
 
 # backend prefix ("timm") or full name ("my-extractor") -> builder(name_after_prefix, **kwargs)
 BUILDERS: dict[str, Callable[..., Extractor]] = {}
-BACKENDS = ("timm", "open_clip", "hf", "local-dir")
+BACKENDS = ("timm", "open_clip", "hf", "local-dir", "filters")
 
 
 def register_extractor(name: str, builder: Callable[..., Extractor] | None = None):
