@@ -1378,3 +1378,64 @@ def test_a_garbage_lock_stops_finetune_with_one_line(run_setup, tmp_path, capsys
     assert len(err) == 1 and re.match(r"error: .*run/\.lock: not a lock file of this package \(not JSON: 'garbage'\); "
                                       r"if no run is writing to .*run, delete .*run/\.lock and start again", err[0]), err
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+# ---- integrity: the feature cache checks its shards (train/feature_cache.py, issue 26) ------------------------------
+def test_a_flipped_byte_in_a_feature_cache_shard_is_named_and_recomputed(tmp_path):
+    import stat
+    import warnings
+
+    from train.feature_cache import FeatureCache
+
+    torch.manual_seed(0)
+    ext = create_extractor("timm:vit_small_patch16_224", pretrained=False, **TINY_VIT).freeze().eval()
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ids, root = ["a", "b", "c"], tmp_path / "cache"
+    old = os.umask(0o022)
+    try:
+        first = FeatureCache(root).get_or_compute(ext, ids, images, view=0, transform="eval:32")
+    finally:
+        os.umask(old)
+    (shard,) = root.glob("*/shard-*.safetensors")
+    assert stat.S_IMODE(shard.stat().st_mode) == 0o644  # the umask's mode, not mkstemp's 0600
+    entry = FeatureCache.entry_key("b", 0, "eval:32")
+    start, end = tensor_byte_range(shard, f"{entry}/pooled")
+    flip_byte(shard, (start + end) // 2)  # one byte of b's pooled vector: safetensors alone reads it without a word
+
+    with pytest.raises(ValueError, match=rf"{shard.name}: feature-cache entry {entry} \(image 'b', view 0\) tensor\(s\) "
+                                         r".*pooled.* do not match their CRC-32 checksum; pass the images to recompute"):
+        FeatureCache(root).get_or_compute(ext, ids, None, view=0, transform="eval:32")
+    cache, calls = FeatureCache(root), ext.forward_calls
+    with pytest.warns(UserWarning, match=rf"{shard.name}: feature-cache entry {entry} \(image 'b', view 0\) .*do not "
+                                         r"match their CRC-32 checksum; recomputing it"):
+        again = cache.get_or_compute(ext, ids, images, view=0, transform="eval:32")
+    assert (cache.misses, cache.hits, ext.forward_calls - calls) == (1, 2, 1)  # only b was computed again
+    close = dict(rtol=1e-5, atol=1e-5)  # b alone, not in a batch of 3: float32 rounding apart
+    assert torch.allclose(again["pooled"], first["pooled"], **close)
+    assert torch.allclose(again["dense"][0], first["dense"][0], **close)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # another process now reads b from the newer shard, checked, without a warning
+        later = FeatureCache(root)
+        out = later.get_or_compute(ext, ids, None, view=0, transform="eval:32")
+    assert later.hits == 3 and torch.equal(out["pooled"], again["pooled"])
+
+    # a shard that no longer opens (its header cut) is named, and its entries recomputed
+    for s in root.glob("*/shard-*.safetensors"):
+        s.write_bytes(s.read_bytes()[:20])
+    cache = FeatureCache(root)
+    with pytest.warns(UserWarning, match=r"shard-.*\.safetensors: unreadable feature-cache shard"):
+        out = cache.get_or_compute(ext, ids, images, view=0, transform="eval:32")
+    assert cache.misses == 3 and torch.allclose(out["pooled"], first["pooled"], **close)
+
+
+def test_every_file_a_run_writes_gets_the_umask_mode(reference_run):
+    import stat
+
+    from extractors.atomic import current_umask
+
+    want = 0o666 & ~current_umask()  # 0644 under umask 022 (the run ran under this process's umask)
+    modes = {str(p.relative_to(reference_run)): stat.S_IMODE(p.stat().st_mode) for p in reference_run.rglob("*")
+             if p.is_file()}
+    assert {"checkpoints/step_4/model.safetensors", "checkpoints/step_4/trainer_state.json", "final/model.safetensors",
+            "final/config.json", "config.yaml", "metrics.jsonl"} <= set(modes)
+    assert {k: oct(m) for k, m in modes.items() if m != want} == {}

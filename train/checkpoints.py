@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import load
 
-from extractors.atomic import atomic_write_bytes
+from extractors.atomic import atomic_write_bytes, current_umask
 from train.config import RESUMABLE_CHANGES, config_differences, load_config_file
 from train.rundir import check_global_batch, read_trainer_state
 
@@ -139,6 +139,10 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep_last: int) ->
     accelerator.save_state(str(tmp))  # every process: model/optimizer (main) and its own RNG states
     accelerator.wait_for_everyone()
     if main_process:
+        mode = 0o666 & ~current_umask()  # safetensors' save_file (model.safetensors) creates files 0600
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                f.chmod(mode)
         state = {"step": step, "world": accelerator.num_processes}
         atomic_write_bytes(tmp / "trainer_state.json", json.dumps(state).encode())
         replace_dir(tmp, final)

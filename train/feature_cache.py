@@ -31,7 +31,13 @@ On disk::
         tensors "<entry>/dense/<i>" and "<entry>/pooled"; metadata "entries" lists the entry keys
 
 A shard is written atomically (temp file, fsync, rename) with the misses of one call, so concurrent
-processes never see half a shard; entries written by another process are found by rescanning the folder.
+processes never see half a shard; entries written by another process are found by rescanning the folder (an entry
+in two shards is read from the newer one).
+
+Integrity: each shard's metadata holds a CRC-32 per tensor (``extractors.atomic.atomic_save_safetensors``). The
+first read of an entry checks its tensors against them; an entry that does not match (a flipped byte on disk), or a
+shard that no longer opens, is named in a warning and recomputed like a miss (a call without images then raises,
+naming the shard). Shards written before the checksums existed are read unchecked.
 
 >>> import tempfile, torch
 >>> from extractors import create_extractor
@@ -52,6 +58,7 @@ import json
 import os
 import secrets
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,7 +67,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from extractors import Extractor, ExtractorOutput
-from extractors.atomic import atomic_save_safetensors, atomic_write_bytes
+from extractors.atomic import CHECKSUM_KEY, atomic_save_safetensors, atomic_write_bytes, tensor_crc32
 
 KEY_NAME = "key.json"
 SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".safetensors"
@@ -116,6 +123,8 @@ class FeatureCache:
         self._index: dict[str, dict[str, Path]] = {}  # extractor key -> entry -> shard
         self._scanned: dict[str, set[str]] = {}  # extractor key -> shard names already indexed
         self._handles: OrderedDict[Path, object] = OrderedDict()
+        self._sums: dict[Path, dict[str, str]] = {}  # shard -> tensor name -> CRC-32 (empty: written without them)
+        self._verified: set[tuple[Path, str]] = set()  # (shard, entry) whose tensors matched their checksums
 
     # ---- keys ------------------------------------------------------------------------------------------
     def weights_hash(self, extractor: Extractor) -> str:
@@ -161,14 +170,18 @@ class FeatureCache:
         for path in sorted(folder.glob(f"{SHARD_PREFIX}*{SHARD_SUFFIX}")):
             if path.name in seen:
                 continue
+            seen.add(path.name)
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    entries = json.loads((f.metadata() or {}).get("entries", "[]"))
+                    metadata = f.metadata() or {}
+                entries = json.loads(metadata.get("entries", "[]"))
+                self._sums[path] = json.loads(metadata[CHECKSUM_KEY]) if CHECKSUM_KEY in metadata else {}
             except (SafetensorError, OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: unreadable feature-cache shard ({e}); delete it to recompute") from e
+                warnings.warn(f"{path}: unreadable feature-cache shard ({type(e).__name__}: {e}); its entries are "
+                              "recomputed (delete it to drop it)", stacklevel=3)
+                continue
             for entry in entries:
-                index.setdefault(entry, path)
-            seen.add(path.name)
+                index[entry] = path  # sorted by write time: an entry written again (recomputed) wins
         return index
 
     def _handle(self, path: Path):
@@ -180,14 +193,24 @@ class FeatureCache:
         self._handles[path] = f
         return f
 
-    def _read(self, path: Path, entry: str, n_dense: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-        f = self._handle(path)
+    def _read(self, path: Path, entry: str, n_dense: int) -> tuple[list[torch.Tensor], torch.Tensor] | str:
+        """An entry's tensors, checked against their CRC-32 on the first read; what is wrong (a str) if they do not."""
+        names = [f"{entry}/dense/{i}" for i in range(n_dense)] + [f"{entry}/pooled"]
         try:
-            dense = [f.get_tensor(f"{entry}/dense/{i}") for i in range(n_dense)]
-            pooled = f.get_tensor(f"{entry}/pooled")
-        except SafetensorError as e:
-            raise ValueError(f"{path}: entry {entry} is incomplete ({e}); delete the shard to recompute") from e
-        return dense, pooled
+            f = self._handle(path)
+            tensors = [f.get_tensor(n) for n in names]
+        except (SafetensorError, OSError) as e:
+            return f"unreadable ({type(e).__name__}: {e})"
+        if (path, entry) not in self._verified:
+            sums = self._sums.get(path)
+            if sums is None:
+                with safe_open(str(path), framework="pt") as g:
+                    sums = self._sums[path] = json.loads((g.metadata() or {}).get(CHECKSUM_KEY, "{}"))
+            bad = [n for n, t in zip(names, tensors) if n in sums and tensor_crc32(t) != sums[n]]
+            if bad:
+                return f"tensor(s) {bad} do not match their CRC-32 checksum"
+            self._verified.add((path, entry))
+        return tensors[:-1], tensors[-1]
 
     def count(self, extractor: Extractor) -> int:
         """Entries stored for this extractor (its current weights and preprocessing)."""
@@ -235,6 +258,20 @@ class FeatureCache:
         miss = [j for j, e in enumerate(entries) if e not in index]
         n_dense = len(extractor.info.layers)
         results: list[tuple[list[torch.Tensor], torch.Tensor] | None] = [None] * len(ids)
+        for j, e in enumerate(entries):  # the hits, checked: a corrupted entry is recomputed as a miss
+            if j in miss or e not in index:  # a miss, or a repeat of an entry found corrupted just now
+                continue
+            read = self._read(index[e], e, n_dense)
+            if isinstance(read, str):
+                what = f"{index[e]}: feature-cache entry {e} (image {ids[j]!r}, view {view}) {read}"
+                if images is None:
+                    raise ValueError(f"FeatureCache: {what}; pass the images to recompute it (or delete the shard)")
+                warnings.warn(f"{what}; recomputing it", stacklevel=2)
+                index.pop(e, None)
+                miss.append(j)
+            else:
+                results[j] = read
+        miss = sorted(set(miss) | {j for j, e in enumerate(entries) if e not in index})  # repeats of a corrupted id
 
         if miss:
             if images is None:
@@ -267,9 +304,6 @@ class FeatureCache:
             self._scanned.setdefault(key, set()).add(shard.name)
             for k, j in enumerate(miss):  # what a later hit will read: the stored (rounded) values
                 results[j] = ([d[k].to(store) for d in out["dense"]], out["pooled"][k].to(store))
-        for j, e in enumerate(entries):
-            if results[j] is None:
-                results[j] = self._read(index[e], e, n_dense)
         self.misses += len(miss)
         self.hits += len(ids) - len(miss)
 
