@@ -1,4 +1,4 @@
-"""The complete config of docs/data.md loads, trains and predicts: on a
+"""The complete config of docs/data.md (and the README's "Use your own data") loads, trains and predicts: on a
 dataset folder in its layout, with random weights in place of the real ones (no network in the tests)."""
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ def test_the_data_md_config_loads_with_real_extractors_and_every_section():
     assert [e.spec for e in cfg.model.extractors] == ["timm:mobilenetv2_100", "timm:tf_efficientnet_lite0.in1k"]
     assert all(e.pretrained for e in cfg.model.extractors) and cfg.model.extractors[0].checkpoint
     assert [t.dataset for t in cfg.data.tasks] == ["parts", "parts"] and cfg.train.max_steps == 2000
+
+
+def test_the_readme_shows_the_same_config_as_data_md():
+    readme = yaml_block(REPO / "README.md", "## Use your own data")
+    assert readme == yaml_block(REPO / "docs" / "data.md", "## A complete config")
 
 
 @pytest.mark.slow
