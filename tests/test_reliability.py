@@ -300,10 +300,12 @@ def test_kill9_during_a_checkpoint_write_keeps_the_previous_one_and_resume_finis
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
-def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(run_setup, tmp_path, monkeypatch):
+def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(run_setup, tmp_path, monkeypatch, capsys):
     import errno
 
     import accelerate
+
+    from train.errors import run_cli
 
     original, calls, step2 = accelerate.Accelerator.save_state, [], {}
     out = tmp_path / "full"
@@ -317,11 +319,41 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(run_setup, t
         return original(self, output_dir, **kw)
 
     monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state)
-    with pytest.raises(OSError, match="No space left"):
-        finetune(run_setup, out)
+    assert run_cli(lambda: finetune(run_setup, out), argv=[]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln or "Traceback" in ln]  # not progress bars
+    assert len(err) == 1 and re.match(  # before: a 66-line traceback
+        rf"error: {re.escape(str(out))}: the disk filled while writing checkpoint step_4 \(No space left on device "
+        rf"\(simulated\); [\d.]+ MiB free now\); {re.escape(str(out))}/checkpoints/step_2 is intact: free space, then "
+        rf"--resume --output-dir ", err[0]), err
     assert latest_checkpoint(out) == out / "checkpoints" / "step_2"
     assert dir_hash(out / "checkpoints" / "step_2") == step2["hash"]
-    assert not (out / "final").exists()
+    assert not (out / "final").exists() and not (out / "checkpoints" / ".tmp_step_4").exists()  # its space back
+    assert not (out / ".lock").exists()  # released: --resume can start
+    monkeypatch.undo()  # space freed: --resume from step_2 finishes
+    assert finetune(run_setup, out, "--resume") == 0 and (out / "checkpoints" / "step_4").is_dir()
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_disk_full_while_final_is_written_is_one_line_and_resume_writes_it(run_setup, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from train.errors import run_cli
+
+    out, original = tmp_path / "full_final", Router.save_pretrained
+
+    def save_pretrained(self, folder, **kw):
+        original(self, folder, **kw)  # written into .tmp_final, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    monkeypatch.setattr(Router, "save_pretrained", save_pretrained)
+    assert run_cli(lambda: finetune(run_setup, out), argv=[]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln or "Traceback" in ln]
+    assert len(err) == 1 and re.match(rf"error: {re.escape(str(out))}: the disk filled while writing final/ \(No space "
+                                      rf"left .*; {re.escape(str(out))}/checkpoints/step_4 is intact: free space, then "
+                                      r"--resume", err[0]), err
+    assert not (out / "final").exists() and not (out / ".tmp_final").exists()
+    monkeypatch.undo()
+    assert finetune(run_setup, out, "--resume") == 0 and (out / "final" / "model.safetensors").is_file()
 
 
 def test_unwritable_output_dir_fails_before_anything_is_written(run_setup, tmp_path):

@@ -9,6 +9,7 @@ in a checkpoint is read with ``torch.load(weights_only=True)`` before ``load_sta
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from accelerate.utils import load
 
 from extractors.atomic import atomic_write_bytes, current_umask
 from train.config import RESUMABLE_CHANGES, config_differences, load_config_file
+from train.errors import RunError
 from train.rundir import check_global_batch, read_trainer_state
 
 CHECKPOINT_FILES = ("model.safetensors", "trainer_state.json")
@@ -128,24 +130,48 @@ def replace_dir(tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
 
 
+def disk_full_error(e: OSError, what: str, output_dir: Path) -> RunError | None:
+    """One line for a disk that filled (ENOSPC / EDQUOT) while `what` was written, naming what is kept; else None."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    try:
+        free = f"{shutil.disk_usage(output_dir).free / 2**20:.1f} MiB free now"
+    except OSError:
+        free = "free space unknown"
+    kept = latest_checkpoint(output_dir)
+    then = f"{kept} is intact: free space, then --resume --output-dir {output_dir}" if kept else "free space and start again"
+    return RunError(f"{output_dir}: the disk filled while writing {what} ({e.strerror or e}; {free}); {then}")
+
+
 def save_checkpoint(accelerator, output_dir: Path, step: int, keep_last: int) -> Path:
-    """``accelerator.save_state`` into checkpoints/step_<step> atomically (every process); keep the last `keep_last`."""
+    """``accelerator.save_state`` into checkpoints/step_<step> atomically (every process); keep the last `keep_last`.
+
+    A full disk is a :class:`RunError` (one line) naming the checkpoint kept; the partial one is removed.
+    """
     main_process = accelerator.is_main_process
     ckpt_root = output_dir / "checkpoints"
     tmp, final = ckpt_root / f".tmp_step_{step}", ckpt_root / f"step_{step}"
     if main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every process: model/optimizer (main) and its own RNG states
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))  # every process: model/optimizer (main) and its own RNG states
+        accelerator.wait_for_everyone()
+        if main_process:
+            mode = 0o666 & ~current_umask()  # safetensors' save_file (model.safetensors) creates files 0600
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    f.chmod(mode)
+            state = {"step": step, "world": accelerator.num_processes}
+            atomic_write_bytes(tmp / "trainer_state.json", json.dumps(state).encode())
+            replace_dir(tmp, final)
+    except OSError as e:
+        if (error := disk_full_error(e, f"checkpoint {final.name}", output_dir)) is None:
+            raise
+        if main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # the partial checkpoint: its space back
+        raise error from e
     if main_process:
-        mode = 0o666 & ~current_umask()  # safetensors' save_file (model.safetensors) creates files 0600
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                f.chmod(mode)
-        state = {"step": step, "world": accelerator.num_processes}
-        atomic_write_bytes(tmp / "trainer_state.json", json.dumps(state).encode())
-        replace_dir(tmp, final)
         done = sorted((d for d in ckpt_root.glob("step_*") if d.name[5:].isdigit()), key=lambda d: int(d.name[5:]))
         for old in done[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from extractors.atomic import atomic_write_bytes
 from heads.losses import TaskLoss, output_loss
-from train.checkpoints import latest_checkpoint, replace_dir, save_checkpoint
+from train.checkpoints import disk_full_error, latest_checkpoint, replace_dir, save_checkpoint
 from train.config import ExperimentConfig
 from train.data import foreground_prior
 from train.evaluation import TaskEval, evaluate_task, pool_gates
@@ -244,6 +244,9 @@ class Finetuner:
             acc.end_training()
             self.say(f"error: {e}")
             return 3, results, last_eval, last_save
+        except BaseException:  # an error line (a full disk, a config error) starts on a line of its own
+            progress.close()
+            raise
         progress.close()
         if steps := nonfinite.steps():
             self.say(f"{len(steps)} optimizer step(s) skipped for a non-finite loss: {steps[:20]}")
@@ -286,8 +289,14 @@ class Finetuner:
             shutil.rmtree(tmp, ignore_errors=True)
             card = {"metrics": {n: r.metrics for n, r in results.items()},
                     "gate": {n: r.gate_levels for n, r in results.items() if r.gate_levels}}
-            self.unwrapped.save_pretrained(tmp, card_data=card)
-            replace_dir(tmp, final)
+            try:
+                self.unwrapped.save_pretrained(tmp, card_data=card)
+                replace_dir(tmp, final)
+            except OSError as e:
+                if (error := disk_full_error(e, "final/", self.output_dir)) is None:
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise error from e
             self.say(f"\nrun finished: {self.output_dir} (step {self.t.max_steps})")
             for n, r in results.items():
                 head = ", ".join(f"{k} {v:.4f}" for k, v in r.headline.items() if v is not None)
