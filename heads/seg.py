@@ -65,8 +65,6 @@ class SegHead(nn.Module):
             about 1/9 of the multiply-adds, for routing small CNN extractors at almost no extra cost).
         refine: an optional :class:`heads.Refiner` on the trunk's output; ``forward`` then needs its skip maps
             (``skips``), and each task gets a zero-initialised 1x1 conv of the refined map added to its logits.
-        zero_outputs: start every task's output conv at zero (weights and bias), so the head adds nothing until
-            it learns: for a head whose logits are added to another's (``head.coarse_logits`` of the Router).
 
     Multi-layer input: ``forward`` also accepts a list of maps with the same D; each is bilinearly
     resampled to the grid of the first one and the maps are **summed** (so ``in_dim`` does not depend on
@@ -91,7 +89,6 @@ class SegHead(nn.Module):
         depth: int = 1,
         trunk: str = "conv",
         refine: nn.Module | None = None,
-        zero_outputs: bool = False,
     ):
         super().__init__()
         if depth not in (1, 2):
@@ -113,7 +110,6 @@ class SegHead(nn.Module):
             layers.append(nn.Dropout2d(dropout))
         self.trunk = nn.Sequential(*layers)
         self.refine = refine
-        self.zero_outputs = zero_outputs
         if refine is not None:
             self.refine_outputs = nn.ModuleDict()
         self.outputs = nn.ModuleDict()
@@ -137,9 +133,6 @@ class SegHead(nn.Module):
             )
         ref = next(self.trunk.parameters())
         self.outputs[name] = nn.Conv2d(self.hidden, num_classes, 1).to(device=ref.device, dtype=ref.dtype)
-        if self.zero_outputs:
-            nn.init.zeros_(self.outputs[name].weight)
-            nn.init.zeros_(self.outputs[name].bias)
         if self.refine is not None:
             fine = nn.Conv2d(self.refine.out_width, num_classes, 1).to(device=ref.device, dtype=ref.dtype)
             nn.init.zeros_(fine.weight)

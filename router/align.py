@@ -144,8 +144,7 @@ class Aligner(nn.Module):
     """One extractor's maps -> one B x width_l x h_l x w_l map per level, and pooled -> B x pooled_width.
 
     With `cls_width`, ``self.cls`` also brings *every* tap onto one grid (bilinear resampling, 1x1 projection to
-    `cls_width`): the map a one-level model's classification reads, for a pyramid's classification tasks. With
-    `every_tap_level` (a stride in `levels`) that level's own aligner is built so instead, for every task.
+    `cls_width`): the map a one-level model's classification reads, for a pyramid's classification tasks.
 
     >>> from extractors import ExtractorInfo
     >>> cnn = ExtractorInfo("cnn", 40, (8, 24, 40), (8, 16, 32), 32, (2, 3, 4), (0.5,) * 3, (0.5,) * 3)
@@ -157,17 +156,14 @@ class Aligner(nn.Module):
     """
 
     def __init__(self, info: ExtractorInfo, levels: list[int], widths: list[int], pooled_width: int,
-                 cls_width: int | None = None, every_tap_level: int | None = None):
+                 cls_width: int | None = None):
         super().__init__()
-        every_tap = [Tap(i, s, 0) for i, s in enumerate(info.strides)]
         assignment = assign_taps(info, levels)
-        if every_tap_level is not None:
-            assignment[every_tap_level] = every_tap
         self.levels = nn.ModuleDict(
             {str(s): LevelAligner(assignment[s], list(info.widths), w) for s, w in zip(levels, widths)})
         self.pooled_proj = nn.Sequential(nn.Linear(info.width, pooled_width), nn.LayerNorm(pooled_width))
         if cls_width is not None:  # classification's own aligner: every tap onto one grid, as at one level
-            self.cls = LevelAligner(every_tap, list(info.widths), cls_width)
+            self.cls = LevelAligner([Tap(i, s, 0) for i, s in enumerate(info.strides)], list(info.widths), cls_width)
 
     def forward(self, dense: list[torch.Tensor], pooled: torch.Tensor, grids: list[tuple[int, int] | None]):
         """`grids`: each level's grid, or None for a level not needed now (its map comes back as None)."""

@@ -251,14 +251,11 @@ def router_card(config: RouterConfig, infos: dict[str, ExtractorInfo], saved: li
             + (f"yes (`{c.head.decoder_block}` blocks, head reads `{c.head.decoder_output}`)" if len(c.strides) > 1
                else "no (one level)")
             + (f"; refined to stride {c.head.refine[-1]} with the detail maps at {c.head.refine}" if c.head.refine else "")
-            + ("; seg logits add a stride-16 head's (`coarse_logits`)" if c.head.coarse_logits else "")
             + (f"; trained with an auxiliary stride-16 seg head (weight {c.head.aux_weight}"
-               + (", on classification's every-tap map)" if c.cls_reads_all_taps else ")") if c.head.aux_weight else ""),
+               + (", on classification's every-tap map)" if c.cls_reads_all_taps else ")") if c.has_aux_head else ""),
             *(["- classification reads " + (f"every tap resampled onto the stride-{c.strides[c.cls_level]} grid "
                                              "(`cls_taps: all`)" if c.cls_reads_all_taps
-                                             else f"the stride-{c.strides[c.cls_level]} level"
-                                             + (", built from every tap for every task (`cls_taps: shared`)"
-                                                if c.every_tap_level is not None else ""))]
+                                             else f"the stride-{c.strides[c.cls_level]} level")]
               if any(t.type == "cls" for t in c.tasks) else []),
             *([f"- gate: granularity `{g.granularity}`, content `{g.content}`, combine `{g.combine}`, top-k "
                f"{g.top_k or 'all'}" + (f" (`{g.top_k_levels}` across levels)" if g.top_k and len(c.strides) > 1 else "")

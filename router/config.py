@@ -25,13 +25,27 @@ from extractors.untrusted import check_extractor_kwargs
 from heads.decoder import DECODER_BLOCKS, DECODER_OUTPUTS
 from heads.seg import SEG_TRUNKS
 
-FORMAT_VERSION = 4  # 4: classification reads the level nearest stride 16 (head.cls_stride; 3 read as the coarsest);
+FORMAT_VERSION = 5  # 5: the defaults are the recommended model: levels [4, 8, 16, 32], head.cls_taps "all",
+#                     head.aux_weight 0.4 (4 and older read a missing key with their defaults: no `levels` as
+#                     [stride], cls_taps "level", aux_weight 0); `stride`, head.coarse_logits and cls_taps "shared" removed;
+#                     4: classification reads the level nearest stride 16 (head.cls_stride; 3 read as the coarsest);
 #                     3: head.decoder_output defaults to "fuse" (2 had only the finest map: read as "finest");
 #                     2: `levels` (a pyramid) and `detail`; 1: one grid (`stride`), read as levels: [stride]
 FUSIONS = ("single", "mean", "concat", "gated")
 GRANULARITIES = ("task", "image", "token")
 TASK_TYPES = ("seg", "cls")
-CLS_TAPS = ("level", "all", "shared")
+CLS_TAPS = ("level", "all")
+DEFAULT_LEVELS = (4, 8, 16, 32)
+# Options taken out of the config, each for losing its measurements: key -> (the last format that read it, the value
+# that is gone, why and what instead). An older config that sets that value is refused naming the key (its weights
+# would not fit, or its outputs would change); a current one may not name a removed key at all.
+OLDER = "a model trained with it loads in backbone-router before format 5 only"
+REMOVED = {
+    "head.coarse_logits": (4, True, f"it lost its measurements (CHANGELOG.md, multi-level round 5); {OLDER}; "
+                                    "delete the key to train without it"),
+    "head.cls_taps": (4, "shared", f"it lost its measurements (CHANGELOG.md, multi-level round 7); {OLDER}; "
+                                   "train with \"all\" (the default) or \"level\""),
+}
 
 
 @dataclass
@@ -130,21 +144,21 @@ class HeadConfig:
     seg_trunk: str = "conv"  # "conv": 3x3 convolution; "separable": depthwise 3x3 + pointwise 1x1 (~1/9 the work)
     decoder_block: str = "separable"  # merge block of the top-down decoder (levels > 1): "separable" or "conv"
     decoder_output: str = "fuse"  # what the seg head reads (levels > 1): "fuse" of all levels, or the "finest" map
+    #                               (the format-2 model; fuse measured better, docs/levels.md)
     refine: list[int] = field(default_factory=list)  # seg: go on below the finest level with the detail stem's
     #                                                  maps at these strides, e.g. [2, 1] (U-Net's last stages)
     refine_width: int = 8  # channels of the refiner's stages
     cls_stride: int | None = None  # the level classification reads (one of `levels`); None: the level nearest stride 16
-    cls_taps: str = "level"  # what classification reads on that level's grid, levels > 1: "level" (the level's own
-    #                          map), "all" (its own map: every tap of each extractor resampled onto that grid, as at
-    #                          one level) or "shared" (that level itself is built from every tap, for every task)
+    #                                (format-3 models read their coarsest)
+    cls_taps: str = "all"  # what classification reads on that level's grid, levels > 1: "all" (its own map: every tap
+    #                        of each extractor resampled onto that grid, as at one level) or "level" (the level's own map)
     cls_pooling: str = "mean"  # "mean" or "attention" pooling of the fused map
     cls_hidden: int = 256  # hidden width of the shared classification MLP
     dropout: float = 0.0  # dropout before the per-task outputs
-    aux_weight: float = 0.0  # seg, levels > 1: loss weight of an auxiliary seg head on the level nearest stride 16,
+    aux_weight: float = 0.4  # seg, levels > 1: loss weight of an auxiliary seg head on the level nearest stride 16,
     #                          trained beside the main head, not run at inference (UPerNet / PSPNet; mmseg uses 0.4);
-    #                          with cls_taps "all" it reads classification's map, which segmentation then trains too
-    coarse_logits: bool = False  # seg, levels > 1: logits = a head on the level nearest stride 16 (the one-grid
-    #                              model's) + the pyramid head's, whose outputs start at zero (a learned fine correction)
+    #                          with cls_taps "all" it reads classification's map, which segmentation then trains too;
+    #                          0: no auxiliary head (at one level there is none: the main head reads that level)
 
     def __post_init__(self):
         if not (isinstance(self.aux_weight, (int, float)) and math.isfinite(self.aux_weight) and self.aux_weight >= 0):
@@ -169,8 +183,8 @@ class RouterConfig:
     fusion: str = "gated"  # single / mean / concat / gated
     single: str | None = None  # with fusion = "single": the extractor name to use
     width: int = 128  # channels every extractor is projected to at levels of stride >= 16
-    levels: list[int] | None = None  # strides of the pyramid levels, e.g. [4, 8, 16, 32]; None: [stride]
-    stride: int = 16  # the single grid of a one-level model (format 1 configs); ignored when `levels` is given
+    levels: list[int] = field(default_factory=lambda: list(DEFAULT_LEVELS))  # strides of the pyramid levels, finest
+    #                                                                         first; [16]: the one-grid model
     level_widths: list[int] | None = None  # channels per level; None: `width`, halved per octave below 16 (>= 32)
     detail: bool | None = None  # raw-image conv stem into the finest level; None: on for seg with levels < 16
     gate: GateConfig = field(default_factory=GateConfig)
@@ -204,15 +218,14 @@ class RouterConfig:
             raise ValueError(f"gate.top_k: expected 1..{len(names)} (the number of extractors), got {self.gate.top_k}")
 
     def _resolve_levels(self) -> None:
-        """Check `stride`, `width`, `levels`, `level_widths` (errors name the key); :attr:`strides`,
-        :attr:`widths` and :attr:`has_detail` resolve them. The fields keep what the user wrote, so an
-        override of `levels` alone (a comparison variant, a command line) gets widths and detail anew."""
-        if not isinstance(self.stride, int) or self.stride < 1:
-            raise ValueError(f"stride: expected a positive number of pixels per grid cell, got {self.stride!r}")
+        """Check `width`, `levels`, `level_widths` (errors name the key); :attr:`strides`, :attr:`widths` and
+        :attr:`has_detail` resolve them. The fields keep what the user wrote, so an override of `levels` alone
+        (a comparison variant, a command line) gets widths and detail anew."""
         if self.width < 1:
             raise ValueError(f"width: expected a positive number of channels, got {self.width!r}")
         levels = self.strides
-        if not levels or any(s < 1 for s in levels) or sorted(set(levels)) != list(levels):
+        if (not levels or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in levels)
+                or sorted(set(levels)) != list(levels)):
             raise ValueError(f"levels: expected distinct positive strides in ascending order, e.g. [4, 8, 16, 32], "
                              f"got {self.levels}")
         if self.level_widths is not None and (len(self.level_widths) != len(levels) or min(self.level_widths) < 1):
@@ -228,21 +241,14 @@ class RouterConfig:
         if refine and not self.has_detail:
             raise ValueError(f"head.refine: {refine} reads the detail stem's maps; it needs `detail: true` (or null with "
                              "a segmentation task and a pyramid reaching below stride 16)")
-        if self.head.aux_weight > 0 and len(levels) == 1:
-            raise ValueError(f"head.aux_weight: {self.head.aux_weight} adds an auxiliary head on the level nearest "
-                             f"stride 16 of a pyramid; with one level ({levels}) the main head reads that level already: "
-                             "set it to 0 or give more levels")
-        if self.head.coarse_logits and len(levels) == 1:
-            raise ValueError(f"head.coarse_logits: adds a head on the level nearest stride 16 to a pyramid's; with one "
-                             f"level ({levels}) there is no pyramid head: set it to false or give more levels")
         if self.head.cls_stride is not None and self.head.cls_stride not in levels:
             raise ValueError(f"head.cls_stride: expected one of the levels {levels} (or null: the one nearest 16), "
                              f"got {self.head.cls_stride}")
 
     @property
     def strides(self) -> list[int]:
-        """The strides of the levels, finest first: `levels`, or [stride] for a one-grid config."""
-        return list(self.levels) if self.levels is not None else [self.stride]
+        """The strides of the levels, finest first."""
+        return list(self.levels)
 
     @property
     def widths(self) -> list[int]:
@@ -264,10 +270,10 @@ class RouterConfig:
         return self.head.cls_taps == "all" and len(self.strides) > 1
 
     @property
-    def every_tap_level(self) -> int | None:
-        """Index of the level built from every tap of each extractor (`head.cls_taps: shared` on a pyramid: the
-        classification level, read by every task), else None (each level has its own taps)."""
-        return self.cls_level if self.head.cls_taps == "shared" and len(self.strides) > 1 else None
+    def has_aux_head(self) -> bool:
+        """Whether segmentation trains an auxiliary head (`head.aux_weight` > 0 on a pyramid; at one level the main
+        head reads the level it would read)."""
+        return self.head.aux_weight > 0 and len(self.strides) > 1
 
     @property
     def has_detail(self) -> bool:
@@ -282,21 +288,43 @@ class RouterConfig:
     def from_dict(cls, data: dict[str, Any], where: str = "model") -> RouterConfig:
         """Build from a plain dict; an unknown key or a wrong type is an error naming its path.
 
-        A format-1 dict (one grid, written before levels existed) reads as ``levels: [stride]`` with no
-        detail stem, a format-2 dict (before the fuse decoder output) with ``head.decoder_output: finest``:
-        the same model, parameter for parameter.
+        Older formats are upgraded here, each to the same model, parameter for parameter: a format-1 dict (one grid,
+        written before levels existed) reads as ``levels: [stride]`` with no detail stem, a format-2 dict (before
+        the fuse decoder output) with ``head.decoder_output: finest``, a format-3 dict classifies at its coarsest
+        level, and a format-4 dict reads a missing key with format 4's defaults (no `levels`: ``[stride]``,
+        ``head.cls_taps: level``, ``head.aux_weight: 0``). A removed option (:data:`REMOVED`) that an older dict
+        sets is an error naming it and the last format that read it.
         """
         version = data.get("format_version", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
+        head = data.get("head", {}) if isinstance(data, dict) else None
+        if (not isinstance(head, dict) or not isinstance(version, int) or isinstance(version, bool)
+                or version > FORMAT_VERSION):
+            return _from_dict(cls, data, where)  # the decoder (or the format check) names what is wrong
+        if version == FORMAT_VERSION:
+            if "stride" in data:
+                one = data["stride"] if isinstance(data["stride"], int) else 16
+                raise ValueError(f"{where}: stride: removed in format {FORMAT_VERSION} (format {FORMAT_VERSION - 1} was "
+                                 f"the last to read it): one grid is `levels: [{one}]`; the default is "
+                                 f"{list(DEFAULT_LEVELS)}")
+            _refuse_removed(head, where, version)
+            return _from_dict(cls, data, where)
+        data, head = dict(data), dict(head)
+        stride = data.pop("stride", 16)
+        if version < 2 or data.get("levels") is None:  # no `levels` (or null) was the one grid `stride`
+            if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+                raise ValueError(f"{where}: stride: expected a positive number of pixels per grid cell, got {stride!r}")
+            data["levels"] = [stride]
         if version < 2:
-            data = {**data, "levels": [data.get("stride", 16)], "detail": False}
-        if version < 3 and isinstance(data.get("head", {}), dict):  # another type: the decoder names the error
-            data = {**data, "head": {"decoder_output": "finest", **data.get("head", {})}}
-        if version < 4 and isinstance(data.get("head", {}), dict):
-            strides = data.get("levels") or [data.get("stride", 16)]
-            coarsest = max(strides) if isinstance(strides, list) and all(isinstance(s, int) for s in strides) else None
-            data = {**data, "format_version": FORMAT_VERSION,
-                    "head": {"cls_stride": coarsest, **data.get("head", {})}}
-        return _from_dict(cls, data, where)
+            data["detail"] = False
+        if version < 3:
+            head.setdefault("decoder_output", "finest")
+        if version < 4:
+            strides = data["levels"]
+            head.setdefault("cls_stride", max(strides) if isinstance(strides, list) and strides
+                            and all(isinstance(s, int) for s in strides) else None)
+        _refuse_removed(head, where, version)
+        head = {"cls_taps": "level", "aux_weight": 0.0, **head}  # format 4's defaults
+        return _from_dict(cls, {**data, "head": head, "format_version": FORMAT_VERSION}, where)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -326,6 +354,22 @@ class RouterConfig:
             if t.name == name:
                 return t
         raise KeyError(f"no task named {name!r}; tasks are {[t.name for t in self.tasks]}")
+
+
+def _refuse_removed(head: dict[str, Any], where: str, version: int) -> None:
+    """Check `head` (a model dict's, in place) for the options of :data:`REMOVED`: a removed value, or in a
+    current-format dict a removed key, is an error naming the key, the last format that read it and what to write
+    instead; an older format's removed key at its old default (``coarse_logits: false``) is dropped."""
+    fields = {f.name for f in dataclasses.fields(HeadConfig)}
+    for key, (last, value, why) in REMOVED.items():
+        name = key.split(".", 1)[1]
+        if name not in head:
+            continue
+        if head[name] == value or (name not in fields and version >= FORMAT_VERSION):
+            raise ValueError(f"{where}: {key}: {head[name]!r} was removed in format {FORMAT_VERSION} (format {last} was "
+                             f"the last to read it): {why}")
+        if name not in fields:
+            del head[name]
 
 
 def nearest_level(strides: list[int], stride: int) -> int:

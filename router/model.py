@@ -39,7 +39,7 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 class RouterOutput(TypedDict, total=False):
     seg: torch.Tensor  # B x K x H x W logits (segmentation tasks)
-    seg_aux: torch.Tensor  # B x K x H x W logits of the auxiliary head (training mode, head.aux_weight > 0)
+    seg_aux: torch.Tensor  # B x K x H x W logits of the auxiliary head (training mode, a pyramid, head.aux_weight > 0)
     cls: torch.Tensor  # B x K logits (classification tasks)
     gate: torch.Tensor  # B x E (task / image gates) or B x E x h x w (token gates): gate_levels averaged over levels
     gate_levels: torch.Tensor  # B x L x E or B x L x E x h x w: per level, summing to 1 over E (h x w: the gate grid)
@@ -63,11 +63,11 @@ class Router(nn.Module):
     weighted maps are fused level by level, a raw-image detail stem joins the finest level
     (``config.detail``), and a top-down decoder carries coarse context down to the finest level, where the
     segmentation head reads it (``head.refine``: and carries it on to stride 2 / 1 with the detail stem's maps).
-    Classification reads one level (``head.cls_stride``, default the one nearest stride 16) and the pooled vectors;
-    with ``head.cls_taps: all`` it reads instead its own map on that level's grid, into which every tap of each
-    extractor is resampled, as at one level; with ``head.cls_taps: shared`` that level itself is built so, for
-    segmentation too. With one level there is no decoder: ``levels: [16]`` is the
-    single-grid model of format 1, bit for bit.
+    Classification reads one level (``head.cls_stride``, default the one nearest stride 16) and the pooled vectors:
+    with ``head.cls_taps: all`` (the default) its own map on that level's grid, into which every tap of each
+    extractor is resampled, as at one level; with ``level`` the level's map. In training an auxiliary seg head
+    (``head.aux_weight``, 0.4) reads that map too. The defaults are the recommended model (levels 4-32); with
+    one level there is no decoder: ``levels: [16]`` is the single-grid model of format 1, bit for bit.
 
     >>> model = Router.from_config("configs/tiny.yaml")
     >>> out = model(torch.rand(2, 3, 97, 130), task="demo_seg")
@@ -85,9 +85,8 @@ class Router(nn.Module):
             self.extractors[ecfg.name] = ext.freeze() if ecfg.frozen else ext
         levels, widths = config.strides, config.widths
         cls_width = widths[config.cls_level] if config.cls_reads_all_taps else None
-        every = None if config.every_tap_level is None else levels[config.every_tap_level]
-        self.aligners = nn.ModuleDict({n: Aligner(e.info, levels, widths, pooled_width=widths[-1], cls_width=cls_width,
-                                                  every_tap_level=every) for n, e in self.extractors.items()})
+        self.aligners = nn.ModuleDict({n: Aligner(e.info, levels, widths, pooled_width=widths[-1], cls_width=cls_width)
+                                       for n, e in self.extractors.items()})
         n = len(self.extractors)
         if config.fusion == "concat" or (config.fusion == "gated" and config.gate.combine == "concat"):
             self.concat_proj = nn.ModuleDict({str(s): nn.Conv2d(n * w, w, 1) for s, w in zip(levels, widths)})
@@ -109,11 +108,8 @@ class Router(nn.Module):
         cls = {t.name: t.num_classes for t in config.tasks if t.type == "cls"}
         refiner = Refiner(h.seg_hidden, [SKIP_WIDTHS[s] for s in h.refine], h.refine_width) if h.refine else None
         self.seg_head = SegHead(seg_width, seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk,
-                                refine=refiner, zero_outputs=h.coarse_logits)
-        if h.coarse_logits:  # a one-grid-style head on the stride-16 level; the pyramid head adds a correction
-            self.coarse_seg_head = SegHead(widths[self.gate_level], seg, hidden=h.seg_hidden, dropout=h.dropout,
-                                           trunk=h.seg_trunk)
-        if h.aux_weight > 0:  # training only: a plain seg head on the stride-16 level (UPerNet's auxiliary head),
+                                refine=refiner)
+        if config.has_aux_head:  # training only: a plain seg head on the stride-16 level (UPerNet's auxiliary head),
             #                 or with cls_taps: all on classification's map, so segmentation trains it as at one level
             aux_width = widths[config.cls_level] if config.cls_reads_all_taps else widths[self.gate_level]
             self.aux_seg_head = SegHead(aux_width, seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk)
@@ -157,9 +153,8 @@ class Router(nn.Module):
         if task.name in {t.name for t in self.config.tasks}:
             raise ValueError(f"add_task: a task named {task.name!r} already exists")
         (self.seg_head if task.type == "seg" else self.cls_head).add_task(task.name, task.num_classes)
-        for extra in ("aux_seg_head", "coarse_seg_head"):
-            if task.type == "seg" and hasattr(self, extra):
-                getattr(self, extra).add_task(task.name, task.num_classes)
+        if task.type == "seg" and hasattr(self, "aux_seg_head"):
+            self.aux_seg_head.add_task(task.name, task.num_classes)
         if hasattr(self, "gate"):
             text = self.embed_task_texts([task])[task.name] if self.config.gate.task_embedding == "text" else None
             self.gate.add_task(task.name, text)
@@ -168,9 +163,8 @@ class Router(nn.Module):
     @torch.no_grad()
     def init_seg_bias_from_prior(self, task: str, prior: float) -> None:
         """A segmentation task's output bias from the foreground prior (:meth:`heads.SegHead.init_bias_from_prior`):
-        the main head's, or with ``head.coarse_logits`` the coarse head's (the main head's outputs start at zero);
-        and the auxiliary head's."""
-        for name in ("coarse_seg_head" if hasattr(self, "coarse_seg_head") else "seg_head", "aux_seg_head"):
+        the main head's and the auxiliary head's."""
+        for name in ("seg_head", "aux_seg_head"):
             if hasattr(self, name):
                 getattr(self, name).init_bias_from_prior(task, prior)
 
@@ -309,13 +303,7 @@ class Router(nn.Module):
                 fused[0] = fused[0] + detail
             x = self.decoder(fused) if len(levels) > 1 else fused[0]
             skip_maps = [skips[s] for s in refine] if refine else None
-            if hasattr(self, "coarse_seg_head"):  # the one-grid head's logits + the pyramid head's correction
-                logits = self.seg_head(x, task, skips=skip_maps)
-                logits = logits + self.coarse_seg_head(fused[g], task, out_size=tuple(logits.shape[-2:]))
-                out["seg"] = logits if tuple(logits.shape[-2:]) == (h, w) else F.interpolate(
-                    logits, size=(h, w), mode="bilinear", align_corners=False)
-            else:
-                out["seg"] = self.seg_head(x, task, out_size=(h, w), skips=skip_maps)
+            out["seg"] = self.seg_head(x, task, out_size=(h, w), skips=skip_maps)
             if self.training and hasattr(self, "aux_seg_head"):
                 aux_in = self._fuse(cls_maps, self._level_weights(weights, cls_k, grids[cls_k]), cls_k) if aux_cls_map \
                     else fused[g]

@@ -32,7 +32,7 @@ TINY = {
             {"spec": "open_clip:tiny-vit-p16", "name": "clip16", "pretrained": False},
         ],
         "tasks": [{"name": "shape_seg", "type": "seg"}, {"name": "shape_cls", "type": "cls"}],
-        "fusion": "gated", "width": 16, "stride": 8,
+        "fusion": "gated", "width": 16, "levels": [8],
         "gate": {"granularity": "image", "hidden": 16}, "head": {"seg_hidden": 16, "cls_hidden": 32},
     },
     "data": {

@@ -44,7 +44,7 @@ def tiny_router(**gate) -> Router:
         ],
         "tasks": [{"name": "seg_a", "type": "seg", "classes": ["bg", "fg"]},
                   {"name": "cls_b", "type": "cls", "classes": ["x", "y", "z"]}],
-        "width": 16, "stride": 16, "gate": {"hidden": 16, **gate}, "head": {"seg_hidden": 16, "cls_hidden": 16},
+        "width": 16, "levels": [16], "gate": {"hidden": 16, **gate}, "head": {"seg_hidden": 16, "cls_hidden": 16},
     })).eval()
 
 

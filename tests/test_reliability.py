@@ -85,7 +85,7 @@ def router_config(width: int = 16) -> dict:
     return {
         "extractors": [{"spec": "timm:vit_small_patch16_224", "name": "p16", "pretrained": False, "kwargs": TINY_VIT}],
         "tasks": [{"name": "seg", "type": "seg", "classes": ["bg", "fg"]}, {"name": "cls", "type": "cls", "classes": ["a", "b", "c"]}],
-        "fusion": "gated", "width": width, "stride": 16, "gate": {"hidden": 8}, "head": {"seg_hidden": 8, "cls_hidden": 8},
+        "fusion": "gated", "width": width, "levels": [16], "gate": {"hidden": 8}, "head": {"seg_hidden": 8, "cls_hidden": 8},
     }
 
 
@@ -106,7 +106,7 @@ TINY_RUN = {
     "model": {
         "extractors": [{"spec": "timm:vit_small_patch16_224", "name": "p16", "pretrained": False, "kwargs": TINY_VIT}],
         "tasks": [{"name": "shape_seg", "type": "seg"}, {"name": "shape_cls", "type": "cls"}],
-        "fusion": "gated", "width": 16, "stride": 8, "gate": {"hidden": 8}, "head": {"seg_hidden": 8, "cls_hidden": 8},
+        "fusion": "gated", "width": 16, "levels": [8], "gate": {"hidden": 8}, "head": {"seg_hidden": 8, "cls_hidden": 8},
     },
     "data": {"tasks": [{"name": "shape_seg", "dataset": "shapes"}, {"name": "shape_cls", "dataset": "shapes"}],
              "image_size": 32, "eval_size": 32},
@@ -545,7 +545,7 @@ def test_pixel_budget_shrinks_large_images_with_a_note():
     ("data.tasks.0.eval_size=-4", r"data\.tasks\[shape_seg\]\.eval_size: must be an int >= 1, got -4"),
     ("data.tasks.1.max_val_items=0", r"data\.tasks\[shape_cls\]\.max_val_items: must be an int >= 1, got 0"),
     ("data.num_workers=-1", r"data\.num_workers: must be an int >= 0, got -1"),
-    ("model.stride=0", r"model: stride: expected a positive number of pixels per grid cell, got 0"),
+    ("model.levels=[0]", r"model: levels: expected distinct positive strides in ascending order.*got \[0\]"),
     ("model.width=0", r"model: width: expected a positive number of channels, got 0"),
     ("model.gate.hidden=0", r"model\.gate\.hidden: must be an int >= 1, got 0"),
     ("model.head.seg_hidden=0", r"model\.head\.seg_hidden: must be an int >= 1, got 0"),
@@ -736,6 +736,27 @@ def test_pretrain_refuses_a_dir_holding_a_previous_run_before_reading_data(tmp_p
 
 
 # ---- resume state ------------------------------------------------------------------------------------------------
+def test_resume_compares_a_model_section_saved_in_an_older_format_as_it_loads(tmp_path):
+    """A run's config.yaml written by format 4 (`stride`, `levels: null`, `coarse_logits: false`, no `cls_taps` /
+    `aux_weight`) resumes under format 5 with a config that writes the same model; a model that now resolves to
+    another one (the new default pyramid and head) is still refused, naming the keys."""
+    from train.checkpoints import check_resume_config
+
+    same = {**TINY_RUN, "model": {**TINY_RUN["model"], "head": {**TINY_RUN["model"]["head"], "cls_taps": "level",
+                                                                  "aux_weight": 0}}}
+    resolved = ExperimentConfig.from_dict(same).to_dict()
+    old = json.loads(json.dumps(resolved))
+    old["model"] = {k: v for k, v in old["model"].items() if k != "levels"} | {"levels": None, "stride": 8, "format_version": 4}
+    old["model"]["head"] = {k: v for k, v in old["model"]["head"].items() if k not in ("cls_taps", "aux_weight")} | {
+        "coarse_logits": False}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert check_resume_config(tmp_path / "config.yaml", resolved, None, 1, 2, False) is None
+    pyramid = ExperimentConfig.from_dict({**TINY_RUN, "model": {k: v for k, v in TINY_RUN["model"].items() if k != "levels"}})
+    with pytest.raises(SystemExit, match=r"--resume: the config differs from .*config\.yaml in \['model\.head\.aux_weight', "
+                                         r"'model\.head\.cls_taps', 'model\.levels'\]"):
+        check_resume_config(tmp_path / "config.yaml", pyramid.to_dict(), None, 1, 2, False)
+
+
 @pytest.mark.parametrize("step, pattern", [("four", r"'step' must be an integer >= 0, got 'four'"),
                                            (-2, r"'step' must be an integer >= 0, got -2"),
                                            (2.5, r"'step' must be an integer >= 0, got 2\.5")])
@@ -903,6 +924,26 @@ def test_a_killed_comparison_keeps_its_results_reports_them_and_resumes_to_the_s
                                        r"\['train\.lr'\]\); resume with the settings of that run"):
         script_main("compare")(compare_args(out, cache, seeds, "--resume", "train.lr=0.01"))
     assert a == sorted(json.loads((out / "results.json").read_text()), key=key)  # nothing was touched
+
+
+def test_comparison_results_saved_in_an_older_model_format_resume_as_they_load(tmp_path):
+    """A pair saved when the model sections were format 4 (`stride`, `levels: null`, no `cls_taps` / `aux_weight`) is
+    the same pair for a format-5 comparison of the same model; another model is still refused, naming the keys."""
+    from train.errors import RunError
+    from train.results import ResultStore
+
+    same = {**TINY_RUN["model"], "head": {**TINY_RUN["model"]["head"], "cls_taps": "level", "aux_weight": 0}}
+    resolved = ExperimentConfig.from_dict({**TINY_RUN, "model": same}).to_dict()
+    old = json.loads(json.dumps(resolved))
+    old["model"] = {k: v for k, v in old["model"].items() if k != "levels"} | {"levels": None, "stride": 8, "format_version": 4}
+    old["model"]["head"] = {k: v for k, v in old["model"]["head"].items() if k not in ("cls_taps", "aux_weight")}
+    row = {"variant": "g", "seed": 0, "task": "shape_seg", "metric": "fg_iou", "value": 0.5}
+    ResultStore(tmp_path, old, {"g": {"kind": "routed", **old["model"]}}).save("g", 0, [row], [], [], 1.0)
+    assert ResultStore(tmp_path, resolved, {"g": {"kind": "routed", **resolved["model"]}}).load("g", 0)["rows"] == [row]
+    pyramid = {**resolved["model"], "levels": [4, 8, 16, 32]}
+    with pytest.raises(RunError, match=r"g/seed_0\.json was trained with other settings \(they differ in "
+                                       r"\['model\.levels', 'variant_model\.levels'\]\)"):
+        ResultStore(tmp_path, {**resolved, "model": pyramid}, {"g": {"kind": "routed", **pyramid}}).load("g", 0)
 
 
 @pytest.mark.slow

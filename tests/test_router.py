@@ -33,7 +33,7 @@ def make_config(fusion="gated", granularity="image", content="pixels", top_k=Non
         ],
         "fusion": fusion,
         "width": 16,
-        "stride": 16,
+        "levels": [16],
         "gate": {"granularity": granularity, "content": content, "top_k": top_k, "hidden": 16},
         "head": {"seg_hidden": 16, "cls_hidden": 16},
         **extra,

@@ -20,6 +20,7 @@ import torch
 from accelerate.utils import load
 
 from extractors.atomic import atomic_write_bytes, current_umask
+from router.config import FORMAT_VERSION, RouterConfig
 from train.config import RESUMABLE_CHANGES, config_differences, load_config_file
 from train.errors import RunError
 from train.rundir import check_global_batch, read_trainer_state
@@ -103,9 +104,12 @@ def check_resume_config(saved_config: Path, resolved: dict, resume_from: Path | 
     """Refuse a resume whose config differs from the run's in keys other than RESUMABLE_CHANGES; a note or None.
 
     train.batch_size may change when the global batch stays (another process count), or with
-    ``change_global_batch``.
+    ``change_global_batch``. A model section saved in an older format is compared as it loads (upgraded).
     """
     saved = load_config_file(saved_config)
+    model = saved.get("model")
+    if isinstance(model, dict) and isinstance(model.get("format_version"), int) and model["format_version"] < FORMAT_VERSION:
+        saved["model"] = RouterConfig.from_dict(model, where=f"{saved_config}: model").to_dict()
     changed = [k for k in config_differences(saved, resolved) if k not in RESUMABLE_CHANGES]
     note = None
     if resume_from is not None:

@@ -98,7 +98,7 @@ def check_pixels(where: str, value: int | list[int]) -> None:
                          "(4096 x 4096); use a smaller size")
 
 
-# Model sizes an experiment checks at load that RouterConfig does not (it checks width, stride, levels itself).
+# Model sizes an experiment checks at load that RouterConfig does not (it checks width and levels itself).
 MODEL_SIZES = ("gate.hidden", "head.seg_hidden", "head.cls_hidden")
 
 

@@ -36,7 +36,13 @@ REFERENCE = REPO_ROOT / "docs" / "config.md"
 # (heading, dotted prefix, root dataclass, what reads it)
 CONFIG_FAMILIES = (
     ("Experiment config: `model`", "model", RouterConfig,
-     "The Router: extractors, tasks, fusion, levels, gate and heads. A saved model's `config.json` is this section."),
+     "The Router: extractors, tasks, fusion, levels, gate and heads. A saved model's `config.json` is this section. "
+     "The defaults are the recommended model (levels 4-32, classification on every tap at stride 16, an auxiliary "
+     "seg head of weight 0.4), so a model section needs only `extractors` and `tasks`; `levels: [16]` is the one-grid "
+     "model. A `config.json` of an older format (`format_version` 4 or less) is read with that format's defaults "
+     "(no `levels`: one grid at `stride`, `head.cls_taps: level`, `head.aux_weight: 0`). Removed in format 5: `stride` "
+     "(write `levels: [16]`), `head.coarse_logits` and `head.cls_taps: shared` (they lost their measurements: "
+     "[CHANGELOG.md](../CHANGELOG.md))."),
     ("Experiment config: `data`", "data", DataConfig,
      "Which dataset folder (layout: [data.md](data.md)) serves each task, augmentation and evaluation size."),
     ("Experiment config: `train`", "train", TrainConfig,

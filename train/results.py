@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from extractors.atomic import atomic_write_bytes
+from router.config import FORMAT_VERSION, RouterConfig
 from train.config import config_differences
 from train.errors import RunError
 from train.metrics import json_safe
@@ -54,6 +55,19 @@ def pair_settings(resolved: dict[str, Any], variant_model: dict[str, Any]) -> di
         node.pop(last, None)
     settings["variant_model"] = copy.deepcopy(variant_model)
     return json.loads(json.dumps(json_safe(settings)))  # as it reads back from the file
+
+
+def current_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A pair's saved settings with its model sections (`model`, `variant_model`) of an older format as they load now
+    (:meth:`router.config.RouterConfig.from_dict` upgrades them), so a comparison resumes across a format change."""
+    out = dict(settings)
+    for key in ("model", "variant_model"):
+        model = out.get(key)
+        if isinstance(model, dict) and isinstance(model.get("format_version"), int) and model["format_version"] < FORMAT_VERSION:
+            kind = {"kind": model["kind"]} if "kind" in model else {}
+            new = RouterConfig.from_dict({k: v for k, v in model.items() if k != "kind"}, where=f"settings.{key}")
+            out[key] = json.loads(json.dumps(json_safe({**kind, **new.to_dict()})))
+    return out
 
 
 class ResultStore:
@@ -104,8 +118,12 @@ class ResultStore:
             record = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RunError(f"{path}: not a readable result ({e}); delete it to train that pair again") from e
-        if record.get("settings") != self.settings[variant]:
-            differ = config_differences(record.get("settings") or {}, self.settings[variant])
+        try:
+            saved = current_settings(record.get("settings") or {})
+        except (TypeError, ValueError) as e:  # a model of an older format that no longer loads (a removed option)
+            raise RunError(f"{path}: {e}") from e
+        if saved != self.settings[variant]:
+            differ = config_differences(saved, self.settings[variant])
             raise RunError(f"{path} was trained with other settings (they differ in {differ[:8]}); resume with the "
                            "settings of that run, or start afresh with --overwrite or another --output-dir")
         return record
