@@ -94,9 +94,6 @@ class TaskGate(nn.Module):
             if text_embeddings is None:
                 raise ValueError("TaskGate: gate.task_embedding is 'text' but no text embeddings were given")
             self.text_proj = nn.Linear(next(iter(text_embeddings.values())).numel(), h)
-        # Per-task logit table (gate.task_bias > 0): a task's own say in the weights, apart from the MLP that all
-        # tasks train together (docs/gate.md)
-        self.task_bias = nn.ParameterDict() if cfg.task_bias else None
         for name in task_names:
             self.add_task(name, None if text_embeddings is None else text_embeddings[name])
         if cfg.granularity != "task":
@@ -114,8 +111,6 @@ class TaskGate(nn.Module):
         return self.cfg.granularity != "task" and self.cfg.content == "features"
 
     def add_task(self, name: str, text_embedding: torch.Tensor | None = None) -> None:
-        if self.task_bias is not None:
-            self.task_bias[name] = nn.Parameter(torch.zeros(self.num_levels, self.num_extractors))
         if self.cfg.task_embedding == "text":
             if text_embedding is None:
                 raise ValueError(f"TaskGate.add_task({name!r}): a text embedding is needed with task_embedding='text'")
@@ -144,9 +139,6 @@ class TaskGate(nn.Module):
                 c = self.content_norm(rearrange(content, "b c h w -> b h w c"))
                 logits = rearrange(self.mlp(torch.cat([t.expand_as(c), c], dim=-1)), "b h w e -> b e h w")
         logits = rearrange(logits, "b (l e) ... -> b l e ...", l=self.num_levels)
-        if self.task_bias is not None:
-            table = self.cfg.task_bias * self.task_bias[task]  # L x E
-            logits = logits + table.view(1, *table.shape, *([1] * (logits.ndim - 3)))
         weights = (logits / self.cfg.temperature).softmax(dim=2)
         aux = self.aux_loss(weights)
         if self.cfg.top_k is not None and self.cfg.top_k < self.num_extractors:

@@ -18,7 +18,6 @@ from extractors.registry import BUILDERS, register_extractor
 from heads.losses import build_loss, output_loss
 from router import Router, RouterConfig
 from router.config import GateConfig
-from router.gate import TaskGate
 
 
 class ChannelView(Extractor):
@@ -69,7 +68,7 @@ def test_each_task_gives_its_own_specialist_most_of_the_weight(seed):
         "tasks": [{"name": "bars", "type": "seg", "classes": ["bg", "bar"]},
                   {"name": "discs", "type": "seg", "classes": ["bg", "disc"]}],
         "width": 16, "levels": [4, 8], "detail": False,   # no raw-image stem: only the extractors see the image
-        "gate": {"granularity": "image", "hidden": 16}, "head": {"seg_hidden": 16},
+        "gate": {"granularity": "image", "hidden": 16}, "head": {"seg_hidden": 16, "cls_taps": "level", "aux_weight": 0},
     })
     model = Router(config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
@@ -90,26 +89,7 @@ def test_each_task_gives_its_own_specialist_most_of_the_weight(seed):
     assert weights["discs"][1] >= 0.8, f"task discs gives blob {weights['discs'][1]:.2f} of the weight (gate {weights})"
 
 
-def test_task_bias_table_adds_its_entries_times_the_factor_to_the_logits():
-    """gate.task_bias = f: a task's weights are softmax(logits + f x its table), per level; a zero table (as at the
-    start) leaves the gate of the same MLP unchanged; each task has its own table."""
-    torch.manual_seed(0)
-    cfg = GateConfig(granularity="image", hidden=8, task_bias=100.0)
-    gate = TaskGate(3, ["a", "b"], cfg, feature_width=8, num_levels=2).eval()
-    plain = TaskGate(3, ["a", "b"], GateConfig(granularity="image", hidden=8), feature_width=8, num_levels=2).eval()
-    missing, unexpected = plain.load_state_dict(gate.state_dict(), strict=False)
-    assert not missing and sorted(unexpected) == ["task_bias.a", "task_bias.b"]
-    images = torch.rand(2, 3, 32, 32)
-    with torch.no_grad():
-        base, _ = plain("a", 2, (4, 4), images=images)
-        torch.testing.assert_close(gate("a", 2, (4, 4), images=images)[0], base)
-        gate.task_bias["a"].copy_(torch.tensor([[0.01, 0.0, -0.01], [0.0, 0.02, 0.0]]))
-        expected = (base.log() + 100 * gate.task_bias["a"]).softmax(dim=2)
-        torch.testing.assert_close(gate("a", 2, (4, 4), images=images)[0], expected)
-        torch.testing.assert_close(gate("b", 2, (4, 4), images=images)[0], plain("b", 2, (4, 4), images=images)[0])
-
-
-@pytest.mark.parametrize("key,value", [("temperature", float("nan")), ("temperature", 0.0), ("task_bias", -1.0),
+@pytest.mark.parametrize("key,value", [("temperature", float("nan")), ("temperature", 0.0), ("load_balance_weight", -1.0),
                                        ("entropy_weight", float("inf")), ("load_balance_weight", "0.1")])
 def test_gate_numbers_are_checked_naming_the_key(key, value):
     with pytest.raises(ValueError, match=rf"^gate\.{key}: expected a finite number"):
