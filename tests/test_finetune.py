@@ -199,7 +199,7 @@ def test_auxiliary_head_is_trained_by_finetune(setup):
 
 def test_non_finite_loss_stops_naming_step_and_task(setup):
     out = setup / "nan"
-    proc = launch(["--config", str(setup / "tiny.yaml"), "--output-dir", str(out), "train.loss_weights.shape_cls=.nan",
+    proc = launch(["--config", str(setup / "tiny.yaml"), "--output-dir", str(out), "train.loss_weights.shape_cls=1e39",  # inf in float32
                    "train.save_every=2"], check=False)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
