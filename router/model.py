@@ -67,7 +67,7 @@ class Router(nn.Module):
     with ``head.cls_taps: all`` (the default) its own map on that level's grid, into which every tap of each
     extractor is resampled, as at one level; with ``level`` the level's map. In training an auxiliary seg head
     (``head.aux_weight``, 0.4) reads that map too. The defaults are the recommended model (levels 4-32); with
-    one level there is no decoder: ``levels: [16]`` is the single-grid model of format 1, bit for bit.
+    one level there is no decoder: ``levels: [16]`` is the single-grid model of format 1.
 
     >>> model = Router.from_config("configs/tiny.yaml")
     >>> out = model(torch.rand(2, 3, 97, 130), task="demo_seg")
@@ -194,14 +194,14 @@ class Router(nn.Module):
         """One level's maps (extractor index -> B x D x h x w) fused with that level's weights (B x E [x h x w]);
         an extractor without a map (skipped, or left out by ``keep``) enters a concat as zeros."""
         fusion, n, active = self.config.fusion, len(self.extractors), list(maps)
-        zero_map = torch.zeros_like(maps[active[0]])
-        if fusion == "gated":
+        if fusion == "gated" and self.config.gate.combine == "sum":
             wmap = weights[:, :, None, None, None] if weights.ndim == 2 else weights[:, :, None]  # -> B x 1 x (1|h) x (1|w)
-            if self.config.gate.combine == "concat":  # weighted maps side by side (x n: equal weights = concat)
-                proj = self.concat_proj[str(self.config.strides[level])]
-                return proj(torch.cat([n * wmap[:, i] * maps[i] if i in maps else zero_map for i in range(n)], dim=1))
             return sum(wmap[:, i] * maps[i] for i in active)
-        if fusion == "concat":
+        if fusion in ("gated", "concat"):  # maps side by side; gated: weighted (x n: equal weights = plain concat)
+            zero_map = torch.zeros_like(maps[active[0]])
+            if fusion == "gated":
+                wmap = weights[:, :, None, None, None] if weights.ndim == 2 else weights[:, :, None]
+                maps = {i: n * wmap[:, i] * m for i, m in maps.items()}
             proj = self.concat_proj[str(self.config.strides[level])]
             return proj(torch.cat([maps.get(i, zero_map) for i in range(n)], dim=1))
         return sum(maps.values()) / len(maps)  # single / mean
@@ -209,13 +209,12 @@ class Router(nn.Module):
     def _fuse_pooled(self, vecs: dict[int, torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
         """Pooled vectors (extractor index -> B x D) fused with the classification level's image weights (B x E)."""
         fusion, n, active = self.config.fusion, len(self.extractors), list(vecs)
-        zero_vec = torch.zeros_like(vecs[active[0]])
-        if fusion == "gated":
-            if self.config.gate.combine == "concat":
-                return self.concat_pooled_proj(torch.cat(
-                    [n * weights[:, i, None] * vecs[i] if i in vecs else zero_vec for i in range(n)], dim=1))
+        if fusion == "gated" and self.config.gate.combine == "sum":
             return sum(weights[:, i, None] * vecs[i] for i in active)
-        if fusion == "concat":
+        if fusion in ("gated", "concat"):
+            zero_vec = torch.zeros_like(vecs[active[0]])
+            if fusion == "gated":
+                vecs = {i: n * weights[:, i, None] * v for i, v in vecs.items()}
             return self.concat_pooled_proj(torch.cat([vecs.get(i, zero_vec) for i in range(n)], dim=1))
         return sum(vecs.values()) / len(vecs)
 
