@@ -158,3 +158,61 @@ class TaskGate(nn.Module):
             entropy = -(rows * rows.clamp_min(1e-9).log()).sum(dim=1).mean()
             loss = loss + self.cfg.entropy_weight * entropy
         return loss
+
+
+class ProbeMixture(nn.Module):
+    """Linear probes of each extractor's aligned map, per task and level, and the loss that trains the gate as a
+    mixture of their predictions (the competitive loss of Jacobs et al. 1991, *Adaptive mixtures of local experts*).
+
+    Summed maps let a shared decoder use every extractor whatever the gate says (it can route by level or by
+    channel instead), so the fused model's loss does not ask the gate to choose by task (docs/gate.md). Here each
+    extractor predicts the task on its own from its map at each level (a 1 x 1 convolution on the detached map;
+    for a classification task on the map's mean), and the gate's weights are scored, per image, as a mixture of
+    those predictions of the whole target: ``-log sum_e w_e p_e(mask)``, with ``log p_e(mask)`` the sum of the
+    probe's log-probabilities over the image's labelled cells. Its gradient moves the weights towards the posterior
+    ``w_e p_e(mask) / sum_j w_j p_j(mask)``: the gate learns, per task and level (and image), which extractor's own
+    map predicts the target, and a weight that has gone to ~0 comes back once its probe is clearly better (a sum over
+    cells outweighs the prior). Token weights are scored by their mean over the image. The probes are trained by
+    their own cross-entropy, whatever the weights, and are used in training only.
+    """
+
+    def __init__(self, widths: list[int], num_extractors: int, tasks: dict[str, tuple[int, list[int]]]):
+        """`widths`: each level's width; `tasks`: name -> (classes, indices of the levels it is probed at)."""
+        super().__init__()
+        self.num_extractors = num_extractors
+        self.probes = nn.ModuleDict()
+        for name, (classes, levels) in tasks.items():
+            self.add_task(name, classes, widths, levels)
+
+    def add_task(self, name: str, classes: int, widths: list[int], levels: list[int]) -> None:
+        e = self.num_extractors
+        self.probes[name] = nn.ModuleDict({str(k): nn.Conv2d(e * widths[k], e * classes, 1, groups=e) for k in levels})
+
+    def forward(self, task: str, maps: dict[int, list[torch.Tensor]], weights: dict[int, torch.Tensor],
+                target: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
+        """`maps`: level index -> the E extractors' maps (B x D x h x w); `weights`: level index -> the gate's
+        weights there (B x E or B x E x h x w); `target`: B x H x W class indices (seg) or B (cls).
+        Returns the mean over levels of (the probes' cross-entropy per cell, summed over extractors, + the
+        mixture loss per image)."""
+        probes, total = self.probes[task], 0.0
+        classes = next(iter(probes.values())).out_channels // self.num_extractors
+        valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+        # Each cell's share of every class (a class's area in it; ignored pixels count for none): B x K x H x W
+        share = F.one_hot(torch.where(valid, target, 0).clamp(0, classes - 1), classes).float() * valid[..., None].float()
+        share = share.movedim(-1, 1) if target.ndim > 1 else share[:, :, None, None]
+        for k, level_maps in maps.items():
+            x = torch.cat([m.detach() for m in level_maps], dim=1)
+            if target.ndim == 1:  # classification: the map's mean, the label as a 1 x 1 mask
+                x, q = x.mean(dim=(2, 3), keepdim=True), share
+            else:
+                q = F.interpolate(share, size=x.shape[-2:], mode="area")
+            logits = rearrange(probes[str(k)](x), "b (e c) h w -> b e c h w", e=self.num_extractors)
+            log_p = (logits.float().log_softmax(dim=2) * q[:, None]).sum(dim=2)  # B x E x h x w: log p_e(cell's labels)
+            probe_loss = -log_p.sum() / q.sum().clamp_min(1)
+            w = weights[k].float()
+            log_w = (w if w.ndim == 2 else w.mean(dim=(2, 3))).clamp_min(1e-9).log()  # B x E
+            log_mask = log_p.detach().sum(dim=(2, 3))  # B x E: log p_e(mask)
+            log_mask = log_mask - log_mask.amax(dim=1, keepdim=True)  # same gradient, a loss >= 0 of size ~1
+            mixture = -torch.logsumexp(log_w + log_mask, dim=1).mean()
+            total = total + probe_loss + mixture
+        return total / max(len(maps), 1)

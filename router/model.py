@@ -29,7 +29,7 @@ from .align import Aligner, grid_size, resample
 from .card import router_card, write_card
 from .config import FORMAT_VERSION, RouterConfig, TaskConfig, load_yaml_or_json, nearest_level
 from .detail import SKIP_WIDTHS, DetailStem
-from .gate import TaskGate, keep_renormalized
+from .gate import ProbeMixture, TaskGate, keep_renormalized
 from .inputs import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
 from .predictions import Label, SegPrediction, class_names, same_size_batches, top_labels
 from .saved import paths_for_loading, paths_for_saving
@@ -96,6 +96,9 @@ class Router(nn.Module):
                 text_embeddings = self.embed_task_texts(config.tasks)
             self.gate = TaskGate(n, [t.name for t in config.tasks], config.gate, widths[self.gate_level],
                                  text_embeddings, num_levels=len(levels))
+            if config.gate.probe_weight:
+                self.probes = ProbeMixture(widths, n, {t.name: (t.num_classes, self._probed_levels(t))
+                                                       for t in config.tasks})
         h = config.head
         if config.has_detail:
             self.detail = DetailStem(widths[0], full_res=1 in h.refine)
@@ -135,6 +138,10 @@ class Router(nn.Module):
         """Index of the level whose grid the gate works on (token weights, feature content): nearest stride 16."""
         return nearest_level(self.config.strides, 16)
 
+    def _probed_levels(self, task: TaskConfig) -> list[int]:
+        """Indices of the levels whose gate weights a task's output depends on: all (seg), classification's (cls)."""
+        return list(range(len(self.config.strides))) if task.type == "seg" else [self.config.cls_level]
+
     def _text_encoder(self):
         from extractors.text import create_text_encoder
 
@@ -158,6 +165,8 @@ class Router(nn.Module):
         if hasattr(self, "gate"):
             text = self.embed_task_texts([task])[task.name] if self.config.gate.task_embedding == "text" else None
             self.gate.add_task(task.name, text)
+        if hasattr(self, "probes"):
+            self.probes.add_task(task.name, task.num_classes, self.config.widths, self._probed_levels(task))
         self.config.tasks.append(task)
 
     @torch.no_grad()
@@ -219,7 +228,7 @@ class Router(nn.Module):
         return sum(vecs.values()) / len(vecs)
 
     def forward(self, images: torch.Tensor, task: str, features: dict[str, ExtractorOutput] | None = None,
-                keep: list[str] | None = None) -> RouterOutput:
+                keep: list[str] | None = None, target: torch.Tensor | None = None) -> RouterOutput:
         """Route `images` (B x C x H x W in [0, 1], C = 1 or 3) for one task.
 
         `features` may hold precomputed outputs of some extractors (name -> {"dense", "pooled"}), e.g.
@@ -227,6 +236,8 @@ class Router(nn.Module):
         `keep` (extractor names; ablation at evaluation): the others are left out of the fusion as if the gate
         gave them zero weight, the kept weights renormalised to sum to 1 (gated); mean / concat fuse the kept
         maps only (concat: zeros in place of the others). A gate that reads features still reads all of them.
+        `target` (training; B x H x W class indices or B labels): with ``gate.probe_weight`` the probe-mixture loss
+        (:class:`router.gate.ProbeMixture`) joins ``aux_loss``; without it, or in eval mode, it is not used.
         """
         images = check_images(images, "Router input")
         tcfg = self.config.task(task)
@@ -287,6 +298,10 @@ class Router(nn.Module):
             for i in active:  # int indices: a list index is copied host -> device, a sync on an accelerator
                 weights[:, :, i] = 1.0 / len(active)
         cls_w = weights[:, cls_k] if weights.ndim == 3 else weights[:, cls_k].mean(dim=(2, 3))
+        if self.training and target is not None and hasattr(self, "probes") and len(active) == n:
+            probed = {k: [cls_maps[i] if own_cls else maps[i][k] for i in active] for k in self._probed_levels(tcfg)}
+            level_w = {k: self._level_weights(weights, k, grids[k]) for k in probed}
+            aux = aux + self.config.gate.probe_weight * self.probes(task, probed, level_w, target, tcfg.ignore_index)
 
         ran = torch.zeros(n, dtype=torch.bool)
         ran[active] = True

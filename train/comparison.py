@@ -446,7 +446,7 @@ class Comparison:
                         continue
                     tick = time.perf_counter()
                     own = {k: f for k, f in features.items() if k not in self.live[name]}
-                    out = model(images, task=n, features=own)
+                    out = model(images, task=n, features=own, target=target)
                     loss = output_loss(out, tasks[n].task.type, self.loss_fns[n], target, ignore_index=self.ignore[n],
                                        aux_weight=self.aux_weight[name])
                     loss = (t.loss_weights[n] * loss + t.aux_loss_weight * out["aux_loss"]) / A

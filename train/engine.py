@@ -189,7 +189,7 @@ class Finetuner:
                     images = batch["images"].to(acc.device, non_blocking=True)
                     target = batch["target"].to(acc.device, non_blocking=True)
                     with acc.accumulate(self.model):
-                        out = self.model(images, task=task)
+                        out = self.model(images, task=task, target=target)
                         task_value = output_loss(out, self.tasks[task].task.type, self.losses[task], target,
                                                  mean_valid, aux_weight=self.aux_weight)
                         loss = t.loss_weights[task] * task_value + t.aux_loss_weight * out["aux_loss"]
