@@ -96,9 +96,6 @@ class Router(nn.Module):
                 text_embeddings = self.embed_task_texts(config.tasks)
             self.gate = TaskGate(n, [t.name for t in config.tasks], config.gate, widths[self.gate_level],
                                  text_embeddings, num_levels=len(levels))
-            if config.gate.probe_weight:
-                self.probes = ProbeMixture(widths, n, {t.name: (t.num_classes, self._probed_levels(t))
-                                                       for t in config.tasks})
         h = config.head
         if config.has_detail:
             self.detail = DetailStem(widths[0], full_res=1 in h.refine)
@@ -118,6 +115,9 @@ class Router(nn.Module):
             self.aux_seg_head = SegHead(aux_width, seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk)
         self.cls_head = ClsHead(widths[config.cls_level], cls, pooling=h.cls_pooling, hidden=h.cls_hidden, dropout=h.dropout,
                                 pooled_dim=widths[-1])
+        if config.fusion == "gated" and config.gate.probe_weight:  # training only; built last, so that the
+            #                                                       other modules' initial weights do not depend on it
+            self.probes = ProbeMixture(widths, n, {t.name: (t.num_classes, self._probed_levels(t)) for t in config.tasks})
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -534,9 +534,10 @@ class Router(nn.Module):
         return model
 
     def load_checked(self, state: dict[str, torch.Tensor], saved: list[str], source: str) -> None:
-        """Load `state`; every key must be known, and all but frozen pretrained extractors' present."""
+        """Load `state`; every key must be known, and all but frozen pretrained extractors' and the probes' present."""
         own = self.state_dict()
-        skip = tuple(f"extractors.{n}." for n in self.extractor_names if n not in saved)
+        # frozen pretrained extractors come from their specs; the gate's training-only probes, if missing, start anew
+        skip = (*(f"extractors.{n}." for n in self.extractor_names if n not in saved), "probes.")
         if problems := key_problems(own, state, expected={k for k in own if not k.startswith(skip)}):
             raise ValueError(f"{source}: does not fit the model in its config.json: " + "; ".join(problems))
         self.load_state_dict(state, strict=False)
