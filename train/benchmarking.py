@@ -7,8 +7,8 @@ One run measures, for every batch size and resolution asked for:
   choice forced onto each extractor, so every "top-1 / chosen single" ratio is measured), and the router
   alone on each extractor's precomputed features (``router_only->X``: gate, alignment, fusion and head, a
   direct measurement of what top-1 adds to X, less noisy than the difference of two totals);
-* a training step (forward, loss, backward, AdamW step) of the single-extractor router (``fusion: single``)
-  and of the routed model, frozen extractors as configured;
+* a training step (forward, loss, backward, AdamW step of train/optim.py) of the single-extractor router
+  (``fusion: single``) and of the routed model, frozen extractors as configured;
 * images/s (median over repetitions after warm-up), peak memory, FLOPs (``FlopCounterMode``), and MFU when
   ``--peak-tflops`` is given;
 
@@ -21,6 +21,13 @@ Linux peak resident set size: ``malloc_trim(0)`` returns freed heap to the OS, `
 (``5``) resets the high-water mark to the current RSS, and the figure is ``VmHWM`` after one call minus
 ``VmRSS`` before it (``tracemalloc`` does not see tensor storage, so it is not used).
 
+With ``--train-step`` (:func:`run_step_benchmark`, issue 28) it measures instead the training step of a comparison
+variant from cached frozen features (forward, loss, backward, clipping, optimizer: the step of
+``Comparison.train_seed``) next to the smp U-Net peers at the same batch and crop, with each part's time from
+``torch.profiler`` (record_function ranges set by module hooks: align, gate, fuse, detail, decoder, heads, encoder,
+loss, backward, clip, optimizer) and FLOPs (``FlopCounterMode`` by module), the agreement and speed of bf16 autocast
+and channels_last on the routed step, and the AdamW implementations' step time.
+
 The library behind ``train/benchmark.py`` (its command line): :func:`run_benchmark` runs every measurement.
 """
 
@@ -28,6 +35,8 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import dataclasses
+import functools
 import gc
 import inspect
 import json
@@ -45,6 +54,7 @@ import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from extractors import create_extractor  # noqa: E402
 from heads import build_loss  # noqa: E402
 from router import Router, RouterConfig  # noqa: E402
 from train.config import apply_override  # noqa: E402
@@ -263,8 +273,10 @@ def features_fn(model: Router, images, settings: Settings, task: str, features: 
 def train_step_fn(model: Router, task: str, images, target, settings: Settings, features=None):
     """Forward, the project's loss (ce) + gate aux loss, backward, AdamW step, zero_grad."""
     loss_fn = build_loss("ce")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    from train.config import TrainConfig
+    from train.optim import make_optimizer
+
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], TrainConfig(lr=1e-4))
     key = "seg" if model.config.task(task).type == "seg" else "cls"
     forward = settings.wrap(model)
 
@@ -598,3 +610,379 @@ def run_benchmark(args, command: str) -> dict:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
+
+
+# ---- the training step from cached features: the routed pyramid next to the smp U-Net peers (issue 28) ----------
+# The step of Comparison.train_seed (train/comparison.py) for one micro-batch of one segmentation task: forward on
+# the cached frozen features (a peer runs its encoder on the images instead), the task loss (+ auxiliary seg head,
+# + the gate's aux loss), backward, grad-norm clipping, the AdamW step of train/optim.py, zero_grad.
+STEP_PARTS = ("align", "gate", "fuse", "detail", "decoder", "heads", "encoder", "loss", "backward", "clip", "optimizer")
+STEP_GOALS = {"routed_over_peer_unet_frozen": (0.5, "<=")}  # issue 28's CPU goal for the step
+STEP_OPTIONS = ("bf16", "channels_last")
+PLACEHOLDER_CLASSES = {"seg": 2, "cls": 5}
+
+
+def fill_task_classes(cfg) -> str:
+    """Tasks of `cfg` (an ExperimentConfig) without classes take them from their dataset's meta.json where the data
+    is there, else placeholder counts (the step's cost depends on them only through the output layers); returns
+    where they came from."""
+    from router.config import load_yaml_or_json
+    from train.config import data_root
+
+    root, sources = data_root(cfg.data.root), set()
+    for t in cfg.model.tasks:
+        if t.classes:
+            continue
+        meta = root / cfg.data.task(t.name).dataset / "meta.json"
+        names = load_yaml_or_json(meta).get("classes" if t.type == "seg" else "image_classes") if meta.is_file() else None
+        t.classes = list(names) if names else [f"class_{i}" for i in range(PLACEHOLDER_CLASSES[t.type])]
+        sources.add(f"meta.json under {root}" if names else f"placeholders {PLACEHOLDER_CLASSES}")
+    return ", ".join(sorted(sources)) or "the config"
+
+
+def random_features(info, batch: int, size: tuple[int, int], generator: torch.Generator) -> dict:
+    """Random features shaped as the extractor of `info` gives them for `batch` images of `size`: dense maps
+    B x width x ceil(H / stride) x ceil(W / stride) (maps are cropped to the image, extractors/base.py) and the
+    pooled B x width vector."""
+    h, w = size
+    dense = [torch.randn(batch, d, -(-h // s), -(-w // s), generator=generator) for d, s in zip(info.widths, info.strides)]
+    return {"dense": dense, "pooled": torch.randn(batch, info.width, generator=generator)}
+
+
+def weights_missing(model_cfg) -> list[str]:
+    """The weight files the config's pretrained extractors name and this machine lacks."""
+    return [e.checkpoint for e in model_cfg.extractors if e.pretrained and e.checkpoint and not Path(e.checkpoint).is_file()]
+
+
+def part_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(part, module) pairs whose forward calls make up the model's parts, none called inside another: a Router's
+    aligners (and their classification aligners, which the Router calls itself), gate, detail stem, decoder, heads
+    and concat projections; a U-Net peer's encoders, decoders and segmentation heads. (The Router's fusion is a
+    method: :func:`part_labels` labels it.)"""
+    if isinstance(model, Router):
+        named = [("align", m) for a in model.aligners.values() for m in (a, getattr(a, "cls", None)) if m is not None]
+        named += [(part, getattr(model, attr)) for part, attr in (("gate", "gate"), ("detail", "detail"),
+                  ("decoder", "decoder"), ("heads", "seg_head"), ("heads", "aux_seg_head"), ("heads", "cls_head"),
+                  ("fuse", "concat_proj"), ("fuse", "concat_pooled_proj")) if hasattr(model, attr)]
+        return named
+    return [(part, getattr(unet, attr)) for unet in model.unets.values()
+            for part, attr in (("encoder", "encoder"), ("decoder", "decoder"), ("heads", "segmentation_head"))]
+
+
+@contextmanager
+def part_labels(model: torch.nn.Module):
+    """torch.profiler.record_function ranges named after the parts around their modules' forward calls (module
+    hooks) and, in a Router, around its fusion methods ``_fuse`` / ``_fuse_pooled`` (wrapped on the instance)."""
+    opened, handles = [], []
+
+    def enter(label):
+        def hook(module, args):
+            opened.append(torch.profiler.record_function(label).__enter__())
+        return hook
+
+    def leave(module, args, output):
+        opened.pop().__exit__(None, None, None)
+
+    def labelled(fn, label):
+        def run(*args, **kwargs):
+            with torch.profiler.record_function(label):
+                return fn(*args, **kwargs)
+        return run
+
+    fused_methods = ("_fuse", "_fuse_pooled") if isinstance(model, Router) else ()
+    try:
+        for part, module in part_modules(model):
+            if part != "fuse":  # the fusion's projections run inside the labelled _fuse
+                handles += [module.register_forward_pre_hook(enter(part)), module.register_forward_hook(leave)]
+        for name in fused_methods:
+            model.__dict__[name] = labelled(getattr(model, name), "fuse")
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for name in fused_methods:
+            model.__dict__.pop(name, None)
+
+
+def comparison_step(model, task: str, images, target, features: dict, t, loss_fn, ignore_index, aux_weight: float,
+                    optimizer, settings: Settings):
+    """One micro-batch and optimizer step of Comparison.train_seed, its parts in record_function ranges."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rf = torch.profiler.record_function
+
+    def step():
+        with rf("step"):
+            with settings.autocast():
+                out = model(images, task=task, features=features)
+            with rf("loss"):
+                loss = output_loss_of(out, loss_fn, target, ignore_index, aux_weight, t, task)
+            with rf("backward"):
+                loss.backward()
+            with rf("clip"):
+                if t.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], t.grad_clip)
+            with rf("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def part_seconds(model, step, steps: int) -> dict[str, float]:
+    """Seconds per step of each part (and of the whole step, ``step``) from torch.profiler over `steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with part_labels(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    totals = Counter()
+    for e in prof.key_averages():
+        if e.key in (*STEP_PARTS, "step"):
+            totals[e.key] += e.cpu_time_total / 1e6 / steps
+    return dict(totals)
+
+
+def part_flops(model, step, forward) -> dict[str, int]:
+    """FLOPs (FlopCounterMode: matmuls and convolutions, 2 per multiply-add) of each module part in the forward
+    pass (by the module that ran them), ``forward`` (all of it) and ``step`` (forward + backward of one step).
+    The backward is one part: FlopCounterMode's attribution of backward ops to modules is not exact."""
+    prefix = type(model).__name__
+    names = {id(m): f"{prefix}.{n}" for n, m in model.named_modules()}
+    with FlopCounterMode(display=False) as fwd, torch.no_grad():
+        forward()
+    with FlopCounterMode(display=False) as full:
+        step()
+    counts, out = fwd.get_flop_counts(), Counter()
+    for part, module in part_modules(model):
+        out[part] += int(sum(counts.get(names[id(module)], {}).values()))
+    return {**out, "forward": int(fwd.get_total_flops()), "step": int(full.get_total_flops())}
+
+
+def step_agreement(model, forward_loss, option: str) -> dict[str, float]:
+    """How far `option` (bf16 autocast or channels_last) moves the forward's seg logits, the loss and every gradient
+    from fp32 / contiguous, from the same weights and inputs (dropout off, so both see the same network):
+    max |diff|, max |diff| / max |reference| (outputs); for the gradients max |diff|, ||diff|| / ||reference|| over
+    all of them together and the worst of it over the tensors."""
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    results = []
+    for s in (Settings(torch.device("cpu")), Settings(torch.device("cpu"), **{option: True})):
+        s.prepare(model, torch.zeros(1, 3, 1, 1))
+        for m in dropouts:
+            m.eval()
+        out, loss = forward_loss(s)
+        loss.backward()
+        grads = {n: p.grad.detach().float().clone() for n, p in params if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        results.append((out["seg"].detach().float(), loss.detach().float(), grads))
+    Settings(torch.device("cpu")).prepare(model, torch.zeros(1, 3, 1, 1))
+    model.train()
+    (ref, ref_loss, ref_g), (new, new_loss, new_g) = results
+    rel = {n: ((new_g[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in ref_g.items()}
+    worst = max(rel, key=rel.get)
+    overall = (sum((new_g[n] - g).square().sum() for n, g in ref_g.items()).sqrt()
+               / sum(g.square().sum() for g in ref_g.values()).sqrt()).item()
+    grad_abs = max((new_g[n] - g).abs().max().item() for n, g in ref_g.items())
+    return {"output_max_abs": (new - ref).abs().max().item(),
+            "output_max_rel": ((new - ref).abs().max() / ref.abs().max()).item(),
+            "loss_abs": (new_loss - ref_loss).abs().item(), "grad_max_abs": grad_abs, "grad_worst_rel_norm": rel[worst], "grad_worst_tensor": worst,
+            "grad_rel_norm": overall,
+            "grad_tensors": len(ref_g)}
+
+
+def optimizer_seconds(model, t, args) -> dict[str, float]:
+    """Median seconds of one AdamW step over the model's trainable parameters (random gradients) for torch's
+    per-tensor loop (its default off CUDA), foreach, fused, and what train/optim.py builds."""
+    from train.optim import make_optimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    made = make_optimizer(params, t)
+
+    def adamw(**implementation):  # the same groups (fresh dicts: AdamW writes its defaults into them)
+        groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in made.param_groups]
+        return torch.optim.AdamW(groups, **implementation)
+
+    opts = {"single_tensor": adamw(foreach=False), "foreach": adamw(foreach=True), "fused": adamw(fused=True),
+            "train/optim.py": made}
+    times = interleaved_seconds({k: o.step for k, o in opts.items()}, args.device_, args.warmup, max(args.reps, 5))
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+            p.grad = None
+    return {k: r["median_s"] for k, r in times.items()}
+
+
+def measure_step(models: dict, task: str, batch: int, res: int, args, cfg, features_from: str) -> dict:
+    """Every model's step at one batch size and crop: time (interleaved), profile parts, FLOPs; the routed model's
+    step with each option of ``--ablate`` (agreement with fp32 and time); the optimizer implementations."""
+    from train.optim import make_optimizer
+
+    t, tcfg, device = cfg.train, cfg.model.task(task), args.device_
+    gen = torch.Generator().manual_seed(args.seed)
+    images = torch.rand(batch, 3, res, res, generator=gen).to(device)
+    target = torch.randint(0, tcfg.num_classes, (batch, res, res), generator=gen).to(device)
+    routed = models["routed"]
+    if features_from == "real":
+        with torch.no_grad():
+            features = {n: routed.extractors[n](images) for n in routed.extractor_names}
+    else:
+        features = {n: random_features(e.info, batch, (res, res), gen) for n, e in routed.extractors.items()}
+    features = {n: {"dense": [d.to(device) for d in f["dense"]], "pooled": f["pooled"].to(device)}
+                for n, f in features.items()}
+    loss_fn = build_loss(t.loss[task])
+    steps, forwards = {}, {}
+    for name, model in models.items():
+        model.to(device).train()
+        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], t)
+        aux = model.config.head.aux_weight if isinstance(model, Router) else 0.0
+        steps[name] = comparison_step(model, task, images, target, features, t, loss_fn, tcfg.ignore_index, aux, opt,
+                                      Settings(device))
+        forwards[name] = functools.partial(model, images, task=task, features=features)
+    timed = interleaved_seconds(steps, device, args.warmup, args.reps)
+    rows = {}
+    for name, model in models.items():
+        seconds = part_seconds(model, steps[name], args.profile_steps)
+        flops = part_flops(model, steps[name], forwards[name])
+        profiled = seconds.pop("step")
+        parts = {p: {"seconds": seconds.get(p, 0.0), "share": seconds.get(p, 0.0) / profiled, "flops": flops.get(p, 0)}
+                 for p in STEP_PARTS if p in seconds or p in flops}
+        parts["backward"]["flops"] = flops["step"] - flops["forward"]
+        parts["other"] = {"seconds": profiled - sum(seconds.values()), "share": 1 - sum(seconds.values()) / profiled,
+                          "flops": flops["forward"] - sum(flops.get(p, 0) for p in STEP_PARTS)}
+        rows[name] = {**timed[name], "images_per_s": batch / timed[name]["median_s"], "profiled_step_s": profiled,
+                      "flops_forward": flops["forward"], "flops_step": flops["step"], "parts": parts,
+                      "params_trained": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    out = {"batch": batch, "resolution": res, "task": task, "models": rows,
+           "ratios": {f"routed_over_{n}": rows["routed"]["median_s"] / rows[n]["median_s"] for n in rows if n != "routed"}}
+
+    # Speed options on the routed step: how far they move outputs and gradients, and whether they are faster.
+    def forward_loss(s: Settings):
+        with s.autocast():
+            o = routed(s.prepare(routed, images), task=task, features=features)
+        return o, output_loss_of(o, loss_fn, target, tcfg.ignore_index, routed.config.head.aux_weight, t, task)
+
+    options = {option: {"agreement": step_agreement(routed, forward_loss, option)} for option in args.ablate}
+    if args.ablate:
+        fns = {}
+        for key in ("fp32", *args.ablate):
+            s = Settings(device, **({} if key == "fp32" else {key: True}))
+            opt = make_optimizer([p for p in routed.parameters() if p.requires_grad], t)
+            step = comparison_step(routed, task, images, target, features, t, loss_fn, tcfg.ignore_index,
+                                   routed.config.head.aux_weight, opt, s)
+            fns[key] = prepared(routed, s, images, step, train=True)
+        times = interleaved_seconds(fns, device, args.warmup, args.reps)
+        Settings(device).prepare(routed, images)
+        for option in args.ablate:
+            options[option].update(median_s=times[option]["median_s"], fp32_median_s=times["fp32"]["median_s"],
+                                   speedup=times["fp32"]["median_s"] / times[option]["median_s"])
+    out["options"] = options
+    out["optimizer_step_s"] = optimizer_seconds(routed, t, args)
+    return out
+
+
+def output_loss_of(out, loss_fn, target, ignore_index, aux_weight: float, t, task: str) -> torch.Tensor:
+    """The comparison's loss of one seg micro-batch (as in :func:`comparison_step`)."""
+    from heads.losses import output_loss
+
+    loss = output_loss(out, "seg", loss_fn, target, ignore_index=ignore_index, aux_weight=aux_weight)
+    return t.loss_weights.get(task, 1.0) * loss + t.aux_loss_weight * out["aux_loss"]
+
+
+def step_models(args, cfg, cmp) -> tuple[dict, str]:
+    """The variant's Router (shared frozen extractors, as train/compare.py builds it) and the U-Net peers, and where
+    the features come from ("real": the configured weights; "random": no weights, random tensors)."""
+    from train.comparison import build_router, expand_variants
+    from train.peers import PEER_VARIANTS, UnetPeer, build_peer
+
+    missing = weights_missing(cfg.model)
+    source = args.features if args.features != "auto" else ("random" if missing else "real")
+    if source == "real" and missing:
+        raise FileNotFoundError(f"--features real: weight files missing: {missing}")
+    variants = {v.name: v for v in expand_variants(cmp, cfg.model)}
+    if args.variant not in variants:  # a base variant the file does not list (e.g. gated_image)
+        variants = {v.name: v for v in expand_variants(dataclasses.replace(cmp, variants=[args.variant]), cfg.model)}
+    if variants[args.variant].kind == "peer":
+        raise ValueError(f"--variant {args.variant!r}: expected a Router variant (the peers are measured beside it)")
+    torch.manual_seed(0)
+    shared = {}
+    for e in cfg.model.extractors:
+        ext = create_extractor(e.spec, layers=e.layers, pretrained=e.pretrained and source == "real",
+                               checkpoint=e.checkpoint if source == "real" else None, family=e.family, **e.kwargs)
+        shared[e.name] = ext.freeze().eval()
+    models = {"routed": build_router(variants[args.variant], shared, args.seed, {})}
+    seg = {t.name: t.num_classes for t in cfg.model.tasks if t.type == "seg"}
+    checkpoint = cmp.peer_checkpoint if source == "real" and cmp.peer_checkpoint else None
+    for name in args.peers:
+        torch.manual_seed(args.seed)
+        models[name] = (build_peer(name, seg, checkpoint) if checkpoint
+                        else UnetPeer(seg, None, train_encoder=PEER_VARIANTS[name]))
+    return models, source
+
+
+def print_step_table(summary: dict) -> None:
+    for size in summary["sizes"]:
+        print(f"training step, task {size['task']}, batch {size['batch']}, crop {size['resolution']} px, "
+              f"features {summary['features']}; {summary['hardware']['torch_threads']} thread(s)")
+        head = f"{'model':<22} {'median s':>9} {'q1-q3 s':>13} {'img/s':>7} {'GFLOP fwd':>10} {'GFLOP step':>11} {'params':>10}"
+        print(head)
+        print("-" * len(head))
+        for name, r in size["models"].items():
+            print(f"{name:<22} {r['median_s']:>9.3f} {r['q1_s']:>6.3f}-{r['q3_s']:<6.3f} {r['images_per_s']:>7.1f} "
+                  f"{r['flops_forward'] / 1e9:>10.2f} {r['flops_step'] / 1e9:>11.2f} {r['params_trained']:>10,}")
+        for key, value in size["ratios"].items():
+            print(f"{key:<36} {value:.3f}")
+        for name, r in size["models"].items():
+            print(f"\nparts of {name} (torch.profiler, {summary['profile_steps']} steps, profiled step {r['profiled_step_s']:.3f} s)")
+            print(f"  {'part':<10} {'s/step':>8} {'share':>7} {'GFLOP':>8}")
+            for part, p in r["parts"].items():
+                print(f"  {part:<10} {p['seconds']:>8.3f} {100 * p['share']:>6.1f}% {p['flops'] / 1e9:>8.3f}")
+        for option, o in size["options"].items():
+            a = o["agreement"]
+            print(f"\noption {option}: step {o['median_s']:.3f} s vs fp32 {o['fp32_median_s']:.3f} s (x{o['speedup']:.2f}); "
+                  f"seg logits max abs {a['output_max_abs']:.2e} (rel {a['output_max_rel']:.2e}), loss {a['loss_abs']:.2e}, "
+                  f"grads max abs {a['grad_max_abs']:.2e}, rel norm {a['grad_rel_norm']:.2e} (worst tensor "
+                  f"{a['grad_worst_rel_norm']:.2e}: {a['grad_worst_tensor']})")
+        print("\nAdamW step over the routed model's parameters: " + ", ".join(
+            f"{k} {1e3 * v:.1f} ms" for k, v in size["optimizer_step_s"].items()))
+    for key, g in summary["goals"].items():
+        print(f"{key:<36} {g['value']:.3f}  goal {g['target']}  {'met' if g['met'] else 'NOT met'}")
+
+
+def run_step_benchmark(args, command: str) -> dict:
+    """The training step of a routed variant from cached features next to the U-Net peers (``--train-step``)."""
+    from train.config import load_compare_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.device_ = torch.device(args.device)
+    if bad := sorted(set(args.ablate) - set(STEP_OPTIONS)):
+        raise ValueError(f"--ablate {bad}: the training-step benchmark measures {list(STEP_OPTIONS)}")
+    cfg, cmp = load_compare_config(args.config, args.overrides)
+    classes_from = fill_task_classes(cfg)
+    task = args.task or next(t.name for t in cfg.model.tasks if t.type == "seg")
+    if cfg.model.task(task).type != "seg":
+        raise ValueError(f"--task {task!r}: the step benchmark needs a segmentation task (the peers serve only those)")
+    models, source = step_models(args, cfg, cmp)
+    sizes = [measure_step(models, task, b, r, args, cfg, source) for b in args.batch_sizes for r in args.resolutions]
+    summary = {"command": command, "config": str(args.config), "overrides": args.overrides, "variant": args.variant,
+               "features": source, "features_note": {
+                   "real": "the extractors with the configured weights, run once on the benchmark's images (as the cache holds them)",
+                   "random": "random tensors of the extractors' output shapes (no weights needed; timing does not depend on values)",
+               }[source], "peer_encoder": "ImageNet weights" if source == "real" and cmp.peer_checkpoint else "random weights",
+               "classes_from": classes_from, "hardware": hardware(args.device_), "warmup": args.warmup, "reps": args.reps,
+               "profile_steps": args.profile_steps, "sizes": sizes}
+    summary["goals"] = {}
+    for key, (target, op) in STEP_GOALS.items():
+        values = [s["ratios"][key] for s in sizes if key in s["ratios"]]
+        if values:
+            value = max(values)
+            summary["goals"][key] = {"value": value, "target": f"{op} {target}",
+                                     "met": value <= target if op == "<=" else value >= target}
+    print_step_table(summary)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
