@@ -15,7 +15,7 @@ from heads.losses import (
     TverskyLoss,
     build_loss,
     hard_negative_mask,
-    output_loss,
+    logits_loss,
 )
 from heads.refine import Refiner
 from heads.seg import SegHead
@@ -39,5 +39,5 @@ __all__ = [
     "FocalLoss",
     "TotalVariationLoss",
     "hard_negative_mask",
-    "output_loss",
+    "logits_loss",
 ]

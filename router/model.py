@@ -9,7 +9,6 @@ import tempfile
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -31,22 +30,11 @@ from .config import FORMAT_VERSION, RouterConfig, TaskConfig, load_yaml_or_json,
 from .detail import SKIP_WIDTHS, DetailStem
 from .gate import ProbeMixture, TaskGate, keep_renormalized
 from .inputs import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
+from .outputs import RouterOutput
 from .predictions import Label, SegPrediction, class_names, same_size_batches, top_labels
 from .saved import paths_for_loading, paths_for_saving
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-
-
-class RouterOutput(TypedDict, total=False):
-    seg: torch.Tensor  # B x K x H x W logits (segmentation tasks)
-    seg_aux: torch.Tensor  # B x K x H x W logits of the auxiliary head (training mode, a pyramid, head.aux_weight > 0)
-    cls: torch.Tensor  # B x K logits (classification tasks)
-    gate: torch.Tensor  # B x E (task / image gates) or B x E x h x w (token gates): gate_levels averaged over levels
-    gate_levels: torch.Tensor  # B x L x E or B x L x E x h x w: per level, summing to 1 over E (h x w: the gate grid)
-    gate_mean: torch.Tensor  # E: the gate averaged over the batch (and locations)
-    gate_level_mean: torch.Tensor  # L x E: per level, averaged over the batch (and locations)
-    aux_loss: torch.Tensor  # scalar: weighted gate auxiliary losses
-    ran: torch.Tensor  # E booleans: which extractors were run for this batch
 
 
 def task_text(task: TaskConfig) -> str:

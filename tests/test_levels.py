@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from extractors import ExtractorInfo
-from heads import output_loss
 from router import Router, RouterConfig
 from router.align import assign_taps, grid_size, resample
 from router.config import FORMAT_VERSION, HeadConfig, TaskConfig
+from router.outputs import output_loss
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "router_v1"
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}

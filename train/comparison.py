@@ -48,8 +48,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from extractors import Extractor, create_extractor
-from heads.losses import build_loss, output_loss
+from heads.losses import build_loss
 from router import Router, RouterConfig
+from router.outputs import training_loss
 from train.config import CompareConfig, ExperimentConfig, TrainConfig, apply_override
 from train.data import (
     TaskData,
@@ -447,9 +448,9 @@ class Comparison:
                     tick = time.perf_counter()
                     own = {k: f for k, f in features.items() if k not in self.live[name]}
                     out = model(images, task=n, features=own, target=target)
-                    loss = output_loss(out, tasks[n].task.type, self.loss_fns[n], target, ignore_index=self.ignore[n],
-                                       aux_weight=self.aux_weight[name])
-                    loss = (t.loss_weights[n] * loss + t.aux_loss_weight * out["aux_loss"]) / A
+                    loss = training_loss(out, tasks[n].task.type, self.loss_fns[n], target, ignore_index=self.ignore[n],
+                                         loss_weight=t.loss_weights[n], aux_weight=self.aux_weight[name],
+                                         aux_loss_weight=t.aux_loss_weight) / A
                     if not torch.isfinite(loss):
                         raise RuntimeError(f"variant {name}, seed {seed}: non-finite loss at step {step} (task {n!r})")
                     loss.backward()

@@ -22,7 +22,8 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from extractors.atomic import atomic_write_bytes
-from heads.losses import TaskLoss, output_loss
+from heads.losses import TaskLoss
+from router.outputs import training_loss
 from train.checkpoints import disk_full_error, latest_checkpoint, replace_dir, save_checkpoint
 from train.config import ExperimentConfig
 from train.data import foreground_prior
@@ -190,9 +191,9 @@ class Finetuner:
                     target = batch["target"].to(acc.device, non_blocking=True)
                     with acc.accumulate(self.model):
                         out = self.model(images, task=task, target=target)
-                        task_value = output_loss(out, self.tasks[task].task.type, self.losses[task], target,
-                                                 mean_valid, aux_weight=self.aux_weight)
-                        loss = t.loss_weights[task] * task_value + t.aux_loss_weight * out["aux_loss"]
+                        loss = training_loss(out, self.tasks[task].task.type, self.losses[task], target, mean_valid,
+                                             loss_weight=t.loss_weights[task], aux_weight=self.aux_weight,
+                                             aux_loss_weight=t.aux_loss_weight)
                         if injected_fault(step, self.rank) == "nan":
                             loss = loss * float("nan")
                         acc.backward(loss)
