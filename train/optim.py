@@ -17,7 +17,12 @@ import math
 from collections.abc import Iterable
 
 import torch
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+try:  # private to torch (2.4 - 2.14 at least); without it, only CUDA is taken to have the fused kernel
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+except ImportError:  # pragma: no cover - depends on the torch build
+    def _get_fused_kernels_supported_devices() -> list[str]:
+        return ["cuda"]
 
 from train.config import TrainConfig
 
