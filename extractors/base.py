@@ -182,6 +182,32 @@ class Extractor(nn.Module):
         return f"name={i.name!r}, family={i.family}, layers={i.layers}, widths={i.widths}, strides={i.strides}"
 
 
+class TextEncoder(nn.Module):
+    """A frozen text encoder: `encode(texts) -> (N, dim)` L2-normalized rows (:mod:`extractors.text` builds them;
+    an open_clip extractor's ``text_encoder()`` gives its CLIP text tower)."""
+
+    dim: int
+    name: str
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_texts(self, texts) -> list[str]:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"{self.name}.encode: expected a list of strings, got {texts!r:.80}")
+        if not texts:
+            raise ValueError(f"{self.name}.encode: expected at least one text, got an empty list")
+        return list(texts)
+
+    def _freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        return super().train(False)  # always frozen: no dropout
+
+
 def resolve_layers(layers: int | tuple[int, ...] | None, num_blocks: int, default: tuple[int, ...]) -> tuple[int, ...]:
     """timm's convention (``feature_take_indices``): int n -> the last n blocks; a sequence -> those indices
     (negatives wrap); None -> `default`. An index outside the blocks is a ValueError naming it."""

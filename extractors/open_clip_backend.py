@@ -27,7 +27,7 @@ VisionTransformer has a fixed grid). Patch dropout is skipped (dense maps need e
 
 The whole CLIP model stays reachable as ``extractor.clip_model`` (not a registered submodule, so the
 text tower is neither trained, saved nor moved with the extractor); ``extractor.text_encoder()`` wraps
-it as an :class:`extractors.text.TextEncoder`.
+it as an :class:`extractors.base.TextEncoder`.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .base import Extractor, ExtractorInfo, resolve_layers
+from .base import Extractor, ExtractorInfo, TextEncoder, resolve_layers
 from .checkpoints import WEIGHT_SUFFIXES, load_state_dict_file, load_state_dict_strict
 from .registry import register_extractor
 
@@ -342,11 +343,35 @@ class OpenClipExtractor(Extractor):
         return self
 
     def text_encoder(self):
-        """The CLIP text tower of this model as a frozen `extractors.text.TextEncoder`."""
-        from .text import OpenClipTextEncoder
-
+        """The CLIP text tower of this model as a frozen :class:`OpenClipTextEncoder`."""
         tokenizer = import_open_clip().get_tokenizer(open_clip_name(self.arch))
         return OpenClipTextEncoder(self.clip_model, tokenizer, name=f"open_clip:{self.arch}")
+
+
+class OpenClipTextEncoder(TextEncoder):
+    """The CLIP text tower: `clip_model.encode_text(tokenizer(texts))`, L2-normalized."""
+
+    def __init__(self, clip_model: nn.Module, tokenizer, name: str):
+        super().__init__()
+        self.clip_model, self.tokenizer, self.name = clip_model, tokenizer, name
+        self.dim = int(clip_model.text_projection.shape[-1]) if hasattr(clip_model, "text_projection") else int(
+            clip_model.visual.output_dim
+        )
+        self._freeze()
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        texts = self._check_texts(texts)
+        device = next(self.clip_model.parameters()).device
+        return F.normalize(self.clip_model.encode_text(self.tokenizer(texts).to(device)).float(), dim=-1)
+
+
+def create_open_clip_text_encoder(rest: str, pretrained: bool = True) -> OpenClipTextEncoder:
+    """The CLIP text tower of ``open_clip:<rest>`` (``<arch>[/<tag or weight file>]``), same weight rule as the
+    extractor; :func:`extractors.text.create_text_encoder` calls it for an ``open_clip:`` spec."""
+    arch, tag, weight_file = parse_open_clip_spec(rest)
+    model = create_open_clip_model(arch, tag, weight_file, pretrained=pretrained)
+    return OpenClipTextEncoder(model, import_open_clip().get_tokenizer(open_clip_name(arch)), name=f"open_clip:{rest}")
 
 
 @register_extractor("open_clip")

