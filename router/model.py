@@ -3,38 +3,29 @@ level -> top-down decoder -> shared heads."""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import warnings
 from contextlib import nullcontext
-from pathlib import Path
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from extractors import Extractor, ExtractorOutput, check_images, create_extractor
-from extractors.atomic import atomic_save_safetensors, verify_checksums
-from extractors.checkpoints import key_problems
-from extractors.factory import local_files_needed
-from extractors.hub import resolve_model_dir
-from extractors.local_dir import local_dir_architecture
+from extractors.text import TextEncoder, create_text_encoder
 from heads import ClsHead, Refiner, SegHead, TopDownDecoder
 
 from .align import Aligner, grid_size, resample
-from .card import router_card, write_card
-from .config import FORMAT_VERSION, RouterConfig, TaskConfig, load_yaml_or_json, nearest_level
+from .config import ExtractorConfig, RouterConfig, TaskConfig, nearest_level
 from .detail import SKIP_WIDTHS, DetailStem
 from .gate import ProbeMixture, TaskGate, keep_renormalized
+from .hub import RouterHubMixin
 from .inputs import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
 from .outputs import RouterOutput
 from .predictions import Label, SegPrediction, class_names, same_size_batches, top_labels
-from .saved import paths_for_loading, paths_for_saving
-
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 
 def task_text(task: TaskConfig) -> str:
@@ -43,7 +34,34 @@ def task_text(task: TaskConfig) -> str:
     return " ".join(s for s in (task.description.strip(), classes) if s) or task.name
 
 
-class Router(nn.Module):
+def build_extractor(ecfg: ExtractorConfig) -> Extractor:
+    """The extractor an entry of ``config.extractors`` names, frozen unless it says otherwise."""
+    ext = create_extractor(ecfg.spec, layers=ecfg.layers, pretrained=ecfg.pretrained, checkpoint=ecfg.checkpoint,
+                           family=ecfg.family, **ecfg.kwargs)
+    return ext.freeze() if ecfg.frozen else ext
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one forward pass reads, from the task, the model and the image size."""
+
+    grids: list[tuple[int, int]]  # each level's grid (h, w) at this image size
+    weighed: list[int]  # levels whose gate weights the task's output depends on: all (seg), classification's (cls)
+    aligned: list[int]  # levels whose maps are aligned: the weighed ones (none with own_cls), + the gate's level for
+    #                     a gate that reads features
+    own_cls: bool  # classification reads its own map (head.cls_taps: all): every tap resampled to its level's grid
+    cls_map: bool  # the extractors' classification maps are made: own_cls, or the auxiliary seg head reads them
+
+
+class Aligned(NamedTuple):
+    """One extractor's output aligned as a :class:`Plan` asks."""
+
+    maps: list[torch.Tensor | None]  # per level: B x D_k x h_k x w_k at the aligned levels, None elsewhere
+    vec: torch.Tensor  # B x D: the pooled vector at the coarsest level's width
+    cls_map: torch.Tensor | None  # B x D x h x w on classification's grid (Plan.cls_map), else None
+
+
+class Router(RouterHubMixin, nn.Module):
     """Specialist extractors routed per task and level into shared segmentation and classification heads.
 
     Every extractor is aligned to each level of ``config.levels`` (strides, e.g. 4, 8, 16, 32; see
@@ -55,7 +73,9 @@ class Router(nn.Module):
     with ``head.cls_taps: all`` (the default) its own map on that level's grid, into which every tap of each
     extractor is resampled, as at one level; with ``level`` the level's map. In training an auxiliary seg head
     (``head.aux_weight``, 0.4) reads that map too. The defaults are the recommended model (levels 4-32); with
-    one level there is no decoder: ``levels: [16]`` is the single-grid model of format 1.
+    one level there is no decoder: ``levels: [16]`` is the single-grid model of format 1. The optional parts
+    (``gate``, ``concat_proj``, ``detail``, ``decoder``, ``aux_seg_head``, ``probes``) are modules or None; saving,
+    loading and pushing come from :class:`router.hub.RouterHubMixin`.
 
     >>> model = Router.from_config("configs/tiny.yaml")
     >>> out = model(torch.rand(2, 3, 97, 130), task="demo_seg")
@@ -66,46 +86,45 @@ class Router(nn.Module):
     def __init__(self, config: RouterConfig, *, text_embeddings: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.config = config
-        self.extractors = nn.ModuleDict()
-        for ecfg in config.extractors:
-            ext = create_extractor(ecfg.spec, layers=ecfg.layers, pretrained=ecfg.pretrained,
-                                   checkpoint=ecfg.checkpoint, family=ecfg.family, **ecfg.kwargs)
-            self.extractors[ecfg.name] = ext.freeze() if ecfg.frozen else ext
-        levels, widths = config.strides, config.widths
+        self._text_encoders: dict[str, TextEncoder] = {}  # a plain dict: the encoder is no part of the model's state
+        levels, widths, h = config.strides, config.widths, config.head
+        gated = config.fusion == "gated"
+        # Extractors, and their aligners to the levels (and to classification's own map with cls_taps: all).
+        self.extractors = nn.ModuleDict({e.name: build_extractor(e) for e in config.extractors})
         cls_width = widths[config.cls_level] if config.cls_reads_all_taps else None
         self.aligners = nn.ModuleDict({n: Aligner(e.info, levels, widths, pooled_width=widths[-1], cls_width=cls_width)
                                        for n, e in self.extractors.items()})
-        n = len(self.extractors)
-        if config.fusion == "concat" or (config.fusion == "gated" and config.gate.combine == "concat"):
-            self.concat_proj = nn.ModuleDict({str(s): nn.Conv2d(n * w, w, 1) for s, w in zip(levels, widths)})
-            self.concat_pooled_proj = nn.Linear(n * widths[-1], widths[-1])
-        if config.fusion == "gated":
-            if config.gate.task_embedding == "text" and text_embeddings is None:
-                text_embeddings = self.embed_task_texts(config.tasks)
-            self.gate = TaskGate(n, [t.name for t in config.tasks], config.gate, widths[self.gate_level],
-                                 text_embeddings, num_levels=len(levels))
-        h = config.head
-        if config.has_detail:
-            self.detail = DetailStem(widths[0], full_res=1 in h.refine)
-        seg_width = widths[0]
-        if len(levels) > 1:  # "fuse": the head reads all levels mixed at the stride-16 width
-            self.decoder = TopDownDecoder(widths, block=h.decoder_block, output=h.decoder_output,
-                                          out_width=config.width if h.decoder_output == "fuse" else None)
-            seg_width = self.decoder.out_width
+        # Fusion: the projections of concatenated maps (concat, or gated with gate.combine: concat), the gate.
+        n, concat = len(self.extractors), config.fusion == "concat" or (gated and config.gate.combine == "concat")
+        self.concat_proj = nn.ModuleDict({str(s): nn.Conv2d(n * w, w, 1) for s, w in zip(levels, widths)}) \
+            if concat else None
+        self.concat_pooled_proj = nn.Linear(n * widths[-1], widths[-1]) if concat else None
+        if gated and config.gate.task_embedding == "text" and text_embeddings is None:
+            text_embeddings = self.embed_task_texts(config.tasks)
+        self.gate = TaskGate(n, [t.name for t in config.tasks], config.gate, widths[self.gate_level], text_embeddings,
+                             num_levels=len(levels)) if gated else None
+        # Decoding: the raw-image detail stem, the top-down decoder over the levels ("fuse": the head reads all
+        # levels mixed at the stride-16 width), the heads.
+        self.detail = DetailStem(widths[0], full_res=1 in h.refine) if config.has_detail else None
+        self.decoder = TopDownDecoder(widths, block=h.decoder_block, output=h.decoder_output,
+                                      out_width=config.width if h.decoder_output == "fuse" else None) \
+            if len(levels) > 1 else None
         seg = {t.name: t.num_classes for t in config.tasks if t.type == "seg"}
         cls = {t.name: t.num_classes for t in config.tasks if t.type == "cls"}
         refiner = Refiner(h.seg_hidden, [SKIP_WIDTHS[s] for s in h.refine], h.refine_width) if h.refine else None
-        self.seg_head = SegHead(seg_width, seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk,
-                                refine=refiner)
-        if config.has_aux_head:  # training only: a plain seg head on the stride-16 level (UPerNet's auxiliary head),
-            #                 or with cls_taps: all on classification's map, so segmentation trains it as at one level
-            aux_width = widths[config.cls_level] if config.cls_reads_all_taps else widths[self.gate_level]
-            self.aux_seg_head = SegHead(aux_width, seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk)
-        self.cls_head = ClsHead(widths[config.cls_level], cls, pooling=h.cls_pooling, hidden=h.cls_hidden, dropout=h.dropout,
-                                pooled_dim=widths[-1])
-        if config.fusion == "gated" and config.gate.probe_weight:  # training only; built last, so that the
-            #                                                       other modules' initial weights do not depend on it
-            self.probes = ProbeMixture(widths, n, {t.name: (t.num_classes, self._probed_levels(t)) for t in config.tasks})
+        self.seg_head = SegHead(widths[0] if self.decoder is None else self.decoder.out_width, seg,
+                                hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk, refine=refiner)
+        # Training only: a plain seg head on the stride-16 level (UPerNet's auxiliary head), or with cls_taps: all
+        # on classification's map, so that segmentation trains it as at one level.
+        aux_width = widths[config.cls_level] if config.cls_reads_all_taps else widths[self.gate_level]
+        self.aux_seg_head = SegHead(aux_width, seg, hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk) \
+            if config.has_aux_head else None
+        self.cls_head = ClsHead(widths[config.cls_level], cls, pooling=h.cls_pooling, hidden=h.cls_hidden,
+                                dropout=h.dropout, pooled_dim=widths[-1])
+        # Training only: the gate's probes (gate.probe_weight); built last, so that the other modules' initial
+        # weights do not depend on it.
+        self.probes = ProbeMixture(widths, n, {t.name: (t.num_classes, self._weighed_levels(t)) for t in config.tasks}) \
+            if gated and config.gate.probe_weight else None
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -126,21 +145,22 @@ class Router(nn.Module):
         """Index of the level whose grid the gate works on (token weights, feature content): nearest stride 16."""
         return nearest_level(self.config.strides, 16)
 
-    def _probed_levels(self, task: TaskConfig) -> list[int]:
+    @property
+    def gate_reads_features(self) -> bool:
+        """True when the gate reads the extractors' aligned maps, so that it decides after they have run."""
+        return self.gate is not None and self.gate.needs_features
+
+    def _weighed_levels(self, task: TaskConfig) -> list[int]:
         """Indices of the levels whose gate weights a task's output depends on: all (seg), classification's (cls)."""
         return list(range(len(self.config.strides))) if task.type == "seg" else [self.config.cls_level]
-
-    def _text_encoder(self):
-        from extractors.text import create_text_encoder
-
-        if not hasattr(self, "_text_encoder_cache"):
-            object.__setattr__(self, "_text_encoder_cache", create_text_encoder(self.config.gate.text_encoder))
-        return self._text_encoder_cache
 
     @torch.no_grad()
     def embed_task_texts(self, tasks: list[TaskConfig]) -> dict[str, torch.Tensor]:
         """Text embeddings of each task's description and class names, with the configured text encoder."""
-        vectors = self._text_encoder().encode([task_text(t) for t in tasks])
+        spec = self.config.gate.text_encoder
+        if spec not in self._text_encoders:
+            self._text_encoders[spec] = create_text_encoder(spec)
+        vectors = self._text_encoders[spec].encode([task_text(t) for t in tasks])
         return {t.name: v for t, v in zip(tasks, vectors)}
 
     def add_task(self, task: TaskConfig) -> None:
@@ -148,27 +168,99 @@ class Router(nn.Module):
         if task.name in {t.name for t in self.config.tasks}:
             raise ValueError(f"add_task: a task named {task.name!r} already exists")
         (self.seg_head if task.type == "seg" else self.cls_head).add_task(task.name, task.num_classes)
-        if task.type == "seg" and hasattr(self, "aux_seg_head"):
+        if task.type == "seg" and self.aux_seg_head is not None:
             self.aux_seg_head.add_task(task.name, task.num_classes)
-        if hasattr(self, "gate"):
+        if self.gate is not None:
             text = self.embed_task_texts([task])[task.name] if self.config.gate.task_embedding == "text" else None
             self.gate.add_task(task.name, text)
-        if hasattr(self, "probes"):
-            self.probes.add_task(task.name, task.num_classes, self.config.widths, self._probed_levels(task))
+        if self.probes is not None:
+            self.probes.add_task(task.name, task.num_classes, self.config.widths, self._weighed_levels(task))
         self.config.tasks.append(task)
 
     @torch.no_grad()
     def init_seg_bias_from_prior(self, task: str, prior: float) -> None:
         """A segmentation task's output bias from the foreground prior (:meth:`heads.SegHead.init_bias_from_prior`):
         the main head's and the auxiliary head's."""
-        for name in ("seg_head", "aux_seg_head"):
-            if hasattr(self, name):
-                getattr(self, name).init_bias_from_prior(task, prior)
+        for head in (self.seg_head, self.aux_seg_head):
+            if head is not None:
+                head.init_bias_from_prior(task, prior)
 
     # ---- forward ---------------------------------------------------------------------------------
-    def _run_extractor(self, name: str, images: torch.Tensor, grids: list, features=None, cls_grid=None):
-        """The extractor's aligned maps at the levels whose grid is given (None elsewhere), its pooled vector,
-        and with `cls_grid` classification's own map (``head.cls_taps: all``; else None)."""
+    def forward(self, images: torch.Tensor, task: str, features: dict[str, ExtractorOutput] | None = None,
+                keep: list[str] | None = None, target: torch.Tensor | None = None) -> RouterOutput:
+        """Route `images` (B x C x H x W in [0, 1], C = 1 or 3) for one task.
+
+        `features` may hold precomputed outputs of some extractors (name -> {"dense", "pooled"}), e.g.
+        from a frozen-feature cache; those extractors are then not run.
+        `keep` (extractor names; ablation at evaluation): the others are left out of the fusion as if the gate
+        gave them zero weight, the kept weights renormalised to sum to 1 (gated); mean / concat fuse the kept
+        maps only (concat: zeros in place of the others). A gate that reads features still reads all of them.
+        `target` (training; B x H x W class indices or B labels): with ``gate.probe_weight`` the probe-mixture loss
+        (:class:`router.gate.ProbeMixture`) joins ``aux_loss``; without it, or in eval mode, it is not used.
+        """
+        images = check_images(images, "Router input")
+        tcfg, kept = self.config.task(task), self._kept_indices(keep)
+        plan = self._plan(tcfg, tuple(images.shape[-2:]))
+        # 1. Which extractors run. A gate that does not read features decides first, so that with top-k at
+        #    inference an extractor whose weight is zero at every level the task reads never runs.
+        weights, aux = self._gate_on_pixels(task, images, plan, kept)
+        active = self._active_extractors(weights, plan, kept)
+        # 2. Run them, each aligned to the levels the task reads.
+        aligned = {i: self._run_extractor(self.extractor_names[i], images, plan, features) for i in active}
+        # 3. A gate that reads the aligned features decides now.
+        if self.gate_reads_features:
+            weights, aux, active = self._gate_on_features(task, aligned, plan, kept)
+        # 4. Fuse level by level; without a gate the weights are equal and reported the same way.
+        fused = self._fuse_levels(aligned, weights, plan, active)
+        if weights is None:
+            weights = self._equal_weights(images.shape[0], active, images.device)
+        if self.training and target is not None and self.probes is not None and len(active) == len(self.extractors):
+            aux = aux + self._probe_loss(tcfg, aligned, weights, plan, active, target)
+        out = self._gate_outputs(weights, aux, active)
+        # 5. Decode and predict.
+        if tcfg.type == "seg":
+            out.update(self._segment(images, task, fused, aligned, weights, plan, active))
+        else:
+            out["cls"] = self._classify(task, fused, aligned, weights, plan, active)
+        return out
+
+    def _plan(self, tcfg: TaskConfig, size: tuple[int, int]) -> Plan:
+        """What a forward pass for this task at this image size reads (:class:`Plan`)."""
+        own_cls = tcfg.type == "cls" and self.config.cls_reads_all_taps
+        aux_reads_cls_map = (self.training and tcfg.type == "seg" and self.aux_seg_head is not None
+                             and self.config.cls_reads_all_taps)
+        weighed = self._weighed_levels(tcfg)
+        aligned = [] if own_cls else weighed  # (with own_cls no level map is aligned for classification)
+        if self.gate_reads_features and self.gate_level not in aligned:
+            aligned = sorted({*aligned, self.gate_level})
+        return Plan(grids=[grid_size(size, s) for s in self.config.strides], weighed=weighed, aligned=aligned,
+                    own_cls=own_cls, cls_map=own_cls or aux_reads_cls_map)
+
+    def _gate_on_pixels(self, task: str, images: torch.Tensor, plan: Plan,
+                        kept: list[int] | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The weights of a gate that does not read features (None for none, or one that does) and its aux loss."""
+        if self.gate is None or self.gate.needs_features:
+            return None, images.new_zeros(())
+        weights, aux = self.gate(task, images.shape[0], plan.grids[self.gate_level], images=images)
+        return (weights if kept is None else keep_renormalized(weights, kept)), aux
+
+    def _active_extractors(self, weights: torch.Tensor | None, plan: Plan, kept: list[int] | None) -> list[int]:
+        """Indices of the extractors to run: the single one; with a top-k gate at inference those with a weight at
+        a level the task reads; else all. With `keep` (and a gate that does not read features), the kept ones."""
+        if self.config.fusion == "single":
+            active = [self.extractor_names.index(self.config.single)]
+        elif weights is not None and not self.training and self.config.gate.top_k is not None:
+            chosen = rearrange(weights[:, plan.weighed], "b l e ... -> e (b l ...)").gt(0).any(dim=1)
+            active = chosen.nonzero().flatten().tolist()
+        else:
+            active = list(range(len(self.extractors)))
+        if kept is not None and not self.gate_reads_features:
+            # a top-k gate chose none of the kept ones: they run with weight 0 (a zero fused map) rather than none
+            active = [i for i in active if i in kept] or kept
+        return active
+
+    def _run_extractor(self, name: str, images: torch.Tensor, plan: Plan, features=None) -> Aligned:
+        """The extractor's output (precomputed in `features`, or run now) aligned as the plan asks."""
         if features is not None and name in features:  # precomputed (frozen-feature cache)
             out = features[name]
         else:
@@ -177,15 +269,45 @@ class Router(nn.Module):
             with nullcontext() if trainable else torch.no_grad():
                 out = ext(images)
         aligner = self.aligners[name]
-        maps, vec = aligner(out["dense"], out["pooled"], grids)
-        return maps, vec, (None if cls_grid is None else aligner.cls(out["dense"], cls_grid))
+        maps, vec = aligner(out["dense"], out["pooled"], [g if k in plan.aligned else None
+                                                          for k, g in enumerate(plan.grids)])
+        cls_map = aligner.cls(out["dense"], plan.grids[self.config.cls_level]) if plan.cls_map else None
+        return Aligned(maps, vec, cls_map)
 
-    def _level_weights(self, weights: torch.Tensor | None, k: int, grid: tuple[int, int]) -> torch.Tensor | None:
+    def _gate_on_features(self, task: str, aligned: dict[int, Aligned], plan: Plan,
+                          kept: list[int] | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The weights of a gate that reads the mean of the aligned maps on its level, its aux loss, and the
+        extractors that take part in the fusion (with `keep`, the kept ones)."""
+        g, active = self.gate_level, list(aligned)
+        content = torch.stack([aligned[i].maps[g] for i in active]).mean(0)
+        weights, aux = self.gate(task, content.shape[0], plan.grids[g], features=content)
+        if kept is None:
+            return weights, aux, active
+        return keep_renormalized(weights, kept), aux, [i for i in active if i in kept]
+
+    def _fuse_levels(self, aligned: dict[int, Aligned], weights: torch.Tensor | None, plan: Plan,
+                     active: list[int]) -> list[torch.Tensor | None]:
+        """The fused map of every level the task reads (None elsewhere); with own_cls classification's own map
+        at its level."""
+        fused: list[torch.Tensor | None] = [None] * len(plan.grids)
+        for k in ([] if plan.own_cls else plan.aligned):  # (with own_cls a level is aligned only for the gate)
+            fused[k] = self._fuse({i: aligned[i].maps[k] for i in active}, self._level_weights(weights, k, plan), k)
+        if plan.own_cls:
+            fused[self.config.cls_level] = self._fuse_cls_maps(aligned, weights, plan, active)
+        return fused
+
+    def _fuse_cls_maps(self, aligned: dict[int, Aligned], weights: torch.Tensor | None, plan: Plan,
+                       active: list[int]) -> torch.Tensor:
+        """Classification's own maps (``head.cls_taps: all``) fused with its level's weights."""
+        k = self.config.cls_level
+        return self._fuse({i: aligned[i].cls_map for i in active}, self._level_weights(weights, k, plan), k)
+
+    def _level_weights(self, weights: torch.Tensor | None, k: int, plan: Plan) -> torch.Tensor | None:
         """Level k's gate weights (B x E, or B x E x h x w resampled from the gate's grid: a convex mix)."""
         if weights is None:
             return None
         wk = weights[:, k]
-        return resample(wk, grid) if wk.ndim == 4 and k != self.gate_level else wk
+        return resample(wk, plan.grids[k]) if wk.ndim == 4 and k != self.gate_level else wk
 
     def _fuse(self, maps: dict[int, torch.Tensor], weights: torch.Tensor | None, level: int) -> torch.Tensor:
         """One level's maps (extractor index -> B x D x h x w) fused with that level's weights (B x E [x h x w]);
@@ -215,104 +337,54 @@ class Router(nn.Module):
             return self.concat_pooled_proj(torch.cat([vecs.get(i, zero_vec) for i in range(n)], dim=1))
         return sum(vecs.values()) / len(vecs)
 
-    def forward(self, images: torch.Tensor, task: str, features: dict[str, ExtractorOutput] | None = None,
-                keep: list[str] | None = None, target: torch.Tensor | None = None) -> RouterOutput:
-        """Route `images` (B x C x H x W in [0, 1], C = 1 or 3) for one task.
+    def _equal_weights(self, batch: int, active: list[int], device: torch.device) -> torch.Tensor:
+        """B x L x E: 1 / (number of active extractors) for each active one (single / mean / concat)."""
+        weights = torch.zeros(batch, len(self.config.strides), len(self.extractors), device=device)
+        for i in active:  # int indices: a list index is copied host -> device, a sync on an accelerator
+            weights[:, :, i] = 1.0 / len(active)
+        return weights
 
-        `features` may hold precomputed outputs of some extractors (name -> {"dense", "pooled"}), e.g.
-        from a frozen-feature cache; those extractors are then not run.
-        `keep` (extractor names; ablation at evaluation): the others are left out of the fusion as if the gate
-        gave them zero weight, the kept weights renormalised to sum to 1 (gated); mean / concat fuse the kept
-        maps only (concat: zeros in place of the others). A gate that reads features still reads all of them.
-        `target` (training; B x H x W class indices or B labels): with ``gate.probe_weight`` the probe-mixture loss
-        (:class:`router.gate.ProbeMixture`) joins ``aux_loss``; without it, or in eval mode, it is not used.
-        """
-        images = check_images(images, "Router input")
-        tcfg = self.config.task(task)
-        kept = self._kept_indices(keep)
-        b, (h, w) = images.shape[0], images.shape[-2:]
-        levels, g = self.config.strides, self.gate_level
-        grids = [grid_size((h, w), s) for s in levels]
-        names, n = self.extractor_names, len(self.extractors)
-        fusion = self.config.fusion
-        aux = images.new_zeros(())
-        # Segmentation reads every level (through the decoder); classification one (head.cls_stride: nearest 16 by
-        # default), or with head.cls_taps: all its own map on that level's grid (no level map is aligned for it).
-        cls_k, own_cls = self.config.cls_level, tcfg.type == "cls" and self.config.cls_reads_all_taps
-        aux_cls_map = (self.training and tcfg.type == "seg" and hasattr(self, "aux_seg_head")
-                       and self.config.cls_reads_all_taps)  # the auxiliary seg head reads classification's map
-        weighed = list(range(len(levels))) if tcfg.type == "seg" else [cls_k]  # levels whose gate weights count
-        used = [] if own_cls else weighed  # levels whose maps are aligned
-        if fusion == "gated" and self.gate.needs_features and g not in used:
-            used = sorted({*used, g})
+    def _probe_loss(self, tcfg: TaskConfig, aligned: dict[int, Aligned], weights: torch.Tensor, plan: Plan,
+                    active: list[int], target: torch.Tensor) -> torch.Tensor:
+        """``gate.probe_weight`` x the probe-mixture loss (:class:`router.gate.ProbeMixture`) of the maps the task
+        reads at each level whose weights count."""
+        probed = {k: [aligned[i].cls_map if plan.own_cls else aligned[i].maps[k] for i in active] for k in plan.weighed}
+        level_w = {k: self._level_weights(weights, k, plan) for k in probed}
+        return self.config.gate.probe_weight * self.probes(tcfg.name, probed, level_w, target, tcfg.ignore_index)
 
-        # 1. Decide which extractors run. A gate that does not read features decides first, so that with
-        #    top-k at inference an extractor whose weight is zero at every used level never runs.
-        weights = None  # B x L x E (x h x w on the gate level's grid)
-        if fusion == "gated" and not self.gate.needs_features:
-            weights, aux = self.gate(task, b, grids[g], images=images)
-            weights = weights if kept is None else keep_renormalized(weights, kept)
-        if fusion == "single":
-            active = [names.index(self.config.single)]
-        elif weights is not None and not self.training and self.config.gate.top_k is not None:
-            active = rearrange(weights[:, weighed], "b l e ... -> e (b l ...)").gt(0).any(dim=1).nonzero().flatten().tolist()
-        else:
-            active = list(range(n))
-        if kept is not None and not (fusion == "gated" and self.gate.needs_features):
-            # a top-k gate chose none of the kept ones: they run with weight 0 (a zero fused map) rather than none
-            active = [i for i in active if i in kept] or kept
-
-        # 2. Run and align the active extractors, at the used levels.
-        maps, vecs, cls_maps = {}, {}, {}
-        level_grids = [grids[k] if k in used else None for k in range(len(levels))]
-        for i in active:
-            maps[i], vecs[i], cls_maps[i] = self._run_extractor(names[i], images, level_grids, features,
-                                                                cls_grid=grids[cls_k] if own_cls or aux_cls_map else None)
-
-        # 3. Fuse, level by level.
-        if fusion == "gated" and weights is None:  # the gate reads the aligned features of its level
-            weights, aux = self.gate(task, b, grids[g], features=torch.stack([maps[i][g] for i in active]).mean(0))
-            if kept is not None:
-                weights = keep_renormalized(weights, kept)
-                active = [i for i in active if i in kept]
-                vecs, cls_maps = {i: vecs[i] for i in active}, {i: cls_maps[i] for i in active}
-        fused: list[torch.Tensor | None] = [None] * len(levels)
-        for k in ([] if own_cls else used):  # (with own_cls a used level is aligned only for the gate to read)
-            fused[k] = self._fuse({i: maps[i][k] for i in active}, self._level_weights(weights, k, grids[k]), k)
-        if own_cls:
-            fused[cls_k] = self._fuse(cls_maps, self._level_weights(weights, cls_k, grids[cls_k]), cls_k)
-        if weights is None:  # fixed weights for single / mean / concat, reported the same way
-            weights = torch.zeros(b, len(levels), n, device=images.device)
-            for i in active:  # int indices: a list index is copied host -> device, a sync on an accelerator
-                weights[:, :, i] = 1.0 / len(active)
-        cls_w = weights[:, cls_k] if weights.ndim == 3 else weights[:, cls_k].mean(dim=(2, 3))
-        if self.training and target is not None and hasattr(self, "probes") and len(active) == n:
-            probed = {k: [cls_maps[i] if own_cls else maps[i][k] for i in active] for k in self._probed_levels(tcfg)}
-            level_w = {k: self._level_weights(weights, k, grids[k]) for k in probed}
-            aux = aux + self.config.gate.probe_weight * self.probes(task, probed, level_w, target, tcfg.ignore_index)
-
-        ran = torch.zeros(n, dtype=torch.bool)
+    def _gate_outputs(self, weights: torch.Tensor, aux: torch.Tensor, active: list[int]) -> RouterOutput:
+        """The gate's weights (per level, averaged over levels, over the batch), its aux loss, which extractors ran."""
+        ran = torch.zeros(len(self.extractors), dtype=torch.bool)
         ran[active] = True
         gate = weights.mean(dim=1)
-        out: RouterOutput = {"gate": gate, "gate_levels": weights,
-                             "gate_mean": rearrange(gate, "b e ... -> e (b ...)").mean(1),
-                             "gate_level_mean": rearrange(weights, "b l e ... -> l e (b ...)").mean(2),
-                             "aux_loss": aux, "ran": ran}
-        if tcfg.type == "seg":
-            refine, skips = self.config.head.refine, {}
-            if self.config.has_detail:
-                detail, skips = self.detail(images, grids[0], skips=refine)
-                fused[0] = fused[0] + detail
-            x = self.decoder(fused) if len(levels) > 1 else fused[0]
-            skip_maps = [skips[s] for s in refine] if refine else None
-            out["seg"] = self.seg_head(x, task, out_size=(h, w), skips=skip_maps)
-            if self.training and hasattr(self, "aux_seg_head"):
-                aux_in = self._fuse(cls_maps, self._level_weights(weights, cls_k, grids[cls_k]), cls_k) if aux_cls_map \
-                    else fused[g]
-                out["seg_aux"] = self.aux_seg_head(aux_in, task, out_size=(h, w))
-        else:
-            out["cls"] = self.cls_head(fused[cls_k], task, pooled=self._fuse_pooled(vecs, cls_w))
+        return {"gate": gate, "gate_levels": weights, "gate_mean": rearrange(gate, "b e ... -> e (b ...)").mean(1),
+                "gate_level_mean": rearrange(weights, "b l e ... -> l e (b ...)").mean(2), "aux_loss": aux, "ran": ran}
+
+    def _segment(self, images: torch.Tensor, task: str, fused: list[torch.Tensor | None], aligned: dict[int, Aligned],
+                 weights: torch.Tensor, plan: Plan, active: list[int]) -> RouterOutput:
+        """Segmentation logits at the image's size: the detail stem joins the finest level, the decoder carries the
+        levels down to it, the head reads it (``head.refine``: on to stride 2 / 1); in training the auxiliary head's
+        logits too."""
+        size, refine, skips = tuple(images.shape[-2:]), self.config.head.refine, {}
+        if self.detail is not None:
+            detail, skips = self.detail(images, plan.grids[0], skips=refine)
+            fused[0] = fused[0] + detail
+        x = fused[0] if self.decoder is None else self.decoder(fused)
+        out: RouterOutput = {"seg": self.seg_head(x, task, out_size=size,
+                                                  skips=[skips[s] for s in refine] if refine else None)}
+        if self.training and self.aux_seg_head is not None:
+            aux_in = self._fuse_cls_maps(aligned, weights, plan, active) if plan.cls_map else fused[self.gate_level]
+            out["seg_aux"] = self.aux_seg_head(aux_in, task, out_size=size)
         return out
+
+    def _classify(self, task: str, fused: list[torch.Tensor | None], aligned: dict[int, Aligned],
+                  weights: torch.Tensor, plan: Plan, active: list[int]) -> torch.Tensor:
+        """Classification logits from the classification level's map and the pooled vectors, fused with its
+        weights (token weights averaged over the grid)."""
+        k = self.config.cls_level
+        cls_w = weights[:, k] if weights.ndim == 3 else weights[:, k].mean(dim=(2, 3))
+        pooled = self._fuse_pooled({i: aligned[i].vec for i in active}, cls_w)
+        return self.cls_head(fused[k], task, pooled=pooled)
 
     def _kept_indices(self, keep: list[str] | None) -> list[int] | None:
         """`keep`'s extractor names as indices (None: all), checked against the extractors and the fusion."""
@@ -387,167 +459,7 @@ class Router(nn.Module):
             self.train(was_training)
         return preds
 
-    # ---- save / load -----------------------------------------------------------------------------
-    def saved_extractors(self) -> list[str]:
-        """Extractors whose weights a spec cannot rebuild: random, trainable, or unfrozen in training."""
-        out = []
-        for ecfg in self.config.extractors:
-            ext = self.extractors[ecfg.name]
-            trained = any(p.requires_grad for p in ext.parameters())
-            if not ecfg.pretrained or not ecfg.frozen or ecfg.unfreeze_last > 0 or trained:
-                out.append(ecfg.name)
-        return out
-
-    def save_pretrained(self, directory: str | os.PathLike, full: bool = False,
-                        card_data: dict | None = None) -> Path:
-        """Write config.json + model.safetensors + README.md (a model card with Hub metadata).
-
-        By default, frozen pretrained extractors are left out (their specs rebuild them). `card_data` adds what
-        only the caller knows to the card: metrics, gate weights per task and level, datasets, license, a gate
-        heatmap image (see :mod:`router.card`).
-
-        >>> model.save_pretrained("runs/x/final", card_data={"metrics": {"demo_seg": {"mIoU": 0.71}}})
-        >>> Router.from_pretrained("runs/x/final")
-        """
-        directory = Path(directory)
-        saved = self.extractor_names if full else self.saved_extractors()
-        card = router_card(self.config, {n: e.info for n, e in self.extractors.items()}, saved, card_data)
-        skip = tuple(f"extractors.{n}." for n in self.extractor_names if n not in saved)
-        state = {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
-        metadata = {"format": "backbone-router", "saved_extractors": json.dumps(saved)}
-        atomic_save_safetensors(state, directory / WEIGHTS_NAME, metadata=metadata)
-        config = RouterConfig.from_dict(self.config.to_dict())
-        for ecfg in config.extractors:  # a saved local-dir extractor rebuilds without its folder
-            if ecfg.name in saved and (arch := local_dir_architecture(ecfg.spec)) is not None:
-                ecfg.kwargs = {**ecfg.kwargs, "architecture": arch}
-            paths_for_saving(ecfg, directory, pinned=ecfg.name not in saved)
-        config.save_json(directory / CONFIG_NAME)
-        write_card(directory, card, card_data, self.config, {n: e.info for n, e in self.extractors.items()})
-        return directory
-
-    def push_to_hub(self, repo_id: str, private: bool | None = None,
-                    commit_message: str = "Upload backbone-router model", token: str | None = None,
-                    full: bool = False, card_data: dict | None = None, revision: str | None = None) -> str:
-        """Create (or reuse) the Hub repo `repo_id` and upload what `save_pretrained` writes, card included.
-
-        Every extractor must be rebuildable on another machine: one left out of model.safetensors (frozen,
-        pretrained) whose spec or checkpoint is a local file or dir is an error unless ``full=True`` (which uploads
-        every extractor's weights); one whose weights are uploaded needs only its architecture, which a hub or
-        library name gives, and ``local-dir:`` / ``timm:local-dir:`` folders too (config.json keeps theirs), but
-        ``open_clip:local-dir:`` and ``hf:<dir>`` folders do not: an error. Returns the commit URL.
-
-        >>> model.push_to_hub("org/my-router", private=True)
-        >>> Router.from_pretrained("org/my-router")
-        """
-        from huggingface_hub import HfApi
-
-        saved = self.extractor_names if full else self.saved_extractors()
-        needs = {e.name: need for e in self.config.extractors
-                 if (need := local_files_needed(e.spec, e.checkpoint, weights_saved=e.name in saved))}
-        if weights := [n for n in needs if n not in saved]:
-            raise ValueError(
-                f"push_to_hub: extractor(s) {weights} take their weights from a local file or dir "
-                f"({[needs[n] for n in weights]}) that a user of the Hub repo does not have; pass full=True to "
-                "upload their weights too")
-        if needs:
-            raise ValueError(
-                f"push_to_hub: extractor(s) {list(needs)} need {list(needs.values())}, which is not uploaded and "
-                "a user of the Hub repo does not have; name the model by its hub id (hf:<org/repo>, "
-                "open_clip:hf-hub:<org/repo>) or save it in timm's format (timm:local-dir:<dir>)")
-        api = HfApi(token=token)
-        repo = api.create_repo(repo_id, private=private, exist_ok=True, token=token)
-        with tempfile.TemporaryDirectory(prefix="backbone_router_push_") as tmp:
-            self.save_pretrained(tmp, full=full, card_data={"model_id": repo.repo_id, **(card_data or {})})
-            commit = api.upload_folder(repo_id=repo.repo_id, folder_path=tmp, commit_message=commit_message,
-                                       token=token, revision=revision)
-        return str(getattr(commit, "commit_url", commit))
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
-                        cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
-                        token: str | bool | None = None, map_location: str = "cpu") -> Router:
-        """Rebuild from config.json, then load model.safetensors with strict key checks and checksums.
-
-        Args:
-            name_or_path: a save_pretrained directory, or a Hub repo id ("org/name") found in the HF cache
-                (and on the hub unless offline) through ``huggingface_hub.snapshot_download``.
-            revision, cache_dir, token: as in ``snapshot_download`` (a branch, tag or commit hash).
-            local_files_only: only the HF cache; None means "when HF_HUB_OFFLINE is set".
-            map_location: device the tensors are read to.
-
-        Unexpected keys are an error; missing keys are allowed only for frozen pretrained extractors,
-        which the extractor specs rebuild.
-
-        >>> model = Router.from_pretrained("org/my-router", revision="main")
-        """
-        directory = resolve_model_dir(name_or_path, (CONFIG_NAME, WEIGHTS_NAME), what="Router.from_pretrained",
-                                      revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                                      token=token)
-        from_hub = directory != Path(os.fspath(name_or_path)).expanduser()  # a snapshot: only its own files
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        raw = load_yaml_or_json(config_path)
-        config = RouterConfig.from_dict(raw, where=str(config_path))
-        try:
-            with safe_open(str(weights_path), framework="pt", device=map_location) as f:
-                metadata = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
-        verify_checksums(state, metadata, str(weights_path))
-        if raw.get("format_version", FORMAT_VERSION) < 2:
-            state = upgrade_state_v1(state, config)
-        try:
-            saved = json.loads(metadata["saved_extractors"])
-        except (KeyError, json.JSONDecodeError) as e:
-            raise ValueError(f"{weights_path}: metadata 'saved_extractors' missing or not JSON; not a Router checkpoint") from e
-        unknown = set(saved) - {e.name for e in config.extractors}
-        if unknown:
-            raise ValueError(f"{weights_path}: saved_extractors {sorted(unknown)} are not in {config_path}")
-        for ecfg in config.extractors:  # paths against this folder; frozen local weights checked against sha256
-            paths_for_loading(ecfg, directory, from_hub, str(config_path), pinned=ecfg.name not in saved)
-        # Extractors saved here need no weights from their spec (which may be unavailable offline).
-        load_cfg = RouterConfig.from_dict(config.to_dict())
-        for ecfg in load_cfg.extractors:
-            if ecfg.name in saved:
-                ecfg.pretrained = False
-        text = None
-        if config.fusion == "gated" and config.gate.task_embedding == "text":  # saved: no text encoder needed
-            keys = {t.name: f"gate.task_vectors.{t.name}" for t in config.tasks}
-            if missing := [k for k in keys.values() if k not in state]:
-                raise ValueError(f"{weights_path}: missing keys {missing} (the tasks' text embeddings)")
-            text = {name: state[k] for name, k in keys.items()}
-        model = cls(load_cfg, text_embeddings=text)
-        model.config = config
-        model.load_checked(state, saved, str(weights_path))
-        return model
-
-    def load_checked(self, state: dict[str, torch.Tensor], saved: list[str], source: str) -> None:
-        """Load `state`; every key must be known, and all but frozen pretrained extractors' and the probes' present."""
-        own = self.state_dict()
-        # frozen pretrained extractors come from their specs; the gate's training-only probes, if missing, start anew
-        skip = (*(f"extractors.{n}." for n in self.extractor_names if n not in saved), "probes.")
-        if problems := key_problems(own, state, expected={k for k in own if not k.startswith(skip)}):
-            raise ValueError(f"{source}: does not fit the model in its config.json: " + "; ".join(problems))
-        self.load_state_dict(state, strict=False)
-
     def extra_repr(self) -> str:
         c = self.config
         return (f"fusion={c.fusion}, levels={c.strides}, widths={c.widths}, detail={c.has_detail}, "
                 f"refine={c.head.refine}, cls_stride={c.strides[c.cls_level]}, cls_taps={c.head.cls_taps}")
-
-
-def upgrade_state_v1(state: dict[str, torch.Tensor], config: RouterConfig) -> dict[str, torch.Tensor]:
-    """Keys of a format-1 (one grid) checkpoint -> the one-level names: ``aligners.<e>.proj.*`` becomes
-    ``aligners.<e>.levels.<stride>.proj.*`` (norm alike) and ``concat_proj.*`` becomes ``concat_proj.<stride>.*``.
-    The tensors are unchanged."""
-    level = str(config.strides[0])
-    out = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if parts[0] == "aligners" and len(parts) > 2 and parts[2] in ("proj", "norm"):
-            key = ".".join([*parts[:2], "levels", level, *parts[2:]])
-        elif parts[0] == "concat_proj":
-            key = ".".join(["concat_proj", level, *parts[1:]])
-        out[key] = value
-    return out
-

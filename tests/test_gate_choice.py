@@ -153,7 +153,7 @@ def test_probe_loss_joins_aux_loss_in_training_only_and_adds_probes_for_a_new_ta
     model.train()
     assert model(images, task="kind", target=torch.tensor([0, 2]))["aux_loss"].item() > 0
     plain = Router(RouterConfig.from_dict({**cfg, "gate": {"hidden": 16}}))
-    assert not hasattr(plain, "probes") and not any(k.startswith("probes.") for k in plain.state_dict())
+    assert plain.probes is None and not any(k.startswith("probes.") for k in plain.state_dict())
 
 
 def test_probes_are_saved_and_a_checkpoint_without_them_still_loads(tmp_path):

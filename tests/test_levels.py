@@ -52,7 +52,7 @@ def test_format_1_checkpoints_load_as_levels_16_and_give_the_same_outputs(name):
     (rtol 1e-5, atol 1e-6), while a wrong or missing weight moves them by orders of magnitude more."""
     d = GOLDEN / name
     model = Router.from_pretrained(d).eval()
-    assert model.config.strides == [16] and model.config.has_detail is False and not hasattr(model, "decoder")
+    assert model.config.strides == [16] and model.config.has_detail is False and model.decoder is None
     saved = load_file(str(d / "model.safetensors"))
     own = model.state_dict()
     assert len(own) == len(saved)  # every extractor was saved (random weights): the same number of tensors
@@ -236,7 +236,7 @@ def test_the_defaults_are_the_recommended_pyramid():
     cfg = model.config
     assert cfg.strides == [4, 8, 16, 32] and cfg.has_detail and cfg.cls_reads_all_taps and cfg.has_aux_head
     assert (cfg.head.cls_taps, cfg.head.aux_weight, cfg.format_version) == ("all", 0.4, FORMAT_VERSION)
-    assert hasattr(model, "decoder") and hasattr(model, "aux_seg_head") and hasattr(model.aligners["cnn"], "cls")
+    assert model.decoder is not None and model.aux_seg_head is not None and hasattr(model.aligners["cnn"], "cls")
     shipped = RouterConfig.from_file(Path(__file__).resolve().parents[1] / "configs" / "mtd_camvid_flowers.yaml")
     assert (shipped.levels, shipped.head.cls_taps, shipped.head.aux_weight) == (cfg.levels, "all", 0.4)
 
@@ -259,7 +259,7 @@ def test_format_4_configs_read_missing_keys_with_the_old_defaults_and_save_every
     model.save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text(json.dumps({**old, "format_version": 4}))
     loaded = Router.from_pretrained(tmp_path / "m")
-    assert loaded.config == new and not hasattr(loaded, "aux_seg_head") and not hasattr(loaded.aligners["cnn"], "cls")
+    assert loaded.config == new and loaded.aux_seg_head is None and not hasattr(loaded.aligners["cnn"], "cls")
     saved = json.loads((loaded.save_pretrained(tmp_path / "again") / "config.json").read_text())
     assert saved["format_version"] == FORMAT_VERSION and "stride" not in saved
     assert saved["levels"] == [4, 8, 16, 32] and (saved["head"]["cls_taps"], saved["head"]["aux_weight"]) == ("level", 0.0)
