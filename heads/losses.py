@@ -560,12 +560,3 @@ def logits_loss(logits: torch.Tensor, loss, *args, **kwargs) -> torch.Tensor:
     result = loss(logits.float(), *args, **kwargs)
     return result["loss"] if isinstance(result, dict) else result
 
-
-def __getattr__(name: str):
-    # Moved to router.outputs (it knows the Router's output keys); importable here until train/benchmarking.py
-    # and tests/test_gate_choice.py import it from there (tests/test_layers.py lists this arrow as pending).
-    if name == "output_loss":
-        from router.outputs import output_loss
-
-        return output_loss
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -113,8 +113,6 @@ class GateConfig:
     #                       weights give plain concat) concatenated and projected by a learned 1x1 conv
     load_balance_weight: float = 0.0  # weight of the load-balance auxiliary loss (Switch-style)
     entropy_weight: float = 0.0  # weight of the gate-entropy auxiliary loss (>0 favours decisive gates)
-    probe_weight: float = 0.0  # weight of the probe-mixture loss (router.gate.ProbeMixture): > 0 trains the gate,
-    #                            per task and level, towards the extractors whose own maps predict the target
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
@@ -125,7 +123,7 @@ class GateConfig:
             raise ValueError(f"gate.task_embedding: expected 'learned' or 'text', got {self.task_embedding!r}")
         if self.task_embedding == "text" and not self.text_encoder:
             raise ValueError("gate.text_encoder: required when gate.task_embedding is 'text'")
-        for key in ("temperature", "load_balance_weight", "entropy_weight", "probe_weight"):
+        for key in ("temperature", "load_balance_weight", "entropy_weight"):
             value, positive = getattr(self, key), key == "temperature"
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0 or (positive and value == 0):

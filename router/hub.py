@@ -170,10 +170,9 @@ class RouterHubMixin:
         return model
 
     def load_checked(self, state: dict[str, torch.Tensor], saved: list[str], source: str) -> None:
-        """Load `state`; every key must be known, and all but frozen pretrained extractors' and the probes' present."""
+        """Load `state`; every key must be known, and all but frozen pretrained extractors' present."""
         own = self.state_dict()
-        # frozen pretrained extractors come from their specs; the gate's training-only probes, if missing, start anew
-        skip = (*(f"extractors.{n}." for n in self.extractor_names if n not in saved), "probes.")
+        skip = tuple(f"extractors.{n}." for n in self.extractor_names if n not in saved)
         if problems := key_problems(own, state, expected={k for k in own if not k.startswith(skip)}):
             raise ValueError(f"{source}: does not fit the model in its config.json: " + "; ".join(problems))
         self.load_state_dict(state, strict=False)

@@ -21,7 +21,7 @@ from heads import ClsHead, Refiner, SegHead, TopDownDecoder
 from .align import Aligner, grid_size, resample
 from .config import ExtractorConfig, RouterConfig, TaskConfig, nearest_level
 from .detail import SKIP_WIDTHS, DetailStem
-from .gate import ProbeMixture, TaskGate, keep_renormalized
+from .gate import TaskGate, keep_renormalized
 from .hub import RouterHubMixin
 from .inputs import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
 from .outputs import RouterOutput
@@ -74,7 +74,7 @@ class Router(RouterHubMixin, nn.Module):
     extractor is resampled, as at one level; with ``level`` the level's map. In training an auxiliary seg head
     (``head.aux_weight``, 0.4) reads that map too. The defaults are the recommended model (levels 4-32); with
     one level there is no decoder: ``levels: [16]`` is the single-grid model of format 1. The optional parts
-    (``gate``, ``concat_proj``, ``detail``, ``decoder``, ``aux_seg_head``, ``probes``) are modules or None; saving,
+    (``gate``, ``concat_proj``, ``detail``, ``decoder``, ``aux_seg_head``) are modules or None; saving,
     loading and pushing come from :class:`router.hub.RouterHubMixin`.
 
     >>> model = Router.from_config("configs/tiny.yaml")
@@ -121,10 +121,6 @@ class Router(RouterHubMixin, nn.Module):
             if config.has_aux_head else None
         self.cls_head = ClsHead(widths[config.cls_level], cls, pooling=h.cls_pooling, hidden=h.cls_hidden,
                                 dropout=h.dropout, pooled_dim=widths[-1])
-        # Training only: the gate's probes (gate.probe_weight); built last, so that the other modules' initial
-        # weights do not depend on it.
-        self.probes = ProbeMixture(widths, n, {t.name: (t.num_classes, self._weighed_levels(t)) for t in config.tasks}) \
-            if gated and config.gate.probe_weight else None
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -173,8 +169,6 @@ class Router(RouterHubMixin, nn.Module):
         if self.gate is not None:
             text = self.embed_task_texts([task])[task.name] if self.config.gate.task_embedding == "text" else None
             self.gate.add_task(task.name, text)
-        if self.probes is not None:
-            self.probes.add_task(task.name, task.num_classes, self.config.widths, self._weighed_levels(task))
         self.config.tasks.append(task)
 
     @torch.no_grad()
@@ -187,7 +181,7 @@ class Router(RouterHubMixin, nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, task: str, features: dict[str, ExtractorOutput] | None = None,
-                keep: list[str] | None = None, target: torch.Tensor | None = None) -> RouterOutput:
+                keep: list[str] | None = None) -> RouterOutput:
         """Route `images` (B x C x H x W in [0, 1], C = 1 or 3) for one task.
 
         `features` may hold precomputed outputs of some extractors (name -> {"dense", "pooled"}), e.g.
@@ -195,8 +189,6 @@ class Router(RouterHubMixin, nn.Module):
         `keep` (extractor names; ablation at evaluation): the others are left out of the fusion as if the gate
         gave them zero weight, the kept weights renormalised to sum to 1 (gated); mean / concat fuse the kept
         maps only (concat: zeros in place of the others). A gate that reads features still reads all of them.
-        `target` (training; B x H x W class indices or B labels): with ``gate.probe_weight`` the probe-mixture loss
-        (:class:`router.gate.ProbeMixture`) joins ``aux_loss``; without it, or in eval mode, it is not used.
         """
         images = check_images(images, "Router input")
         tcfg, kept = self.config.task(task), self._kept_indices(keep)
@@ -214,8 +206,6 @@ class Router(RouterHubMixin, nn.Module):
         fused = self._fuse_levels(aligned, weights, plan, active)
         if weights is None:
             weights = self._equal_weights(images.shape[0], active, images.device)
-        if self.training and target is not None and self.probes is not None and len(active) == len(self.extractors):
-            aux = aux + self._probe_loss(tcfg, aligned, weights, plan, active, target)
         out = self._gate_outputs(weights, aux, active)
         # 5. Decode and predict.
         if tcfg.type == "seg":
@@ -343,14 +333,6 @@ class Router(RouterHubMixin, nn.Module):
         for i in active:  # int indices: a list index is copied host -> device, a sync on an accelerator
             weights[:, :, i] = 1.0 / len(active)
         return weights
-
-    def _probe_loss(self, tcfg: TaskConfig, aligned: dict[int, Aligned], weights: torch.Tensor, plan: Plan,
-                    active: list[int], target: torch.Tensor) -> torch.Tensor:
-        """``gate.probe_weight`` x the probe-mixture loss (:class:`router.gate.ProbeMixture`) of the maps the task
-        reads at each level whose weights count."""
-        probed = {k: [aligned[i].cls_map if plan.own_cls else aligned[i].maps[k] for i in active] for k in plan.weighed}
-        level_w = {k: self._level_weights(weights, k, plan) for k in probed}
-        return self.config.gate.probe_weight * self.probes(tcfg.name, probed, level_w, target, tcfg.ignore_index)
 
     def _gate_outputs(self, weights: torch.Tensor, aux: torch.Tensor, active: list[int]) -> RouterOutput:
         """The gate's weights (per level, averaged over levels, over the batch), its aux loss, which extractors ran."""

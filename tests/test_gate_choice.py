@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from extractors.base import Extractor, ExtractorInfo
 from extractors.registry import BUILDERS, register_extractor
-from heads.losses import build_loss, output_loss
+from heads.losses import build_loss
 from router import Router, RouterConfig
-from router.config import GateConfig, TaskConfig
-from router.gate import ProbeMixture
+from router.config import GateConfig
+from router.outputs import output_loss
 
 
 class ChannelView(Extractor):
@@ -96,74 +96,3 @@ def test_gate_numbers_are_checked_naming_the_key(key, value):
     with pytest.raises(ValueError, match=rf"^gate\.{key}: expected a finite number"):
         GateConfig(**{key: value})
 
-
-def test_probe_mixture_moves_the_weights_towards_each_extractors_posterior_share():
-    """With fixed probes the mixture loss's gradient on the gate's logits is w - posterior, per image, where the
-    posterior is w_e p_e(mask) / sum_j w_j p_j(mask) and log p_e(mask) sums the probe's log-probabilities over cells."""
-    torch.manual_seed(0)
-    mix = ProbeMixture([4], 2, {"t": (3, [0])})
-    maps = [torch.randn(2, 4, 5, 6), torch.randn(2, 4, 5, 6)]
-    target = torch.randint(0, 3, (2, 10, 12))  # 2 x 2 pixels per cell: each cell holds a share of each class
-    logits = torch.randn(2, 2, requires_grad=True)
-    w = logits.softmax(dim=1)
-    for p in mix.parameters():
-        p.requires_grad_(False)  # the probes fixed: only the mixture term has a gradient, on the logits
-    mix("t", {0: maps}, {0: w}, target).backward()
-    with torch.no_grad():
-        out = mix.probes["t"]["0"](torch.cat(maps, dim=1)).view(2, 2, 3, 5, 6).log_softmax(dim=2)
-        share = F.interpolate(F.one_hot(target, 3).movedim(-1, 1).float(), size=(5, 6), mode="area")
-        log_mask = (out * share[:, None]).sum(dim=(2, 3, 4))  # B x E
-        posterior = (w.log() + log_mask).softmax(dim=1)
-    torch.testing.assert_close(logits.grad, (w - posterior) / 2, rtol=1e-4, atol=1e-6)  # mean over the 2 images
-
-
-def test_probe_mixture_counts_only_labelled_pixels_and_reads_a_classification_map_by_its_mean():
-    torch.manual_seed(0)
-    mix = ProbeMixture([4, 4], 2, {"seg": (2, [0, 1]), "cls": (5, [1])})
-    maps = {0: [torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)], 1: [torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)]}
-    w = {k: torch.full((3, 2), 0.5) for k in maps}
-    target = torch.randint(0, 2, (3, 16, 16))
-    ignored = target.clone()
-    ignored[:, :8] = 255  # the top half unlabelled: its cells must not count, whatever their class there
-    changed = ignored.clone()
-    changed[:, :8] = 1 - target[:, :8]
-    a = mix("seg", maps, w, torch.where(ignored == 255, torch.full_like(target, 255), target), ignore_index=255)
-    b = mix("seg", maps, w, torch.where(ignored == 255, torch.full_like(target, 255), changed), ignore_index=255)
-    assert torch.isfinite(a) and a.item() == pytest.approx(b.item(), rel=1e-6)
-    assert a.item() != pytest.approx(mix("seg", maps, w, target).item(), rel=1e-3)
-    loss = mix("cls", {1: maps[1]}, {1: w[1]}, torch.tensor([0, 4, 2]))
-    loss.backward()
-    assert mix.probes["cls"]["1"].weight.grad.abs().sum() > 0 and mix.probes["cls"]["1"].weight.shape == (10, 4, 1, 1)
-
-
-def test_probe_loss_joins_aux_loss_in_training_only_and_adds_probes_for_a_new_task():
-    torch.manual_seed(0)
-    cfg = {"extractors": [{"spec": "test-channel0", "name": "geo"}, {"spec": "test-channel1", "name": "blob"}],
-           "tasks": [{"name": "bars", "type": "seg", "classes": ["bg", "bar"]}],
-           "width": 16, "levels": [4, 8], "detail": False, "gate": {"hidden": 16, "probe_weight": 1.0}}
-    model = Router(RouterConfig.from_dict(cfg))
-    images, targets = two_signal_batch(2, torch.Generator().manual_seed(0))
-    with_target = model(images, task="bars", target=targets["bars"])["aux_loss"]
-    without = model(images, task="bars")["aux_loss"]
-    assert with_target.item() > without.item() + 0.1  # two levels' probe cross-entropy (~2 x ln 2) and mixture
-    model.eval()
-    assert model(images, task="bars", target=targets["bars"])["aux_loss"].item() == without.item()
-    model.add_task(TaskConfig("kind", "cls", ["a", "b", "c"]))
-    assert set(model.probes.probes["kind"]) == {str(model.config.cls_level)}
-    model.train()
-    assert model(images, task="kind", target=torch.tensor([0, 2]))["aux_loss"].item() > 0
-    plain = Router(RouterConfig.from_dict({**cfg, "gate": {"hidden": 16}}))
-    assert plain.probes is None and not any(k.startswith("probes.") for k in plain.state_dict())
-
-
-def test_probes_are_saved_and_a_checkpoint_without_them_still_loads(tmp_path):
-    cfg = {"extractors": [{"spec": "test-channel0", "name": "geo"}, {"spec": "test-channel1", "name": "blob"}],
-           "tasks": [{"name": "bars", "type": "seg", "classes": ["bg", "bar"]}],
-           "width": 16, "levels": [4, 8], "detail": False, "gate": {"hidden": 16, "probe_weight": 1.0}}
-    model = Router(RouterConfig.from_dict(cfg))
-    loaded = Router.from_pretrained(model.save_pretrained(tmp_path / "a"))
-    torch.testing.assert_close(loaded.probes.state_dict(), model.probes.state_dict())
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("probes.")}
-    fresh = Router(RouterConfig.from_dict(cfg))
-    fresh.load_checked(state, fresh.extractor_names, "test")  # a model saved before the probes existed
-    torch.testing.assert_close(fresh.gate.state_dict(), model.gate.state_dict())

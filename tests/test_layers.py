@@ -9,11 +9,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RANK = {"extractors": 0, "heads": 0, "router": 1, "train": 2}  # a folder may import folders of a lower rank
-# Arrows against the order that are known and on their way out: (importer, imported) -> why it is still there.
-PENDING = {
-    ("heads.losses", "router.outputs"): "heads.losses.output_loss forwards to router.outputs.output_loss until "
-                                        "train/benchmarking.py and tests/test_gate_choice.py import it from there",
-}
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -54,14 +49,14 @@ def arrows_against_the_order(graph: dict[str, dict[str, int]]) -> list[str]:
     for a, edges in graph.items():
         for b, line in edges.items():
             ra, rb = a.split(".")[0], b.split(".")[0]
-            if ra != rb and RANK[rb] >= RANK[ra] and (a, b) not in PENDING:
+            if ra != rb and RANK[rb] >= RANK[ra]:
                 bad.append(f"{a.replace('.', '/')}.py:{line} imports {b} ({rb}/ is not below {ra}/)")
     return bad
 
 
 def circles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
-    """One circle (a -> ... -> a) per strongly connected group of modules (Tarjan), PENDING arrows left out."""
-    succ = {a: sorted(b for b in edges if (a, b) not in PENDING) for a, edges in graph.items()}
+    """One circle (a -> ... -> a) per strongly connected group of modules (Tarjan)."""
+    succ = {a: sorted(edges) for a, edges in graph.items()}
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -109,11 +104,6 @@ def test_no_folder_imports_a_folder_at_or_above_its_layer():
 
 def test_no_import_circle_between_modules():
     assert [" -> ".join(c) for c in circles(import_graph(REPO))] == []
-
-
-def test_every_pending_arrow_still_exists():
-    graph = import_graph(REPO)
-    assert [pair for pair in PENDING if pair[1] not in graph.get(pair[0], {})] == [], "delete it from PENDING"
 
 
 def test_the_checks_find_an_arrow_against_the_order_and_a_circle(tmp_path):

@@ -663,7 +663,7 @@ def part_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         named = [("align", m) for a in model.aligners.values() for m in (a, getattr(a, "cls", None)) if m is not None]
         named += [(part, getattr(model, attr)) for part, attr in (("gate", "gate"), ("detail", "detail"),
                   ("decoder", "decoder"), ("heads", "seg_head"), ("heads", "aux_seg_head"), ("heads", "cls_head"),
-                  ("fuse", "concat_proj"), ("fuse", "concat_pooled_proj")) if hasattr(model, attr)]
+                  ("fuse", "concat_proj"), ("fuse", "concat_pooled_proj")) if getattr(model, attr, None) is not None]
         return named
     return [(part, getattr(unet, attr)) for unet in model.unets.values()
             for part, attr in (("encoder", "encoder"), ("decoder", "decoder"), ("heads", "segmentation_head"))]
@@ -885,7 +885,7 @@ def measure_step(models: dict, task: str, batch: int, res: int, args, cfg, featu
 
 def output_loss_of(out, loss_fn, target, ignore_index, aux_weight: float, t, task: str) -> torch.Tensor:
     """The comparison's loss of one seg micro-batch (as in :func:`comparison_step`)."""
-    from heads.losses import output_loss
+    from router.outputs import output_loss
 
     loss = output_loss(out, "seg", loss_fn, target, ignore_index=ignore_index, aux_weight=aux_weight)
     return t.loss_weights.get(task, 1.0) * loss + t.aux_loss_weight * out["aux_loss"]

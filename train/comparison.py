@@ -447,7 +447,7 @@ class Comparison:
                         continue
                     tick = time.perf_counter()
                     own = {k: f for k, f in features.items() if k not in self.live[name]}
-                    out = model(images, task=n, features=own, target=target)
+                    out = model(images, task=n, features=own)
                     loss = training_loss(out, tasks[n].task.type, self.loss_fns[n], target, ignore_index=self.ignore[n],
                                          loss_weight=t.loss_weights[n], aux_weight=self.aux_weight[name],
                                          aux_loss_weight=t.aux_loss_weight) / A

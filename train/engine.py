@@ -190,7 +190,7 @@ class Finetuner:
                     images = batch["images"].to(acc.device, non_blocking=True)
                     target = batch["target"].to(acc.device, non_blocking=True)
                     with acc.accumulate(self.model):
-                        out = self.model(images, task=task, target=target)
+                        out = self.model(images, task=task)
                         loss = training_loss(out, self.tasks[task].task.type, self.losses[task], target, mean_valid,
                                              loss_weight=t.loss_weights[task], aux_weight=self.aux_weight,
                                              aux_loss_weight=t.aux_loss_weight)

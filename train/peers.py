@@ -127,11 +127,10 @@ class UnetPeer(nn.Module):
         conv = self.unets[task].segmentation_head[0]
         conv.bias.copy_(prior_logits(prior, conv.out_channels, where=f"UnetPeer.init_bias_from_prior({task!r})"))
 
-    def forward(self, images: torch.Tensor, task: str, features=None, target=None) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, task: str, features=None) -> dict[str, torch.Tensor]:
         """`images` B x C x H x W in [0, 1] (C = 1 or 3) -> {"seg": B x K x H x W logits, "aux_loss": 0}.
 
-        `features` (the Router's precomputed extractor outputs) and `target` (which the Router's gate may train
-        on) are accepted and ignored.
+        `features` (the Router's precomputed extractor outputs) is accepted and ignored.
         """
         if task not in self.unets:
             raise KeyError(f"UnetPeer: task {task!r} is not a segmentation task it serves; it serves {list(self.unets)}")

@@ -1,10 +1,12 @@
-"""Run from the repo root: python docs/results/gate_round1.py > docs/results/gate_round1.md
+"""Run from the repo root: python docs/results/gate_rounds.py CANDIDATE > docs/results/gate_roundN.md
 
-Issue 24, round 1: gated_image (as shipped) vs gated_image_taskbias on configs/compare_gate.yaml, seeds 0-2.
-Reads runs/cmp_gate_*/results/<variant>/seed_<n>.json; agreement as in train/gate_proof (seed-averaged weights
-and drops, Spearman); prints the markdown of docs/gate.md's round-1 tables."""
+Issue 24 (docs/gate.md): gated_image (as shipped) against a candidate gated variant on configs/compare_gate.yaml,
+seeds 0-2: round 1 `gated_image_taskbias`, round 2 `gated_image_probe`. Reads
+runs/cmp_gate_*/results/<variant>/seed_<n>.json; agreement as in train/gate_proof (seed-averaged weights and
+drops, Spearman); prints the markdown of the round's tables and the rule's figures."""
 import json
 import statistics as st
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,11 @@ PRIMARY = {"mtd_defect_seg": "fg_iou", "mtd_defect_type": "balanced_accuracy", "
 DESIGN = ["mtd_defect_seg", "mtd_defect_type", "camvid_seg"]
 EXT = ["mnv2", "effl0", "ssl_r50", "geo", "tex"]
 res = {}
+CANDIDATE = sys.argv[1]
 for p in sorted(Path("runs").glob("cmp_gate_*/results/gated_image*/seed_*.json")):
     d = json.loads(p.read_text())
-    res.setdefault(d["variant"], []).append(d)
+    if d["variant"] in ("gated_image", CANDIDATE):
+        res.setdefault(d["variant"], []).append(d)
 out = {}
 
 
@@ -36,7 +40,7 @@ for v, seeds in res.items():
     lvl = {t: {s: {e: np.mean([r["weight"] for d in seeds for r in d["gates"] if r["task"] == t and r["extractor"] == e and r["level"] == s]) for e in EXT} for s in (4, 8, 16, 32)} for t in PRIMARY}
     drop = {t: {e: 100 * np.mean([r["drop"] for d in seeds for r in d["ablation"] if r["task"] == t and r["extractor"] == e]) for e in EXT} for t in PRIMARY}
     rho = {t: spearman([gate[t][e] for e in EXT], [drop[t][e] for e in EXT]) for t in PRIMARY}
-    out[v] = dict(n=len(seeds), seeds=sorted(d["seed"] for d in seeds), prim=prim, gate=gate, drop=drop, rho=rho,
+    out[v] = dict(n=len(seeds), seeds=sorted(d["seed"] for d in seeds), prim=prim, gate=gate, drop=drop, rho=rho, lvl=lvl,
                   spread4=total_variation(lvl["cfd_seg"][4], lvl["camvid_seg"][4]),
                   geo_fine={s: lvl["cfd_seg"][s]["geo"] for s in (4, 8)},
                   top_fine={s: max(EXT, key=lambda e: lvl["cfd_seg"][s][e]) for s in (4, 8)},
@@ -65,7 +69,15 @@ for v, o in out.items():
     for t in PRIMARY:
         print(f"| {v} | {t} | " + " | ".join(f"{o['gate'][t][e]:.2f} / {o['drop'][t][e]:+.1f}" for e in EXT) + " |")
 # the rule (docs/gate.md): design tasks, candidate vs gated_image
-a, b = out["gated_image"], out["gated_image_taskbias"]
+print()
+print("Gate weight per level (stride 4 / 8 / 16 / 32), mean over seeds and val images:")
+print()
+print("| variant | task | " + " | ".join(EXT) + " |")
+print("|---|---|" + "---|" * len(EXT))
+for v, o in out.items():
+    for t in PRIMARY:
+        print(f"| {v} | {t} | " + " | ".join(" / ".join(f"{o['lvl'][t][s][e]:.2f}" for s in (4, 8, 16, 32)) for e in EXT) + " |")
+a, b = out["gated_image"], out[CANDIDATE]
 print()
 for t in DESIGN:
     se = np.sqrt(st.variance(a["prim"][t]) / a["n"] + st.variance(b["prim"][t]) / b["n"])
