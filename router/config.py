@@ -113,6 +113,8 @@ class GateConfig:
     #                       weights give plain concat) concatenated and projected by a learned 1x1 conv
     load_balance_weight: float = 0.0  # weight of the load-balance auxiliary loss (Switch-style)
     entropy_weight: float = 0.0  # weight of the gate-entropy auxiliary loss (>0 favours decisive gates)
+    extractor_dropout: float = 0.0  # training: each extractor left out of the fusion with this probability per
+    #                                image and level (at least one kept), the others' weights renormalised
     probe_weight: float = 0.0  # weight of the probe-mixture loss (router.gate.ProbeMixture): > 0 trains the gate,
     #                            per task and level, towards the extractors whose own maps predict the target
 
@@ -130,6 +132,9 @@ class GateConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0 or (positive and value == 0):
                 raise ValueError(f"gate.{key}: expected a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+        if isinstance(self.extractor_dropout, bool) or not isinstance(self.extractor_dropout, (int, float)) \
+                or not 0 <= self.extractor_dropout < 1:
+            raise ValueError(f"gate.extractor_dropout: expected a number in [0, 1), got {self.extractor_dropout!r}")
         if self.combine not in ("sum", "concat"):
             raise ValueError(f"gate.combine: expected 'sum' or 'concat', got {self.combine!r}")
         if self.top_k_levels not in ("shared", "each"):

@@ -42,6 +42,20 @@ def keep_renormalized(weights: torch.Tensor, keep: list[int]) -> torch.Tensor:
     return kept / kept.sum(dim=2, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
 
 
+def drop_extractors(weights: torch.Tensor, p: float) -> torch.Tensor:
+    """Gate weights (B x L x E [x h x w]) with each extractor left out with probability `p` per image and level
+    (at least one kept), the kept weights renormalised: in training, the ablation of :func:`keep_renormalized` at
+    random, so that every extractor's map must serve the decoder alone or with any others."""
+    b, lv, e = weights.shape[:3]
+    keep = torch.rand(b, lv, e, device=weights.device) >= p
+    none = ~keep.any(dim=2)
+    if none.any():
+        pick = torch.randint(0, e, (int(none.sum()),), device=weights.device)
+        keep[none] = F.one_hot(pick, e).bool()
+    kept = weights * keep.view(b, lv, e, *([1] * (weights.ndim - 3)))
+    return kept / kept.sum(dim=2, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+
+
 class PixelStem(nn.Module):
     """A small conv stem that looks at the image itself, so the gate can decide before any extractor runs.
 

@@ -28,7 +28,7 @@ from .align import Aligner, grid_size, resample
 from .card import router_card, write_card
 from .config import FORMAT_VERSION, RouterConfig, TaskConfig, load_yaml_or_json, nearest_level
 from .detail import SKIP_WIDTHS, DetailStem
-from .gate import ProbeMixture, TaskGate, keep_renormalized
+from .gate import ProbeMixture, TaskGate, drop_extractors, keep_renormalized
 from .inputs import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
 from .outputs import RouterOutput
 from .predictions import Label, SegPrediction, class_names, same_size_batches, top_labels
@@ -277,6 +277,9 @@ class Router(nn.Module):
                 active = [i for i in active if i in kept]
                 vecs, cls_maps = {i: vecs[i] for i in active}, {i: cls_maps[i] for i in active}
         fused: list[torch.Tensor | None] = [None] * len(levels)
+        reported = weights
+        if weights is not None and self.training and self.config.gate.extractor_dropout:
+            weights = drop_extractors(weights, self.config.gate.extractor_dropout)
         for k in ([] if own_cls else used):  # (with own_cls a used level is aligned only for the gate to read)
             fused[k] = self._fuse({i: maps[i][k] for i in active}, self._level_weights(weights, k, grids[k]), k)
         if own_cls:
@@ -293,10 +296,11 @@ class Router(nn.Module):
 
         ran = torch.zeros(n, dtype=torch.bool)
         ran[active] = True
-        gate = weights.mean(dim=1)
-        out: RouterOutput = {"gate": gate, "gate_levels": weights,
+        reported = weights if reported is None else reported
+        gate = reported.mean(dim=1)
+        out: RouterOutput = {"gate": gate, "gate_levels": reported,
                              "gate_mean": rearrange(gate, "b e ... -> e (b ...)").mean(1),
-                             "gate_level_mean": rearrange(weights, "b l e ... -> l e (b ...)").mean(2),
+                             "gate_level_mean": rearrange(reported, "b l e ... -> l e (b ...)").mean(2),
                              "aux_loss": aux, "ran": ran}
         if tcfg.type == "seg":
             refine, skips = self.config.head.refine, {}
