@@ -19,8 +19,8 @@ import fnmatch
 from pathlib import Path
 
 from .base import Extractor
-from .checkpoints import WEIGHT_SUFFIXES
-from .hub import looks_like_path
+from .io.model_files import looks_like_path
+from .io.weights import WEIGHT_SUFFIXES
 from .registry import BACKENDS, BUILDERS, register_extractor
 
 LOCAL_SCHEMAS = ("local-dir:", "timm:local-dir:", "open_clip:local-dir:")  # specs that name a folder on this machine

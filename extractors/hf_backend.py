@@ -27,7 +27,7 @@ from pathlib import Path
 from torch import nn
 
 from .base import Extractor, ExtractorInfo, resolve_layers
-from .hub import hub_offline, looks_like_path, missing_files_error
+from .io.model_files import hub_offline, looks_like_path, missing_files_error
 from .registry import register_extractor
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -147,7 +147,7 @@ def check_pickled_weights(path: str) -> None:
     read it first with :func:`load_state_dict_file`, whose refusal of pickled code names the file."""
     from huggingface_hub import try_to_load_from_cache
 
-    from .checkpoints import load_state_dict_file
+    from .io.weights import load_state_dict_file
 
     def find(name: str) -> Path | None:
         if Path(path).is_dir():

@@ -24,9 +24,9 @@ import json
 import os
 from pathlib import Path
 
-from .atomic import atomic_save_safetensors, atomic_write_bytes
 from .base import Extractor
-from .checkpoints import load_state_dict_file, load_state_dict_strict
+from .io.atomic import atomic_save_safetensors, atomic_write_bytes
+from .io.weights import load_state_dict_file, load_state_dict_strict
 from .registry import register_extractor
 from .timm_backend import TimmExtractor, _build_timm, create_timm_model, is_timm_config, timm_dir_architecture
 from .untrusted import check_model_name

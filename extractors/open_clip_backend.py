@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Extractor, ExtractorInfo, TextEncoder, resolve_layers
-from .checkpoints import WEIGHT_SUFFIXES, load_state_dict_file, load_state_dict_strict
+from .io.weights import WEIGHT_SUFFIXES, load_state_dict_file, load_state_dict_strict
 from .registry import register_extractor
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -86,7 +86,7 @@ def parse_open_clip_spec(rest: str) -> tuple[str, str | None, str | None]:
 def schema_dir(arch: str) -> Path:
     """The folder holding open_clip_config.json of ``local-dir:<dir>`` or ``hf-hub:<repo>`` (its cached snapshot;
     only that config is fetched here, so a tower this backend cannot serve is refused before its weights)."""
-    from .hub import resolve_model_dir
+    from .io.model_files import resolve_model_dir
 
     schema, _, name = arch.partition(":")
     if schema == "local-dir":
@@ -96,7 +96,7 @@ def schema_dir(arch: str) -> Path:
 
 def schema_weights(arch: str, directory: Path) -> str:
     """The weight file of a ``local-dir:`` / ``hf-hub:`` model, by open_clip's order of preference."""
-    from .hub import resolve_model_file
+    from .io.model_files import resolve_model_file
 
     schema, _, name = arch.partition(":")
     if schema == "hf-hub":

@@ -23,9 +23,9 @@ import torch
 from huggingface_hub.constants import HF_HUB_CACHE
 from torch import nn
 
-from .atomic import atomic_save_safetensors, atomic_write_bytes
 from .base import Extractor, ExtractorInfo, resolve_layers
-from .checkpoints import load_into_timm_model
+from .io.atomic import atomic_save_safetensors, atomic_write_bytes
+from .io.weights import load_into_timm_model
 from .registry import register_extractor
 from .untrusted import check_architecture_kwargs, check_model_name
 
@@ -63,7 +63,7 @@ def create_timm_model(name: str, pretrained: bool, checkpoint: str | None, **kwa
             if name.startswith("local-dir:"):
                 checkpoint = str(next(p for w in TIMM_WEIGHT_NAMES if (p := Path(config["_dir"]) / w).is_file()))
             else:
-                from .hub import resolve_model_file
+                from .io.model_files import resolve_model_file
 
                 repo, _, revision = name.removeprefix("hf-hub:").partition("@")
                 checkpoint = str(resolve_model_file(repo, TIMM_WEIGHT_NAMES, what=f"timm:{name}",
@@ -148,7 +148,7 @@ def schema_config(name: str, weights: bool) -> dict:
     """The timm config.json of a ``local-dir:`` / ``hf-hub:`` name (with ``"_dir"``, the folder it was read from);
     with `weights`, the weight file is looked for too (in the dir, or the repo's snapshot in the HF cache) so that a
     partial cache is a clear error before timm's own."""
-    from .hub import resolve_model_dir, resolve_model_file
+    from .io.model_files import resolve_model_dir, resolve_model_file
 
     schema, _, source = name.partition(":")
     if schema == "local-dir":

@@ -21,8 +21,8 @@ import os
 import re
 from pathlib import Path
 
-from .checkpoints import WEIGHT_SUFFIXES
-from .hub import looks_like_path
+from .io.model_files import looks_like_path
+from .io.weights import WEIGHT_SUFFIXES
 
 # '_'-separated parts of a key that may name a file, a folder, a download or other weights (and keys ending in
 # "path"): never an architecture argument. drop_path_rate, class_token stay allowed.

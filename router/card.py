@@ -14,7 +14,7 @@ knows them, the gate weights per task and level and the metrics of the run that 
     model_id:   how users load it, in the usage snippet (push_to_hub sets the repo id)
     notes:      free text, printed under the title
     ablation:   {task: {extractor: {"drop": x, "only": y}}}  the task's metric with all extractors minus without this
-                one, and with this one alone (train/gate_proof.py; card_gate_proof() picks a variant's from a comparison)
+                one, and with this one alone (train/experiments/gate_proof.py; card_gate_proof() picks a variant's from a comparison)
     agreement:  {task: rho or None}   Spearman rank correlation of the mean gate weights and those drops
 
 >>> card = router_card(model.config, {n: e.info for n, e in model.extractors.items()}, saved=[], card_data={})
@@ -24,7 +24,6 @@ knows them, the gate weights per task and level and the metrics of the run that 
 
 from __future__ import annotations
 
-import io
 import math
 import numbers
 from pathlib import Path
@@ -34,8 +33,9 @@ import numpy as np
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from extractors import ExtractorInfo
-from extractors.atomic import atomic_write_bytes
-from extractors.hub import looks_like_path
+from extractors.io.atomic import atomic_write_bytes
+from extractors.io.figures import plot_gate_panels
+from extractors.io.model_files import looks_like_path
 
 from .config import RouterConfig
 
@@ -110,34 +110,6 @@ def card_gate_panels(gate: dict, tasks: list[str], extractors: list[str]) -> lis
     mean = {t: {e: float(np.mean([r[e] for r in gate_rows(levels).values() if e in r]))
                 for e in extractors if any(e in r for r in gate_rows(levels).values())} for t, levels in gate.items()}
     return [(None, matrix(mean))]
-
-
-def plot_gate_panels(panels: list[tuple[int | None, np.ndarray]], tasks: list[str], extractors: list[str],
-                     families: dict[str, str], title: str, path: Path) -> Path:
-    """One task x extractor heatmap per level, each extractor labelled by its family, written atomically as a PNG
-    (matplotlib's Agg canvas through a bare Figure: no pyplot, no global backend switch)."""
-    from matplotlib.figure import Figure
-
-    w, h = 1.2 * len(extractors) + 0.6, 0.6 * len(tasks) + 1.8  # a panel; the task labels and colour bar: + 2.5
-    fig = Figure(figsize=(w * len(panels) + 2.5, h))
-    axes = fig.subplots(1, len(panels), squeeze=False)
-    for k, (ax, (level, m)) in enumerate(zip(axes[0], panels)):
-        im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(extractors)), [f"{e}\n({families.get(e, '?')})" for e in extractors], fontsize=8)
-        ax.set_yticks(range(len(tasks)), tasks if k == 0 else [""] * len(tasks), fontsize=8)
-        for i in range(len(tasks)):
-            for j in range(len(extractors)):
-                if np.isfinite(m[i, j]):
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                            color="black" if m[i, j] > 0.6 else "white")
-        ax.set_title(f"mean gate weight: {title}" if level is None else f"level stride {level}", fontsize=10)
-    if panels[0][0] is not None:
-        fig.suptitle(f"mean gate weight per level: {title}", fontsize=10, y=1.04)
-    fig.colorbar(im, ax=list(axes[0]), fraction=0.04 / len(panels) ** 0.5, pad=0.02)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    atomic_write_bytes(Path(path), buf.getvalue())
-    return Path(path)
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:

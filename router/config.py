@@ -337,7 +337,7 @@ class RouterConfig:
         return cls.from_dict(data, where=str(path))
 
     def save_json(self, path: str | Path) -> None:
-        from extractors.atomic import atomic_write_bytes
+        from extractors.io.atomic import atomic_write_bytes
 
         atomic_write_bytes(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 

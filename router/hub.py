@@ -18,10 +18,10 @@ from typing import TypeVar
 import torch
 from safetensors import SafetensorError, safe_open
 
-from extractors.atomic import atomic_save_safetensors, verify_checksums
-from extractors.checkpoints import key_problems
 from extractors.factory import local_files_needed
-from extractors.hub import resolve_model_dir
+from extractors.io.atomic import atomic_save_safetensors, verify_checksums
+from extractors.io.model_files import resolve_model_dir
+from extractors.io.weights import key_problems
 from extractors.local_dir import local_dir_architecture
 
 from .card import router_card, write_card

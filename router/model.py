@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from extractors import Extractor, ExtractorOutput, check_images, create_extractor
+from extractors.io.images import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
 from extractors.text import TextEncoder, create_text_encoder
 from heads import ClsHead, Refiner, SegHead, TopDownDecoder
 
@@ -23,7 +24,6 @@ from .config import ExtractorConfig, RouterConfig, TaskConfig, nearest_level
 from .detail import SKIP_WIDTHS, DetailStem
 from .gate import TaskGate, keep_renormalized
 from .hub import RouterHubMixin
-from .inputs import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
 from .outputs import RouterOutput
 from .predictions import Label, SegPrediction, class_names, same_size_batches, top_labels
 

@@ -15,7 +15,7 @@ from conftest import script_main
 
 from extractors import create_extractor
 from router import Router
-from train.benchmarking import part_labels, random_features
+from train.experiments.benchmarking import part_labels, random_features
 
 REPO = Path(__file__).resolve().parents[1]
 PYRAMID = ["model.levels=[4,8,16,32]", "model.head.aux_weight=0.4"]
@@ -82,7 +82,7 @@ def test_channels_last_is_exact_to_float32_rounding_and_bf16_is_not(summary):
     assert bf["output_max_rel"] > 1e-4 and bf["grad_rel_norm"] > 1e-4  # bf16 keeps 8 bits of mantissa: it did run
     for o in size["options"].values():
         assert math.isclose(o["speedup"], o["fp32_median_s"] / o["median_s"])
-    assert set(size["optimizer_step_s"]) == {"single_tensor", "foreach", "fused", "train/optim.py"}
+    assert set(size["optimizer_step_s"]) == {"single_tensor", "foreach", "fused", "train/training/optim.py"}
 
 
 @pytest.mark.parametrize("spec, kwargs, layers", [

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from extractors import create_extractor
-from extractors.checkpoints import load_state_dict_file
+from extractors.io.weights import load_state_dict_file
 from extractors.local_dir import save_extractor_dir
 
 

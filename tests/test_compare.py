@@ -13,9 +13,9 @@ import pytest
 from conftest import script_main
 from PIL import Image
 
-from train import comparison
-from train.config import load_compare_config
-from train.reporting import aggregate, gains, plot_gate_heatmap, results_markdown, write_report
+from train.experiments import comparison
+from train.experiments.compare_config import load_compare_config
+from train.experiments.reporting import aggregate, gains, plot_gate_heatmap, results_markdown, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "compare_tiny.yaml"
@@ -67,7 +67,7 @@ def test_report_files_and_contents(two_runs):
         assert cell in md, (cell, md)
     # 12 steps on 24 synthetic images learn nothing: the report says what it came from and concludes nothing
     assert "Data: shape_seg on shapes (24 train / 12 val images), shape_cls on shapes (24 train / 12 val images) " \
-           "(synthetic: train/synthetic.py). Budget per variant and seed: 12 steps of batch 8; seeds [0, 1]." in md
+           "(synthetic: train/training/synthetic.py). Budget per variant and seed: 12 steps of batch 8; seeds [0, 1]." in md
     assert summary["gains"]["nothing_learned"] and "this run learned nothing to compare" in md
     assert "Best routed variant" not in md and "routed >= best single" not in md
     assert summary["meta"]["budget"]["max_steps"] == 12 and summary["meta"]["seeds"] == [0, 1]
@@ -158,7 +158,7 @@ def test_frozen_features_count_forward_calls(tmp_path):
     import torch
 
     from extractors import create_extractor
-    from train.feature_cache import FeatureCache
+    from train.experiments.feature_cache import FeatureCache
 
     torch.manual_seed(0)
     ext = create_extractor("timm:vit_small_patch16_224", pretrained=False, embed_dim=32, depth=2, num_heads=2,

@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from train.synthetic import write_synthetic_dataset
+from train.training.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BACKBONE_ROUTER_DATA", REPO.parent / "shared" / "data"))
@@ -141,7 +141,7 @@ def test_resume_after_interruption_ends_with_the_same_weights(setup, one_process
     assert [r["step"] for r in metrics(out)] == [4]
     from conftest import script_main
 
-    from train.errors import RunError
+    from train.training.errors import RunError
 
     with pytest.raises(RunError, match=r"holds a previous run \(config\.yaml, metrics\.jsonl, checkpoints/.*\); pass --resume"):
         script_main("finetune")(["--config", str(setup / "tiny.yaml"), "--output-dir", str(out)])
@@ -227,7 +227,7 @@ def test_real_data_two_steps(tmp_path):
 
 def test_extractor_batchnorm_statistics_stay_fixed_in_phase2():
     from router import Router, RouterConfig
-    from train.phase2 import set_train_mode
+    from train.training.phase2 import set_train_mode
 
     cfg = RouterConfig.from_dict({
         "extractors": [{"spec": "timm:mobilenetv2_100", "name": "mnv2", "pretrained": False, "unfreeze_last": 1}],

@@ -13,7 +13,7 @@ from conftest import script_main
 from PIL import Image
 
 from router import Router, RouterConfig
-from train.gate_proof import (
+from train.experiments.gate_proof import (
     ablation_scores,
     average_ranks,
     card_gate_proof,
@@ -21,7 +21,7 @@ from train.gate_proof import (
     spearman,
     spread_matrix,
 )
-from train.reporting import (
+from train.experiments.reporting import (
     aggregate,
     gains,
     gate_proof_tables,

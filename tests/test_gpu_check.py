@@ -11,6 +11,7 @@ import time
 import pytest
 
 from train import gpu_check
+from train.tools.jobs import job_failed, run_jobs
 
 EXTRACTORS = {"mnv2", "effl0", "vits16", "vitb16"}
 
@@ -123,7 +124,7 @@ def test_run_jobs_stops_a_job_at_its_time_limit(tmp_path):
     sleeper = {"cmd": [sys.executable, "-c", "import time; time.sleep(60)"], "env": None}
     quick = {"cmd": [sys.executable, "-c", "print('done')"], "env": None}
     t0 = time.monotonic()
-    done = gpu_check.run_jobs({"quick": quick, "sleeper": sleeper}, timeout=3, parallel=2, logs=tmp_path)
+    done = run_jobs({"quick": quick, "sleeper": sleeper}, timeout=3, parallel=2, logs=tmp_path)
     assert time.monotonic() - t0 < 20
-    assert done["quick"]["rc"] == 0 and done["quick"]["stdout"] == "done\n" and gpu_check.job_failed(done["quick"]) is None
-    assert done["sleeper"]["timed_out"] and gpu_check.job_failed(done["sleeper"]).startswith("timed out")
+    assert done["quick"]["rc"] == 0 and done["quick"]["stdout"] == "done\n" and job_failed(done["quick"]) is None
+    assert done["sleeper"]["timed_out"] and job_failed(done["sleeper"]).startswith("timed out")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 
-from extractors.hub import looks_like_path, repo_cache_dir
+from extractors.io.model_files import looks_like_path, repo_cache_dir
 from router import Router, RouterConfig
 
 TINY = {

@@ -1,4 +1,4 @@
-"""train/optim.py's AdamW: one optimizer over every group, fused (or foreach) instead of torch's per-tensor loop,
+"""train/training/optim.py's AdamW: one optimizer over every group, fused (or foreach) instead of torch's per-tensor loop,
 with the same updates as the per-tensor path it replaces (both computed here, in the same run)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from router import Router
-from train.config import TrainConfig
-from train.optim import adamw_implementation, make_optimizer, set_lrs
+from train.training.config import TrainConfig
+from train.training.optim import adamw_implementation, make_optimizer, set_lrs
 
 STEPS = 6
 # fused / foreach AdamW regroup the same float32 arithmetic (sqrt, division, lerp); measured here after 6 steps the

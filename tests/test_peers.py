@@ -1,4 +1,4 @@
-"""Peer rows of the comparison: smp U-Nets on the MobileNetV2 weights, frozen and fine-tuned (train/peers.py)."""
+"""Peer rows of the comparison: smp U-Nets on the MobileNetV2 weights, frozen and fine-tuned (train/experiments/peers.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ torchvision = pytest.importorskip("torchvision")
 
 from conftest import script_main  # noqa: E402
 
-from train import comparison, peers  # noqa: E402
-from train.config import TrainConfig, load_compare_config  # noqa: E402
+from train.experiments import comparison, peers  # noqa: E402
+from train.experiments.compare_config import load_compare_config  # noqa: E402
+from train.training.config import TrainConfig  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "compare_tiny.yaml"
 

@@ -14,8 +14,8 @@ from conftest import script_main
 from PIL import Image
 
 from router import Router, RouterConfig
-from train.errors import RunError
-from train.predicting import default_palette, find_images
+from train.training.errors import RunError
+from train.training.predicting import default_palette, find_images
 
 TINY = {
     "extractors": [{"spec": "timm:vit_small_patch16_224", "name": "vit", "pretrained": False,

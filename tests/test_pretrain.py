@@ -17,10 +17,10 @@ from PIL import Image
 
 from extractors import create_extractor
 from extractors.timm_backend import save_timm_extractor
-from train.config import DecoderConfig, DINOConfig, PretrainModelConfig, load_pretrain_config
 from train.selfsup.dino import DINOPretrainer
 from train.selfsup.encoder import build_encoder, encode_visible, saved_model_kwargs
 from train.selfsup.mae import MAEPretrainer, random_mask
+from train.selfsup.pretrain_config import DecoderConfig, DINOConfig, PretrainModelConfig, load_pretrain_config
 from train.selfsup.smir import (
     SMIRPretrainer,
     aggregate_patch_losses,
@@ -316,7 +316,7 @@ def test_accelerate_launch_pretrain_end_to_end(data_root, tmp_path):
 
 
 def test_probe_features_concatenate_the_last_n_blocks():
-    from train.probing import extract
+    from train.experiments.probing import extract
 
     ext = create_extractor("timm:vit_small_patch16_224", layers=2, pretrained=False, **TINY_KWARGS).eval()
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
@@ -332,7 +332,7 @@ def test_probe_scores_any_dataset_folder_through_the_fine_tuning_reader(tmp_path
     """A folder that is none of the shared datasets: seg from its masks, cls from its labels (FOLDER:cls)."""
     from conftest import script_main
 
-    from train.synthetic import write_synthetic_dataset
+    from train.training.synthetic import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "data", "shapes", n_train=16, n_val=4, size=32, ignore_border=1, seed=0)
     out = tmp_path / "probe.json"

@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from router.config import RouterConfig, TaskConfig
-from train.config import DataConfig, DataTaskConfig, ExperimentConfig, load_pretrain_config
-from train.data import load_task_data
-from train.synthetic import IGNORE_INDEX, write_synthetic_dataset
+from train.selfsup.pretrain_config import load_pretrain_config
+from train.training.config import DataConfig, DataTaskConfig, ExperimentConfig
+from train.training.data import load_task_data
+from train.training.synthetic import IGNORE_INDEX, write_synthetic_dataset
 
 
 def test_a_misspelled_key_suggests_the_nearest_known_one():

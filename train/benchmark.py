@@ -12,7 +12,7 @@ there (``--features auto``), else random tensors of the right shapes.
 
 Inference and a training step per batch size and resolution, images/s, peak memory, FLOPs (MFU with
 ``--peak-tflops``), the feature-cache speedup, a host-sync audit and speed-option ablations: what each measures
-and how is in :mod:`train.benchmarking`.
+and how is in :mod:`train.experiments.benchmarking`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from train.benchmarking import OPTIONS, run_benchmark, run_step_benchmark
+from train.experiments.benchmarking import OPTIONS, run_benchmark, run_step_benchmark
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -7,7 +7,7 @@
 For every segmentation task of the config (experiment or comparison config; `key=value` overrides as in
 finetune), the val masks at the task's eval size are averaged over stride x stride blocks and upsampled
 bilinearly, and that prediction is scored as the task is scored (foreground IoU for two classes, at the best
-of a few thresholds; else mIoU): what a head that sees only that stride could reach at best (train/resolution.py).
+of a few thresholds; else mIoU): what a head that sees only that stride could reach at best (train/experiments/resolution.py).
 `--by-label` splits the images by their dataset's labels.csv class where it has one (MTD's defect type); `--model` (repeatable)
 scores saved Routers on the same images, with, for two classes, how many foreground images it finds at all.
 """
@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from extractors.atomic import atomic_write_bytes
+from extractors.io.atomic import atomic_write_bytes
 from router import Router
-from train.config import ExperimentConfig, load_compare_config, load_config_file
-from train.data import TaskDataset, prepare_experiment_data, read_image_labels
-from train.errors import RunError, run_cli
-from train.resolution import ALL, GridCeiling, GroupIoU
+from train.experiments.compare_config import load_compare_config
+from train.experiments.resolution import ALL, GridCeiling, GroupIoU
+from train.training.config import ExperimentConfig, load_config_file
+from train.training.data import TaskDataset, prepare_experiment_data, read_image_labels
+from train.training.errors import RunError, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,10 +5,10 @@
         compare.seeds=[0,1] train.max_steps=50
 
 One config names the extractors and tasks (``model:``), the datasets (``data:``), the budget (``train:``) and the
-comparison (``compare:``, :class:`train.config.CompareConfig`). The variants, views, frozen features and the
-per-seed training are :mod:`train.comparison`; results are written per (variant, seed) the moment they are done
-(:mod:`train.results`), the report by :mod:`train.reporting`. ``--resume`` trains the seeds that still miss a
-result; one run at a time per output dir, no overwrite without --overwrite (:mod:`train.rundir`).
+comparison (``compare:``, :class:`train.experiments.compare_config.CompareConfig`). The variants, views, frozen features and the
+per-seed training are :mod:`train.experiments.comparison`; results are written per (variant, seed) the moment they are done
+(:mod:`train.experiments.results`), the report by :mod:`train.experiments.reporting`. ``--resume`` trains the seeds that still miss a
+result; one run at a time per output dir, no overwrite without --overwrite (:mod:`train.training.rundir`).
 """
 
 from __future__ import annotations
@@ -25,17 +25,24 @@ import torch
 import yaml
 from accelerate import Accelerator
 
-from extractors.atomic import atomic_write_bytes
-from train.comparison import DTYPES, Comparison, expand_variants
-from train.config import load_compare_config
-from train.data import prepare_experiment_data
-from train.errors import run_cli
-from train.feature_cache import FeatureCache
-from train.metrics import primary_metric
-from train.peers import encoder_state
-from train.reporting import write_report
-from train.results import ResultStore, collect, missing_notes, publish_plan, read_plan, remove_plan
-from train.rundir import COMPARE_OUTPUTS, add_run_dir_args, claim_output_dir, with_run_dir
+from extractors.io.atomic import atomic_write_bytes
+from train.experiments.compare_config import load_compare_config
+from train.experiments.comparison import DTYPES, Comparison, expand_variants
+from train.experiments.feature_cache import FeatureCache
+from train.experiments.peers import encoder_state
+from train.experiments.reporting import write_report
+from train.experiments.results import (
+    ResultStore,
+    collect,
+    missing_notes,
+    publish_plan,
+    read_plan,
+    remove_plan,
+)
+from train.training.data import prepare_experiment_data
+from train.training.errors import run_cli
+from train.training.metrics import primary_metric
+from train.training.rundir import COMPARE_OUTPUTS, add_run_dir_args, claim_output_dir, with_run_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

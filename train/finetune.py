@@ -11,14 +11,14 @@ Each training batch holds one task (drawn by the data.tasks weights from a seede
 draws the same task at the same step). The global batch is train.batch_size x processes and is split across
 processes, so two processes with batch b follow a one-process run with batch 2b.
 Phase 1 trains router and heads with the extractors frozen; from train.phase2_step the last
-ExtractorConfig.unfreeze_last blocks of each extractor train too, at train.phase2_lr_scale x lr (train/phase2.py).
+ExtractorConfig.unfreeze_last blocks of each extractor train too, at train.phase2_lr_scale x lr (train/training/phase2.py).
 
-One run at a time per output dir (train/rundir.py): a lock names the run using it, and a fresh run into a dir
+One run at a time per output dir (train/training/rundir.py): a lock names the run using it, and a fresh run into a dir
 holding a previous run is refused unless --overwrite. A config or data error is one line (--debug: traceback).
 
 The output dir gets config.yaml (resolved), metrics.jsonl (one line per evaluation), checkpoints/step_<n>/
-(accelerator.save_state, written to a temp dir and renamed: train/checkpoints.py), final/ (Router.save_pretrained)
-and tensorboard/. The loop itself is train/engine.py.
+(accelerator.save_state, written to a temp dir and renamed: train/training/checkpoints.py), final/ (Router.save_pretrained)
+and tensorboard/. The loop itself is train/training/engine.py.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
 
-from extractors.atomic import atomic_write_bytes
+from extractors.io.atomic import atomic_write_bytes
 from router import Router
-from train import checkpoints
-from train.config import ExperimentConfig
-from train.data import (
+from train.training import checkpoints
+from train.training.config import ExperimentConfig
+from train.training.data import (
     TaskDataset,
     TaskSchedule,
     describe,
@@ -45,11 +45,11 @@ from train.data import (
     prepare_experiment_data,
     train_loader,
 )
-from train.engine import Finetuner, binary_seg_priors
-from train.errors import RunError, run_cli
-from train.optim import make_optimizer
-from train.phase2 import Phase2
-from train.rundir import FINETUNE_OUTPUTS, add_run_dir_args, claim_output_dir, with_run_dir
+from train.training.engine import Finetuner, binary_seg_priors
+from train.training.errors import RunError, run_cli
+from train.training.optim import make_optimizer
+from train.training.phase2 import Phase2
+from train.training.rundir import FINETUNE_OUTPUTS, add_run_dir_args, claim_output_dir, with_run_dir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> int:
     say(f"model: fusion {cfg.model.fusion}, extractors {model.extractor_names}; {n_train:,} router/head params"
         + (f", phase 2 from step {t.phase2_step}: {phase2.blocks}" if phase2.blocks else ""))
 
-    # ---- prepare, resume, train (train/engine.py)
+    # ---- prepare, resume, train (train/training/engine.py)
     model, optimizer = accelerator.prepare(model, optimizer)
     val_loaders = {n: accelerator.prepare(dl) for n, dl in val_loaders.items()}
     start = checkpoints.resume_run(accelerator, model, resume_from, output_dir, phase2, say) if args.resume else 0

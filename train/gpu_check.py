@@ -2,7 +2,7 @@
 
     python train/gpu_check.py --out runs/gpu_check           # CUDA present: the full check; else the smoke mode
     python train/gpu_check.py --out /tmp/gpu_check --smoke   # tiny sizes on the CPU (~2 minutes on 2 cores)
-    python train/gpu_check.py --write-reference              # regenerate train/gpu_check_reference.json (CPU)
+    python train/gpu_check.py --write-reference              # regenerate train/tools/gpu_check_reference.json (CPU)
 
 Parts, each in its own process(es) under a time limit (a failing or timed-out part is recorded and the next
 one runs; DIR/gpu_check.json is rewritten atomically after every part, and the benchmark's partial figures
@@ -13,7 +13,7 @@ after every measurement, so a time-out loses nothing already measured):
    batch 256 at 224 px: images/s, peak memory, FLOPs and MFU of each extractor's forward and of the routed
    model, eager / channels_last / SDPA off / torch.compile (train/benchmark.py's primitives).
 2. ``quickstart``: configs/quickstart.yaml for a fixed number of steps in fp32 (TF32 off) and bf16; training
-   losses and evaluation metrics against the CPU reference stored in train/gpu_check_reference.json. On a GPU
+   losses and evaluation metrics against the CPU reference stored in train/tools/gpu_check_reference.json. On a GPU
    machine the CPU run is also repeated live, so that a stored reference made stale by a later model change
    is told apart from a GPU difference (``stored_reference_stale``).
 3. ``parity``: ``accelerate launch`` of 1 process with batch N x b against N processes with batch b (NCCL on
@@ -55,9 +55,10 @@ if str(REPO) not in sys.path:  # `python train/gpu_check.py` puts train/ first o
 
 import torch  # noqa: E402
 
-from extractors.atomic import atomic_write_bytes  # noqa: E402
+from extractors.io.atomic import atomic_write_bytes  # noqa: E402
+from train.tools.jobs import job_failed, run_jobs, slim, tail  # noqa: E402
 
-REFERENCE = REPO / "train" / "gpu_check_reference.json"
+REFERENCE = REPO / "train" / "tools" / "gpu_check_reference.json"
 PARTS = ("bench", "quickstart", "parity", "scripts", "sync_audit")
 
 # Dense bf16 tensor-core peak TFLOP/s (vendor datasheets, no sparsity); the first pattern found in the device
@@ -123,7 +124,7 @@ SMOKE_PRETRAIN_METHOD = {
 # ---- small helpers ------------------------------------------------------------------------------------
 def write_json(path: Path, obj) -> None:
     """Strict JSON (NaN / inf -> null), written to a temp file and renamed."""
-    from train.metrics import json_safe
+    from train.training.metrics import json_safe
 
     atomic_write_bytes(Path(path), (json.dumps(json_safe(obj), indent=1, default=str) + "\n").encode())
 
@@ -136,10 +137,6 @@ def peak_tflops_for(device_name: str | None) -> tuple[float | None, str]:
     return None, f"no table entry for {device_name!r}; pass --peak-tflops"
 
 
-def tail(text: str, n: int = 3000) -> str:
-    return text[-n:] if text else ""
-
-
 def child_env(ctx, **extra) -> dict:
     """Environment of every child: offline hub, a few threads, the repo importable, no GPU in smoke mode."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -149,78 +146,6 @@ def child_env(ctx, **extra) -> dict:
         env["CUDA_VISIBLE_DEVICES"] = ""
     env.update({k: str(v) for k, v in extra.items()})
     return env
-
-
-def run_jobs(jobs: dict[str, dict], timeout: float, parallel: int, logs: Path) -> dict[str, dict]:
-    """Run {name: {"cmd", "env"}} with at most `parallel` at once; each gets its own process group, which is
-    stopped (SIGTERM, then SIGKILL) `timeout` seconds after the first start, or when this process is interrupted."""
-    logs.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout
-    pending, running, done = list(jobs), {}, {}
-
-    def finish(name, timed_out):
-        proc, t0 = running.pop(name)
-        out = (logs / f"{name}.out").read_text(errors="replace")
-        err = (logs / f"{name}.err").read_text(errors="replace")
-        done[name] = {"cmd": " ".join(map(str, jobs[name]["cmd"])), "rc": proc.returncode, "timed_out": timed_out,
-                      "seconds": round(time.monotonic() - t0, 1), "stdout_tail": tail(out, 1500),
-                      "stderr_tail": tail(err, 3000), "stdout": out}
-
-    try:
-        while pending or running:
-            while pending and len(running) < parallel and time.monotonic() < deadline:
-                name = pending.pop(0)
-                with open(logs / f"{name}.out", "w") as fo, open(logs / f"{name}.err", "w") as fe:
-                    proc = subprocess.Popen([str(c) for c in jobs[name]["cmd"]], cwd=REPO, env=jobs[name]["env"],
-                                            stdout=fo, stderr=fe, start_new_session=True)
-                running[name] = (proc, time.monotonic())
-            for name in [n for n, (proc, _) in running.items() if proc.poll() is not None]:
-                finish(name, False)
-            if time.monotonic() > deadline:
-                for name in list(running):
-                    stop_group(running[name][0])
-                    finish(name, True)
-                for name in pending:
-                    done[name] = {"cmd": " ".join(map(str, jobs[name]["cmd"])), "rc": None, "timed_out": True,
-                                  "seconds": 0.0, "skipped": "time limit reached before it started", "stdout": ""}
-                break
-            time.sleep(0.2)
-    finally:  # an interruption (SIGTERM from an outer `timeout`) stops what is still running
-        for proc, _ in running.values():
-            stop_group(proc)
-    return done
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the child's process group, SIGKILL after 5 s."""
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def job_failed(job: dict) -> str | None:
-    """Why a job failed (time-out, exit code with its last error line), or None."""
-    if job.get("skipped"):
-        return job["skipped"]
-    if job["timed_out"]:
-        return f"timed out after {job['seconds']} s"
-    if job["rc"] != 0:
-        lines = [ln for ln in (job.get("stderr_tail") or "").splitlines() if ln.strip()]
-        return f"exit code {job['rc']}: {lines[-1] if lines else '(no stderr)'}"
-    return None
-
-
-def slim(jobs: dict[str, dict]) -> dict[str, dict]:
-    """Job records for the JSON: the full stdout only where it failed."""
-    return {n: {k: v for k, v in j.items() if k != "stdout" and (k != "stdout_tail" or job_failed(j))}
-            for n, j in jobs.items()}
 
 
 def fresh_dir(path: Path) -> Path:
@@ -337,7 +262,7 @@ def write_reference() -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail(proc.stderr)}")
         summary = run_summary(out)
-    from train.benchmarking import hardware
+    from train.experiments.benchmarking import hardware
 
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
     ref = {"what": f"configs/quickstart.yaml, {steps} steps, fp32 on the CPU, 1 process, OMP_NUM_THREADS=1",
@@ -372,7 +297,7 @@ SETTINGS = {  # name -> (channels_last, sdpa, compile); bf16 autocast throughout
 
 def bench_child(args, out_path: Path) -> None:
     """Measure every workload in priority order until the part's deadline; rewrite `out_path` after each."""
-    from train.benchmarking import (
+    from train.experiments.benchmarking import (
         Settings,
         count_flops,
         hardware,
@@ -526,7 +451,7 @@ def cuda_sync_warnings():
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" not in str(message):
             return saved(message, category, filename, lineno, file, line)
-        from train.benchmarking import repo_line
+        from train.experiments.benchmarking import repo_line
 
         where = f"{filename}:{lineno} (a library)"
         for frame in inspect.stack()[1:]:
@@ -546,7 +471,7 @@ def cuda_sync_warnings():
 
 def sync_child(args, out_path: Path) -> None:
     from router import Router
-    from train.benchmarking import AUDIT_DRIVERS, Settings, sync_audit
+    from train.experiments.benchmarking import AUDIT_DRIVERS, Settings, sync_audit
 
     AUDIT_DRIVERS.add(Path(__file__).resolve())  # blame the repository line under this script, or the library
 
@@ -577,7 +502,7 @@ def torch_child(ctx, part: str, timeout: float) -> dict:
                      "--deadline-s", max(10, timeout - 15))
     if ctx.peak_tflops:
         cmd += ["--peak-tflops", ctx.peak_tflops]
-    jobs = run_jobs({part: {"cmd": cmd, "env": child_env(ctx)}}, timeout, 1, ctx.out / "logs")
+    jobs = run_jobs({part: {"cmd": cmd, "env": child_env(ctx)}}, timeout, 1, ctx.out / "logs", REPO)
     result = json.loads(path.read_text()) if path.is_file() else {}
     result["job"] = slim(jobs)[part]
     why = job_failed(jobs[part])
@@ -615,7 +540,7 @@ def part_quickstart(ctx, timeout):
         jobs[f"quickstart_{p}"] = {"cmd": python_cmd(REPO / "train" / "gpu_check.py", "--exec-finetune",
                                                      *quickstart_args(ctx.work / f"quickstart_{p}", steps)),
                                    "env": child_env(ctx, **env)}
-    done = run_jobs(jobs, timeout, ctx.parallel, ctx.out / "logs")
+    done = run_jobs(jobs, timeout, ctx.parallel, ctx.out / "logs", REPO)
     result = {"config": "configs/quickstart.yaml", "steps": steps, "device": ctx.device,
               "reference": f"{REFERENCE.relative_to(REPO)} ({ref['what']}, {ref['created']}, {ref.get('commit')})",
               "fp32_note": "TF32 off (torch.backends.cuda.matmul / cudnn allow_tf32 = False)",
@@ -673,7 +598,7 @@ def part_parity(ctx, timeout):
     jobs = {"parity_one": job("parity_one", 1, n * b, **{STRICT_FP32_ENV: "1"}),
             f"parity_{n}": job(f"parity_{n}", n, b, **({STRICT_FP32_ENV: "1"} if ctx.n_gpus > 1 else
                                                         {"CUDA_VISIBLE_DEVICES": ""}))}
-    done = run_jobs(jobs, timeout, ctx.parallel, ctx.out / "logs")
+    done = run_jobs(jobs, timeout, ctx.parallel, ctx.out / "logs", REPO)
     kind = "same_device" if one_on == many_on.split()[0] else "cpu_vs_gpu"
     tol = TOLERANCES["parity"][kind]
     result = {"one": {"processes": 1, "batch": n * b, "device": one_on},
@@ -707,7 +632,7 @@ def part_parity(ctx, timeout):
 
 
 def part_scripts(ctx, timeout):
-    from train.synthetic import write_synthetic_dataset
+    from train.training.synthetic import write_synthetic_dataset
 
     gpu = ctx.mode == "gpu"
     pool = ctx.work / "pool"
@@ -728,7 +653,7 @@ def part_scripts(ctx, timeout):
                               f"data.root={pool}", "data.datasets=[shapes]", f"train.max_steps={steps}",
                               f"train.log_every={max(1, steps // 4)}", "train.batch_size=" + ("256" if gpu else "4"), *extra),
             "env": child_env(ctx)}
-    done = run_jobs(jobs, timeout, ctx.parallel, ctx.out / "logs")
+    done = run_jobs(jobs, timeout, ctx.parallel, ctx.out / "logs", REPO)
     result = {"jobs": slim(done), "pool": f"synthetic shapes ({'256' if gpu else '12'} images), not the real datasets",
               "pretrain_steps": steps, "runs": {}}
     why = job_failed(done["compare"])
@@ -846,7 +771,7 @@ def main(argv: list[str] | None = None) -> dict | int:
     if not args.out:
         raise SystemExit("--out DIR is required")
 
-    from train.benchmarking import hardware
+    from train.experiments.benchmarking import hardware
 
     mode = "smoke" if args.smoke or not torch.cuda.is_available() else "gpu"
     cfg = MODES[mode]

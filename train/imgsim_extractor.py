@@ -19,7 +19,7 @@ from pathlib import Path
 
 import timm
 
-from extractors.checkpoints import load_state_dict_file, load_state_dict_strict
+from extractors.io.weights import load_state_dict_file, load_state_dict_strict
 from extractors.timm_backend import TimmExtractor, save_timm_extractor
 
 PREFIX = "module.pre."

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from extractors.atomic import atomic_write_bytes
+from extractors.io.atomic import atomic_write_bytes
+from extractors.io.images import DEFAULT_MAX_PIXELS
 from router import Router
-from router.inputs import DEFAULT_MAX_PIXELS
-from train.errors import RunError, run_cli
-from train.predicting import class_colours, find_images, labels_csv, mask_png, run_meta
+from train.training.errors import RunError, run_cli
+from train.training.predicting import class_colours, find_images, labels_csv, mask_png, run_meta
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -7,7 +7,7 @@ optimizer steps), tb/ (with train.tensorboard: accelerate's TensorBoard tracker)
 timm's own format (config.json + model.safetensors, a plain timm ViT) that
 ``timm.create_model("local-dir:<output-dir>/final")`` opens and ``create_extractor("timm:local-dir:<output-dir>/final")``
 (or ``"local-dir:..."``) loads like any other extractor. A run into a dir holding a previous run is refused unless
---overwrite, and a dir in use by another run is refused naming it (train/rundir.py).
+--overwrite, and a dir in use by another run is refused naming it (train/training/rundir.py).
 The methods, the pool and the loop are train/selfsup/.
 """
 
@@ -23,12 +23,12 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
-from extractors.atomic import atomic_write_bytes
-from train.config import load_pretrain_config
-from train.errors import run_cli
-from train.rundir import PRETRAIN_OUTPUTS, add_run_dir_args, claim_output_dir, with_run_dir
+from extractors.io.atomic import atomic_write_bytes
+from train.selfsup.pretrain_config import load_pretrain_config
 from train.selfsup.pretraining import build_pool, build_pretrainer, make_optimizer, pretrain, save_encoder
 from train.selfsup.unlabeled import partition_indices
+from train.training.errors import run_cli
+from train.training.rundir import PRETRAIN_OUTPUTS, add_run_dir_args, claim_output_dir, with_run_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

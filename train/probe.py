@@ -4,7 +4,7 @@
         --extractor mae=local-dir:runs/mae/final --extractor smir=local-dir:runs/smir/final \\
         --extractor dino=local-dir:runs/dino/final --output runs/probe.json
 
-What the probes are and how they are scored: train/probing.py.
+What the probes are and how they are scored: train/experiments/probing.py.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from extractors import create_extractor
-from extractors.atomic import atomic_write_bytes
-from train.config import data_root
-from train.probing import extract, load_probe_data, load_split, probe_cls, probe_metric, probe_seg
+from extractors.io.atomic import atomic_write_bytes
+from train.experiments.probing import extract, load_probe_data, load_split, probe_cls, probe_metric, probe_seg
+from train.training.config import data_root
 
 
 def parse_named(items: list[str], flag: str) -> list[tuple[str, str]]:

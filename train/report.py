@@ -3,7 +3,7 @@
     python train/report.py runs/cmp                                   # what is done, naming what is missing
     python train/report.py --merge runs/cmp runs/cmp_more_seeds --output runs/cmp_all
 
-The tables and plots are train/reporting.py.
+The tables and plots are train/experiments/reporting.py.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from train.errors import RunError
-from train.reporting import load_run, merge_runs, write_report
+from train.experiments.reporting import load_run, merge_runs, write_report
+from train.training.errors import RunError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Issue 24 (docs/gate.md): gated_image (as shipped) against a candidate gated variant on configs/compare_gate.yaml,
 seeds 0-2: round 1 `gated_image_taskbias`, round 2 `gated_image_probe`. Reads
-runs/cmp_gate_*/results/<variant>/seed_<n>.json; agreement as in train/gate_proof (seed-averaged weights and
+runs/cmp_gate_*/results/<variant>/seed_<n>.json; agreement as in train/experiments/gate_proof (seed-averaged weights and
 drops, Spearman); prints the markdown of the round's tables and the rule's figures."""
 import json
 import statistics as st
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.gate_proof import spearman
+from train.experiments.gate_proof import spearman
 
 PRIMARY = {"mtd_defect_seg": "fg_iou", "mtd_defect_type": "balanced_accuracy", "cfd_seg": "fg_iou",
            "camvid_seg": "mIoU", "flowers_cls": "balanced_accuracy"}

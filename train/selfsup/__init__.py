@@ -4,7 +4,7 @@
 
 """
 
-from train.config import PretrainConfig, load_pretrain_config
+from train.selfsup.pretrain_config import PretrainConfig, load_pretrain_config
 
 from .dino import DINOHead, DINOPretrainer
 from .encoder import build_encoder, encode_visible

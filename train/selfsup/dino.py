@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from extractors.timm_backend import TimmExtractor
-from train.config import DINOConfig
+from train.selfsup.pretrain_config import DINOConfig
 
 
 class DINOHead(nn.Module):
@@ -52,7 +52,7 @@ class DINOHead(nn.Module):
 class DINOPretrainer(nn.Module):
     """Student + EMA teacher. ``forward(views)`` returns ``{"loss": ...}``; call `update_teacher` after each step.
 
-    >>> from train.config import PretrainModelConfig, DINOConfig
+    >>> from train.selfsup.pretrain_config import PretrainModelConfig, DINOConfig
     >>> from train.selfsup.encoder import build_encoder
     >>> dino = DINOPretrainer(build_encoder(PretrainModelConfig(kwargs={"img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2})),
     ...                       DINOConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, local_crops=2))

@@ -10,7 +10,7 @@ import torch
 from einops import rearrange
 
 from extractors.timm_backend import TimmExtractor, create_timm_model, is_vit
-from train.config import PretrainModelConfig
+from train.selfsup.pretrain_config import PretrainModelConfig
 
 
 def build_encoder(cfg: PretrainModelConfig) -> TimmExtractor:

@@ -12,7 +12,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from extractors.timm_backend import TimmExtractor
-from train.config import DecoderConfig
+from train.selfsup.pretrain_config import DecoderConfig
 
 from .encoder import encode_visible, patchify
 
@@ -96,7 +96,7 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
 class MAEPretrainer(nn.Module):
     """MAE with random masking. ``forward(images)`` returns ``{"loss": ...}``.
 
-    >>> from train.config import DecoderConfig, PretrainModelConfig
+    >>> from train.selfsup.pretrain_config import DecoderConfig, PretrainModelConfig
     >>> from train.selfsup.encoder import build_encoder
     >>> mae = MAEPretrainer(build_encoder(PretrainModelConfig(kwargs={"img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2})),
     ...                     DecoderConfig(dim=32, depth=1, num_heads=2))

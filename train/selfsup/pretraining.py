@@ -17,13 +17,13 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from extractors.timm_backend import save_timm_extractor
-from train.config import PretrainConfig
-from train.optim import decay_groups, warmup_cosine
 from train.selfsup.dino import DINOPretrainer
 from train.selfsup.encoder import build_encoder, saved_model_kwargs
 from train.selfsup.mae import MAEPretrainer
+from train.selfsup.pretrain_config import PretrainConfig
 from train.selfsup.smir import SMIRPretrainer
 from train.selfsup.unlabeled import MultiCropTransform, UnlabeledImages, crop_transform
+from train.training.optim import decay_groups, warmup_cosine
 
 
 # ---- the pieces a method needs -------------------------------------------------------------------------
@@ -51,7 +51,7 @@ def build_pool(cfg: PretrainConfig) -> UnlabeledImages:
 
 
 def make_optimizer(module: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, weight decay on 2-D+ ones only (train/optim.py)."""
+    """AdamW over the trainable parameters, weight decay on 2-D+ ones only (train/training/optim.py)."""
     t = cfg.train
     return torch.optim.AdamW(decay_groups((p for p in module.parameters() if p.requires_grad), t.weight_decay),
                              lr=t.lr, betas=tuple(t.betas))

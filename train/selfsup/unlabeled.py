@@ -15,14 +15,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from router.inputs import read_image
-from train.data import split_images
+from extractors.io.images import read_image
+from train.training.data import split_images
 
 
 def list_pool_images(root: Path, datasets: Sequence[str], splits: Sequence[str] = ("train",)) -> list[Path]:
     """Image files of `datasets` (folders under `root`) whose splits.csv split is in `splits`, sorted per dataset.
 
-    The folders are read by :func:`train.data.split_images`, the reader of fine-tuning (BOM, Unicode and suffix case
+    The folders are read by :func:`train.training.data.split_images`, the reader of fine-tuning (BOM, Unicode and suffix case
     handled the same way).
     """
     root = Path(root)
@@ -43,7 +43,7 @@ def list_pool_images(root: Path, datasets: Sequence[str], splits: Sequence[str] 
 
 
 def load_rgb(path: Path, short_side: int | None = None) -> Image.Image:
-    """An image as RGB (greyscale repeated), decoded by :func:`router.inputs.read_image` (EXIF orientation applied, 16-bit
+    """An image as RGB (greyscale repeated), decoded by :func:`extractors.io.images.read_image` (EXIF orientation applied, 16-bit
     scaled); optionally its short side resized to `short_side`."""
     rgb = read_image(Path(path), 3).mul(255).round_().to(torch.uint8)
     im = Image.fromarray(rgb.permute(1, 2, 0).numpy())

@@ -29,14 +29,14 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from train.metrics import SegMetrics
+from train.training.metrics import SegMetrics
 
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)  # foreground-fraction thresholds tried for a two-class task
 ALL = "all"  # the group name of every image together
 
 
 class GroupIoU:
-    """The training metric (train/metrics.py's SegMetrics) of predictions against masks, overall and per image group.
+    """The training metric (train/training/metrics.py's SegMetrics) of predictions against masks, overall and per image group.
 
     ``score()`` is what a task is scored by: the foreground IoU for two classes, else the mean IoU over the classes
     that occur. For two classes it also counts, per group, the images with foreground and those where the

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from extractors.atomic import current_umask
+from extractors.io.atomic import current_umask
 
 SHAPES = ("circle", "square", "triangle")
 IGNORE_INDEX = 255
@@ -110,7 +110,7 @@ def write_synthetic_dataset(
         "classes": ["background", "shape"],
         "image_classes": list(SHAPES),
         "mask_encoding": "uint8 0=background 1=shape" + (f", {IGNORE_INDEX}=outline (ignore)" if ignore_border else ""),
-        "source": "train/synthetic.py (procedural shapes on textured backgrounds)",
+        "source": "train/training/synthetic.py (procedural shapes on textured backgrounds)",
         "generator": params,
     }
     if ignore_border:

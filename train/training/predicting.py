@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from router.config import load_yaml_or_json
-from train.data import IMAGE_SUFFIXES
+from train.training.data import IMAGE_SUFFIXES
 
 Colour = tuple[int, int, int]
 
@@ -88,7 +88,7 @@ def run_meta(model_dir: Path, task: str) -> Path | None:
     config = Path(model_dir).parent / "config.yaml"
     if Path(model_dir).name != "final" or not config.is_file():
         return None
-    from train.config import data_root, load_config_file
+    from train.training.config import data_root, load_config_file
 
     data = load_config_file(config).get("data") or {}
     source = next((t for t in data.get("tasks") or [] if t.get("name") == task), None)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from extractors import check_images
-from extractors.checkpoints import load_state_dict_file
+from extractors.io.weights import load_state_dict_file
 from heads.seg import prior_logits
 
 # peer variant name -> whether its encoder trains

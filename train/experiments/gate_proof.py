@@ -1,6 +1,6 @@
 """Proof that a gate is right: ablation importance, its agreement with the gate, task spread, the oracle single.
 
-- ablation (:func:`ablation_scores`, run by :mod:`train.comparison` on val after training, for every gated variant):
+- ablation (:func:`ablation_scores`, run by :mod:`train.experiments.comparison` on val after training, for every gated variant):
   per task and extractor, the task's primary metric without that extractor (``Router.forward(keep=the others)``,
   the kept gate weights renormalised) and with it alone (``keep=[it]``); its importance is the drop
   ``full - without``. Rows: ``{variant, seed, task, metric, extractor, full, without, only, drop}``.
@@ -11,7 +11,7 @@
 - oracle single (:func:`oracle_single`): per task, the single-extractor variant best on that task's val score (a
   choice made on the evaluation data itself, so an optimistic bound, not a variant one could ship).
 
-The tables of train/reporting.py and the model card (router/card.py's ``ablation`` / ``agreement`` keys) show them.
+The tables of train/experiments/reporting.py and the model card (router/card.py's ``ablation`` / ``agreement`` keys) show them.
 
 >>> round(spearman([0.7, 0.2, 0.1], [5.0, 1.0, 2.0]), 3)
 0.5
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from extractors.atomic import atomic_write_bytes
+from extractors.io.atomic import atomic_write_bytes
 
 ABLATION_FIELDS = ("full", "without", "only", "drop")
 
@@ -99,7 +99,7 @@ def cells(m: np.ndarray) -> list[list[float | None]]:
 # ---- tables for summary.json --------------------------------------------------------------------------------------
 def ablation_metric_rows(ablation_rows: list[dict]) -> list[dict]:
     """Ablation rows as metric rows ``{variant, seed, task, metric: (field, extractor), value}``, the input of
-    train/reporting.py's ``aggregate`` (mean and std over seeds)."""
+    train/experiments/reporting.py's ``aggregate`` (mean and std over seeds)."""
     return [{"variant": r["variant"], "seed": r["seed"], "task": r["task"], "metric": (f, r["extractor"]), "value": r[f]}
             for r in ablation_rows for f in ABLATION_FIELDS]
 

@@ -42,16 +42,16 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from extractors.io.images import HIGH_DEPTH_MODES, IMAGE_ERRORS, read_image
 from router.config import TaskConfig, load_yaml_or_json
-from router.inputs import HIGH_DEPTH_MODES, IMAGE_ERRORS, read_image
-from train.config import DATA_ENV, DataConfig, DataTaskConfig, ExperimentConfig, data_root
+from train.training.config import DATA_ENV, DataConfig, DataTaskConfig, ExperimentConfig, data_root
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 # ---- locating datasets ------------------------------------------------------------------------------
 def resolve_data_root(data: DataConfig, output_dir: str | Path | None = None) -> Path:
-    """data.synthetic -> <output_dir>/data; else :func:`train.config.data_root` (data.root, $BACKBONE_ROUTER_DATA,
+    """data.synthetic -> <output_dir>/data; else :func:`train.training.config.data_root` (data.root, $BACKBONE_ROUTER_DATA,
     ../shared/data next to the repository), which must be a folder."""
     if data.synthetic is not None:
         if output_dir is None:
@@ -395,7 +395,7 @@ def prepare_experiment_data(cfg: ExperimentConfig, output_dir: Path, is_main_pro
     Returns the data root and the loaded tasks.
     """
     if cfg.data.synthetic is not None:
-        from train.synthetic import write_synthetic_dataset
+        from train.training.synthetic import write_synthetic_dataset
 
         if is_main_process:
             s = cfg.data.synthetic

@@ -1,4 +1,4 @@
-"""Evaluation of one task: metrics (torchmetrics, train/metrics.py) and the mean gate, from model outputs.
+"""Evaluation of one task: metrics (torchmetrics, train/training/metrics.py) and the mean gate, from model outputs.
 
 Fine-tuning and the comparison both score a task through :func:`evaluate_task`: the caller runs the model
 (its own way: a DataLoader under accelerate, or precomputed views and features) and passes the outputs with
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from train.metrics import GateMeter, task_metrics
+from train.training.metrics import GateMeter, task_metrics
 
 
 @dataclass
@@ -30,7 +30,7 @@ def batch_part(out: dict[str, torch.Tensor], target: torch.Tensor, task_type: st
     """What the meters need from one batch: predictions, targets, foreground probability, gates."""
     logits = out[task_type].float()
     part = {"pred": logits.argmax(1), "target": target}
-    if "gate" in out:  # a peer (train/peers.py) has none
+    if "gate" in out:  # a peer (train/experiments/peers.py) has none
         part["gate"] = out["gate"].float()
         if out.get("gate_levels") is not None:
             part["gate_levels"] = out["gate_levels"].float()

@@ -21,17 +21,17 @@ import torch
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from extractors.atomic import atomic_write_bytes
+from extractors.io.atomic import atomic_write_bytes
 from heads.losses import TaskLoss
 from router.outputs import training_loss
-from train.checkpoints import disk_full_error, latest_checkpoint, replace_dir, save_checkpoint
-from train.config import ExperimentConfig
-from train.data import foreground_prior
-from train.evaluation import TaskEval, evaluate_task, pool_gates
-from train.faults import injected_fault
-from train.metrics import json_safe
-from train.optim import lr_factor, set_lrs
-from train.phase2 import Phase2, set_train_mode
+from train.training.checkpoints import disk_full_error, latest_checkpoint, replace_dir, save_checkpoint
+from train.training.config import ExperimentConfig
+from train.training.data import foreground_prior
+from train.training.evaluation import TaskEval, evaluate_task, pool_gates
+from train.training.faults import injected_fault
+from train.training.metrics import json_safe
+from train.training.optim import lr_factor, set_lrs
+from train.training.phase2 import Phase2, set_train_mode
 
 
 def binary_seg_priors(tasks: dict, accelerator) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """A comparison's results per (variant, seed), on disk the moment they are done: what is done, what is missing.
 
 ``<output_dir>/results/<variant>/seed_<seed>.json`` holds one trained pair: its metric, gate, sweep and ablation
-rows (:mod:`train.gate_proof`; files from before them have none, and report as before), its training seconds and the
+rows (:mod:`train.experiments.gate_proof`; files from before them have none, and report as before), its training seconds and the
 settings that produced it (the resolved config less what cannot change a number, plus the variant's own model
 section). Each file is written atomically, so a crash, a kill or a timeout loses at most the
 pairs in training, and a pair trained under other settings is never mixed into a run: it is an error naming the
@@ -30,11 +30,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from extractors.atomic import atomic_write_bytes
+from extractors.io.atomic import atomic_write_bytes
 from router.config import FORMAT_VERSION, RouterConfig
-from train.config import config_differences
-from train.errors import RunError
-from train.metrics import json_safe
+from train.training.config import config_differences
+from train.training.errors import RunError
+from train.training.metrics import json_safe
 
 RESULTS_DIR = "results"
 # What cannot change any number of a pair: where the feature cache lives, threads, the feature batch, loader

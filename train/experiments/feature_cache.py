@@ -34,7 +34,7 @@ A shard is written atomically (temp file, fsync, rename) with the misses of one 
 processes never see half a shard; entries written by another process are found by rescanning the folder (an entry
 in two shards is read from the newer one).
 
-Integrity: each shard's metadata holds a CRC-32 per tensor (``extractors.atomic.atomic_save_safetensors``). The
+Integrity: each shard's metadata holds a CRC-32 per tensor (``extractors.io.atomic.atomic_save_safetensors``). The
 first read of an entry checks its tensors against them; an entry that does not match (a flipped byte on disk), or a
 shard that no longer opens, is named in a warning and recomputed like a miss (a call without images then raises,
 naming the shard). Shards written before the checksums existed are read unchecked.
@@ -67,7 +67,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from extractors import Extractor, ExtractorOutput
-from extractors.atomic import CHECKSUM_KEY, atomic_save_safetensors, atomic_write_bytes, tensor_crc32
+from extractors.io.atomic import CHECKSUM_KEY, atomic_save_safetensors, atomic_write_bytes, tensor_crc32
 
 KEY_NAME = "key.json"
 SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".safetensors"

@@ -4,7 +4,7 @@ Input is what ``train/compare.py`` logs: metric rows ``{variant, seed, task, met
 ``{variant, seed, task, extractor, family, level, weight}`` (the mean gate weight over the val images; ``level``
 None or absent: averaged over the model's levels, else the level's stride), sweep rows
 ``{variant, seed, task, thresholds, precision, recall, iou, fpr}``, ablation rows
-``{variant, seed, task, metric, extractor, full, without, only, drop}`` (gated variants; :mod:`train.gate_proof`,
+``{variant, seed, task, metric, extractor, full, without, only, drop}`` (gated variants; :mod:`train.experiments.gate_proof`,
 absent from runs before them) and a ``meta`` dict (tasks, primary metric per task, variants and their kinds,
 extractors and their families, budget, timings, notes). Every figure is computed from those rows, so the report
 can be rebuilt from a finished run (``train/report.py`` is the command line over this module)::
@@ -38,9 +38,9 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from extractors.atomic import atomic_write_bytes  # noqa: E402
+from extractors.io.atomic import atomic_write_bytes  # noqa: E402
 from router.card import plot_gate_panels  # noqa: E402
-from train.gate_proof import (  # noqa: E402
+from train.experiments.gate_proof import (  # noqa: E402
     ablation_metric_rows,
     ablation_table,
     agreement_table,
@@ -119,7 +119,7 @@ def data_line(meta: dict) -> str:
     train, val = budget.get("train_items") or {}, budget.get("val_items") or {}
     parts = [f"{t} on {(meta.get('datasets') or {}).get(t, '?')} ({train.get(t, '?')} train / {val.get(t, '?')} val "
              "images)" for t in meta["tasks"]]
-    synthetic = " (synthetic: train/synthetic.py)" if meta.get("synthetic") else ""
+    synthetic = " (synthetic: train/training/synthetic.py)" if meta.get("synthetic") else ""
     return (f"Data: {', '.join(parts)}{synthetic}. Budget per variant and seed: {budget.get('max_steps', '?')} steps "
             f"of batch {budget.get('batch_size', '?')}; seeds {seeds}.")
 
@@ -209,7 +209,7 @@ def level_table(agg: dict, meta: dict, gate_rows: list[dict]) -> dict[str, dict[
 
 
 def gate_proof_tables(meta: dict, gate_rows: list[dict], ablation_rows: list[dict]) -> dict[str, Any]:
-    """summary.json's ``ablation``, ``agreement`` and ``spread`` of the gated variants (:mod:`train.gate_proof`);
+    """summary.json's ``ablation``, ``agreement`` and ``spread`` of the gated variants (:mod:`train.experiments.gate_proof`);
     a variant without ablation rows (switched off, or a run from before them) has no ablation / agreement entry."""
     tasks, exts = meta["tasks"], meta["extractors"]
     gated = [v for v in meta["variants"] if meta["kinds"][v] == "routed"]
@@ -504,7 +504,7 @@ def load_run(run: Path) -> tuple[list[dict], list[dict], list[dict], list[dict],
     """Metric, gate, sweep and ablation rows and the meta dict of a finished train/compare.py output dir (no
     ablation.json, a run from before it: no ablation rows)."""
     if (run / "results" / "meta.json").is_file():  # the per-(variant, seed) files: whatever is done, naming the rest
-        from train.results import load_partial
+        from train.experiments.results import load_partial
 
         return load_partial(run)
     needed = [run / n for n in ("results.json", "gates.json", "sweeps.json", "summary.json")]

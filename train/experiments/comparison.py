@@ -12,11 +12,11 @@ the number of precomputed views and the feature cache. Variants:
   overrides (e.g. ``gate.temperature: 2`` or ``extractors.0.frozen: false``; an unfrozen extractor runs live,
   outside the cache);
 - ``peer_unet_frozen``, ``peer_unet_finetuned``: not a Router but what a user would pick instead, an smp U-Net
-  on the ImageNet MobileNetV2 of ``compare.peer_checkpoint`` (:mod:`train.peers`), on the images of the same
+  on the ImageNet MobileNetV2 of ``compare.peer_checkpoint`` (:mod:`train.experiments.peers`), on the images of the same
   views, segmentation tasks only.
 
 Following dinov2 ``eval/linear.py``, the frozen extractors run once per image and view (through
-:class:`train.feature_cache.FeatureCache` on disk, so a second comparison runs none), and for each seed all
+:class:`train.experiments.feature_cache.FeatureCache` on disk, so a second comparison runs none), and for each seed all
 variants are trained side by side on the very same batches. Augmentation is a fixed set of V views per
 training image (view 0: the eval transform; views 1..V-1: seeded random resized crops, flips and jitter,
 the mask or label travelling with its view); each training batch uses one view.
@@ -24,11 +24,11 @@ the mask or label travelling with its view); each training batch uses one view.
 The output dir gets results.csv / results.json (rows variant, seed, task, metric, value), gates.json,
 sweeps.json, ablation.json, summary.json, results.md and the plots of :mod:`train.report`, plus config.yaml
 (resolved). With ``compare.ablation`` (the default) every gated variant is also scored on val without each extractor
-and with it alone (``Router.forward(keep=...)``): the gate proof of :mod:`train.gate_proof`.
+and with it alone (``Router.forward(keep=...)``): the gate proof of :mod:`train.experiments.gate_proof`.
 Each (variant, seed) result is written to results/<variant>/seed_<seed>.json the moment it is done
-(:mod:`train.results`); processes never wait for each other at a collective while one trains; ``--resume``
+(:mod:`train.experiments.results`); processes never wait for each other at a collective while one trains; ``--resume``
 trains the seeds that still miss a result, and ``report.py <output dir>`` reports whatever is done. One run at a
-time per output dir, no overwrite without --overwrite (:mod:`train.rundir`).
+time per output dir, no overwrite without --overwrite (:mod:`train.training.rundir`).
 """
 
 from __future__ import annotations
@@ -51,18 +51,19 @@ from extractors import Extractor, create_extractor
 from heads.losses import build_loss
 from router import Router, RouterConfig
 from router.outputs import training_loss
-from train.config import CompareConfig, ExperimentConfig, TrainConfig, apply_override
-from train.data import (
+from train.experiments.compare_config import CompareConfig
+from train.experiments.feature_cache import FeatureCache
+from train.experiments.gate_proof import ablation_scores
+from train.experiments.peers import PEER_VARIANTS, UnetPeer, build_peer
+from train.training.config import ExperimentConfig, TrainConfig, apply_override
+from train.training.data import (
     TaskData,
     TaskDataset,
     TaskSchedule,
     foreground_prior,
 )
-from train.evaluation import evaluate_task
-from train.feature_cache import FeatureCache
-from train.gate_proof import ablation_scores
-from train.optim import lr_factor, make_optimizer, set_lrs
-from train.peers import PEER_VARIANTS, UnetPeer, build_peer
+from train.training.evaluation import evaluate_task
+from train.training.optim import lr_factor, make_optimizer, set_lrs
 
 VARIANT_RE = re.compile(r"^(single|mean|concat|gated_(task|image|token)(_top(\d+))?)$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -73,7 +74,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 @dataclass
 class Variant:
     name: str  # unique name in tables and plots, e.g. "single_mnv2" or "gated_token_top2"
-    kind: str  # "single", "mean", "concat", "routed" or "peer" (train/peers.py: not a Router)
+    kind: str  # "single", "mean", "concat", "routed" or "peer" (train/experiments/peers.py: not a Router)
     model: RouterConfig  # the model section this variant trains (a peer: the experiment's, for its tasks)
 
 
@@ -268,7 +269,7 @@ def build_router(variant: Variant, shared: dict[str, Extractor], seed: int, prio
 
 
 def variant_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (train/optim.py); unfrozen extractors (a peer's encoder) at phase2_lr_scale x lr."""
+    """AdamW (train/training/optim.py); unfrozen extractors (a peer's encoder) at phase2_lr_scale x lr."""
     pretrained = model.is_pretrained if isinstance(model, UnetPeer) else (lambda k: k.startswith("extractors."))
     params = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     return make_optimizer([p for k, p in params if not pretrained(k)], t, [p for k, p in params if pretrained(k)])
@@ -298,7 +299,7 @@ class Comparison:
         self.device, self.progress, self.say = device, progress, say
         self.task_names = list(tasks)
         self.seg_classes = {n: td.task.num_classes for n, td in tasks.items() if td.task.type == "seg"}
-        # Peers (train/peers.py) serve the segmentation tasks only
+        # Peers (train/experiments/peers.py) serve the segmentation tasks only
         self.serves = {v.name: list(self.seg_classes) if v.kind == "peer" else self.task_names for v in variants}
         self.aux_weight = {v.name: 0.0 if v.kind == "peer" else v.model.head.aux_weight for v in variants}
         self.views: dict[str, dict[str, ViewSet]] = {}
@@ -389,7 +390,7 @@ class Comparison:
 
     @torch.no_grad()
     def ablate(self, model: Router, name: str, seed: int, results: dict[str, dict]) -> list[dict]:
-        """Ablation rows of a gated variant (train/gate_proof.py): per served task and extractor, the primary metric
+        """Ablation rows of a gated variant (train/experiments/gate_proof.py): per served task and extractor, the primary metric
         on val without it and with it alone, scored as :meth:`evaluate` scores (`results`: its metrics, the full)."""
         model.eval()
         rows = []

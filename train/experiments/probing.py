@@ -1,8 +1,8 @@
 """Frozen-feature linear probes (the library behind ``train/probe.py``): data, features, probes.
 
 Any dataset folder in the layout of docs/data.md can be probed: it is read by the reader fine-tuning uses
-(:func:`train.data.load_task_data`, the train and ``test`` splits; without a test split, val is carved from
-train as in fine-tuning) through a :class:`train.config.DataConfig`, and every image (mask: nearest) is resized
+(:func:`train.training.data.load_task_data`, the train and ``test`` splits; without a test split, val is carved from
+train as in fine-tuning) through a :class:`train.training.config.DataConfig`, and every image (mask: nearest) is resized
 by the fine-tuning eval transform to --size x --size. A folder with ``masks/`` is a segmentation task (name
 ``folder:cls`` to probe its labels.csv instead); classes and the ignore index come from its meta.json.
 
@@ -10,7 +10,7 @@ For every extractor, features of the train and test images are computed once (fr
 a linear probe is trained on the train features and scored on the test split (dinov2 eval/linear.py):
 
 - segmentation: a 1x1 conv on the dense map (`--layers n`: the last n blocks concatenated), logits upsampled to
-  the mask; scored by torchmetrics (train/metrics.py) over the whole test split: the foreground IoU of a binary
+  the mask; scored by torchmetrics (train/training/metrics.py) over the whole test split: the foreground IoU of a binary
   task (``fg_iou``), else the mIoU over the classes (``mIoU``), ignore_index ignored.
 - classification: a linear layer on [pooled vector, mean of the dense map]; ``accuracy``.
 
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from router.config import TaskConfig
-from train.config import DataConfig, DataTaskConfig
-from train.data import TaskData, TaskDataset, load_task_data
-from train.metrics import primary_metric, task_metrics
+from train.training.config import DataConfig, DataTaskConfig
+from train.training.data import TaskData, TaskDataset, load_task_data
+from train.training.metrics import primary_metric, task_metrics
 
 
 # ---- data: images resized once, shared by all extractors ------------------------------------------------------
@@ -109,7 +109,7 @@ def fit_head(head: torch.nn.Module, train_x: torch.Tensor, loss_of, epochs: int,
 
 def probe_seg(train_x, train_y, test_x, test_y, classes: int, ignore: int | None, epochs: int, lr: float,
               seed: int) -> dict:
-    """1x1-conv probe on dense maps; returns the test split's segmentation metrics (train/metrics.py)."""
+    """1x1-conv probe on dense maps; returns the test split's segmentation metrics (train/training/metrics.py)."""
     torch.manual_seed(seed)
     train_x, test_x = _standardize(train_x, test_x, (0, 2, 3))
     head = torch.nn.Conv2d(train_x.shape[1], classes, 1)

@@ -7,12 +7,12 @@ One run measures, for every batch size and resolution asked for:
   choice forced onto each extractor, so every "top-1 / chosen single" ratio is measured), and the router
   alone on each extractor's precomputed features (``router_only->X``: gate, alignment, fusion and head, a
   direct measurement of what top-1 adds to X, less noisy than the difference of two totals);
-* a training step (forward, loss, backward, AdamW step of train/optim.py) of the single-extractor router
+* a training step (forward, loss, backward, AdamW step of train/training/optim.py) of the single-extractor router
   (``fusion: single``) and of the routed model, frozen extractors as configured;
 * images/s (median over repetitions after warm-up), peak memory, FLOPs (``FlopCounterMode``), and MFU when
   ``--peak-tflops`` is given;
 
-then the epoch time of head training on frozen features (the disk cache of ``train/feature_cache.py``,
+then the epoch time of head training on frozen features (the disk cache of ``train/experiments/feature_cache.py``,
 read back every step) versus recomputing the features, an audit of
 host-device syncs in the training step, and (``--ablate``) each speed option measured off and on.
 
@@ -48,7 +48,7 @@ from collections import Counter
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
@@ -57,7 +57,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from extractors import create_extractor  # noqa: E402
 from heads import build_loss  # noqa: E402
 from router import Router, RouterConfig  # noqa: E402
-from train.config import apply_override  # noqa: E402
+from train.training.config import apply_override  # noqa: E402
 
 GOALS = {  # name -> (target, "<=" or ">=")
     "routed_over_sum_of_singles": (1.05, "<="),
@@ -273,8 +273,8 @@ def features_fn(model: Router, images, settings: Settings, task: str, features: 
 def train_step_fn(model: Router, task: str, images, target, settings: Settings, features=None):
     """Forward, the project's loss (ce) + gate aux loss, backward, AdamW step, zero_grad."""
     loss_fn = build_loss("ce")
-    from train.config import TrainConfig
-    from train.optim import make_optimizer
+    from train.training.config import TrainConfig
+    from train.training.optim import make_optimizer
 
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], TrainConfig(lr=1e-4))
     key = "seg" if model.config.task(task).type == "seg" else "cls"
@@ -430,10 +430,10 @@ def prepared(model: Router, settings: Settings, images: torch.Tensor, fn, train:
 
 # ---- frozen-feature cache --------------------------------------------------------------------------
 def feature_reader(model: Router, batches: list[torch.Tensor], res: int, cache_dir: str | None):
-    """Fills the disk frozen-feature cache (train/feature_cache.py) and returns a reader of batch i's features."""
+    """Fills the disk frozen-feature cache (train/experiments/feature_cache.py) and returns a reader of batch i's features."""
     import tempfile
 
-    from train.feature_cache import FeatureCache
+    from train.experiments.feature_cache import FeatureCache
 
     root = cache_dir or tempfile.mkdtemp(prefix="bench_feature_cache_")
     cache = FeatureCache(root)
@@ -450,7 +450,7 @@ def feature_reader(model: Router, batches: list[torch.Tensor], res: int, cache_d
                     for k, v in cache.get_or_compute(model.extractors[n], ids[i], None, transform=transform).items()}
                 for n in frozen}
 
-    return read, f"disk (train/feature_cache.py at {root})"
+    return read, f"disk (train/experiments/feature_cache.py at {root})"
 
 
 def cache_epochs(model: Router, task: str, args, settings: Settings) -> dict:
@@ -613,9 +613,9 @@ def run_benchmark(args, command: str) -> dict:
 
 
 # ---- the training step from cached features: the routed pyramid next to the smp U-Net peers (issue 28) ----------
-# The step of Comparison.train_seed (train/comparison.py) for one micro-batch of one segmentation task: forward on
+# The step of Comparison.train_seed (train/experiments/comparison.py) for one micro-batch of one segmentation task: forward on
 # the cached frozen features (a peer runs its encoder on the images instead), the task loss (+ auxiliary seg head,
-# + the gate's aux loss), backward, grad-norm clipping, the AdamW step of train/optim.py, zero_grad.
+# + the gate's aux loss), backward, grad-norm clipping, the AdamW step of train/training/optim.py, zero_grad.
 STEP_PARTS = ("align", "gate", "fuse", "detail", "decoder", "heads", "encoder", "loss", "backward", "clip", "optimizer")
 STEP_GOALS = {"routed_over_peer_unet_frozen": (0.5, "<=")}  # issue 28's CPU goal for the step
 STEP_OPTIONS = ("bf16", "channels_last")
@@ -627,7 +627,7 @@ def fill_task_classes(cfg) -> str:
     is there, else placeholder counts (the step's cost depends on them only through the output layers); returns
     where they came from."""
     from router.config import load_yaml_or_json
-    from train.config import data_root
+    from train.training.config import data_root
 
     root, sources = data_root(cfg.data.root), set()
     for t in cfg.model.tasks:
@@ -792,8 +792,8 @@ def step_agreement(model, forward_loss, option: str) -> dict[str, float]:
 
 def optimizer_seconds(model, t, args) -> dict[str, float]:
     """Median seconds of one AdamW step over the model's trainable parameters (random gradients) for torch's
-    per-tensor loop (its default off CUDA), foreach, fused, and what train/optim.py builds."""
-    from train.optim import make_optimizer
+    per-tensor loop (its default off CUDA), foreach, fused, and what train/training/optim.py builds."""
+    from train.training.optim import make_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
@@ -806,7 +806,7 @@ def optimizer_seconds(model, t, args) -> dict[str, float]:
         return torch.optim.AdamW(groups, **implementation)
 
     opts = {"single_tensor": adamw(foreach=False), "foreach": adamw(foreach=True), "fused": adamw(fused=True),
-            "train/optim.py": made}
+            "train/training/optim.py": made}
     times = interleaved_seconds({k: o.step for k, o in opts.items()}, args.device_, args.warmup, max(args.reps, 5))
     with torch.no_grad():
         for p, s in zip(params, saved):
@@ -818,7 +818,7 @@ def optimizer_seconds(model, t, args) -> dict[str, float]:
 def measure_step(models: dict, task: str, batch: int, res: int, args, cfg, features_from: str) -> dict:
     """Every model's step at one batch size and crop: time (interleaved), profile parts, FLOPs; the routed model's
     step with each option of ``--ablate`` (agreement with fp32 and time); the optimizer implementations."""
-    from train.optim import make_optimizer
+    from train.training.optim import make_optimizer
 
     t, tcfg, device = cfg.train, cfg.model.task(task), args.device_
     gen = torch.Generator().manual_seed(args.seed)
@@ -894,8 +894,8 @@ def output_loss_of(out, loss_fn, target, ignore_index, aux_weight: float, t, tas
 def step_models(args, cfg, cmp) -> tuple[dict, str]:
     """The variant's Router (shared frozen extractors, as train/compare.py builds it) and the U-Net peers, and where
     the features come from ("real": the configured weights; "random": no weights, random tensors)."""
-    from train.comparison import build_router, expand_variants
-    from train.peers import PEER_VARIANTS, UnetPeer, build_peer
+    from train.experiments.comparison import build_router, expand_variants
+    from train.experiments.peers import PEER_VARIANTS, UnetPeer, build_peer
 
     missing = weights_missing(cfg.model)
     source = args.features if args.features != "auto" else ("random" if missing else "real")
@@ -953,7 +953,7 @@ def print_step_table(summary: dict) -> None:
 
 def run_step_benchmark(args, command: str) -> dict:
     """The training step of a routed variant from cached features next to the U-Net peers (``--train-step``)."""
-    from train.config import load_compare_config
+    from train.experiments.compare_config import load_compare_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
