@@ -76,7 +76,7 @@ def check_images(images: torch.Tensor, where: str = "images") -> torch.Tensor:
 class Extractor(nn.Module):
     """Base class: preprocessing, the output contract, freezing. Backends fill in the rest.
 
-    >>> from extractors import create_extractor
+    >>> from backbone_router import create_extractor
     >>> ext = create_extractor("timm:resnet18", pretrained=False)
     >>> out = ext(torch.rand(2, 3, 97, 130))
     >>> [tuple(t.shape[2:]) for t in out["dense"]], out["pooled"].shape

@@ -27,7 +27,7 @@ LOCAL_SCHEMAS = ("local-dir:", "timm:local-dir:", "open_clip:local-dir:")  # spe
 
 
 def _load_backends() -> None:
-    # Imported lazily so that `import extractors` stays cheap; each module registers its prefix.
+    # Imported lazily so that `import backbone_router.extractors` stays cheap; each module registers its prefix.
     # open_clip and transformers themselves are imported on first use of their backend.
     from . import filters, hf_backend, local_dir, open_clip_backend, timm_backend  # noqa: F401
 

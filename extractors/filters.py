@@ -46,7 +46,7 @@ Texture bank (family "morphological"), 25 channels:
 Each response is checked against scikit-image / scipy on real images in tests/test_filters.py; the figures and
 the banks' cost are in docs/extractors_filters.md.
 
->>> from extractors import create_extractor
+>>> from backbone_router import create_extractor
 >>> ext = create_extractor("filters:geometric")
 >>> out = ext(torch.rand(2, 3, 97, 130))
 >>> [tuple(t.shape[1:]) for t in out["dense"]], out["pooled"].shape

@@ -1,8 +1,13 @@
 """Shared segmentation / classification heads and their losses."""
 
-from heads.cls import ClsHead
-from heads.decoder import DECODER_BLOCKS, DECODER_OUTPUTS, TopDownDecoder
-from heads.losses import (
+if __name__ == "heads":  # the old import name (deprecated): the same module as backbone_router.heads
+    from backbone_router._compat import alias_old_name
+
+    alias_old_name(__name__)
+
+from backbone_router.heads.cls import ClsHead
+from backbone_router.heads.decoder import DECODER_BLOCKS, DECODER_OUTPUTS, TopDownDecoder
+from backbone_router.heads.losses import (
     LOSSES,
     BinaryCrossEntropyLoss,
     CombinedLoss,
@@ -17,8 +22,8 @@ from heads.losses import (
     hard_negative_mask,
     logits_loss,
 )
-from heads.refine import Refiner
-from heads.seg import SegHead
+from backbone_router.heads.refine import Refiner
+from backbone_router.heads.seg import SegHead
 
 __all__ = [
     "SegHead",

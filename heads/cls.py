@@ -14,7 +14,7 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from heads.seg import prior_logits
+from backbone_router.heads.seg import prior_logits
 
 POOLINGS = ("mean", "attention")
 

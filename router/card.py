@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from extractors import ExtractorInfo
-from extractors.io.atomic import atomic_write_bytes
-from extractors.io.figures import plot_gate_panels
-from extractors.io.model_files import looks_like_path
+from backbone_router.extractors import ExtractorInfo
+from backbone_router.extractors.io.atomic import atomic_write_bytes
+from backbone_router.extractors.io.figures import plot_gate_panels
+from backbone_router.extractors.io.model_files import looks_like_path
 
 from .config import RouterConfig
 
@@ -200,7 +200,7 @@ def router_card(config: RouterConfig, infos: dict[str, ExtractorInfo], saved: li
         f"A backbone-router model: {len(c.extractors)} extractor(s) aligned to a pyramid of "
         f"levels (strides {c.strides}), weighed per task and level by `{c.fusion}` fusion, and shared heads for "
         f"{len(c.tasks)} task(s).",
-        "## Use\n\n```python\nfrom router import Router\n\n"
+        "## Use\n\n```python\nfrom backbone_router import Router\n\n"
         f"model = Router.from_pretrained({model_id!r})\n"
         f"out = model.predict(images, task={first.name!r})  # images: file paths, PIL, NumPy or tensors; "
         + ("[{'mask': H x W class indices, 'classes': names}, ...]" if first.type == "seg"

@@ -18,11 +18,11 @@ from typing import TypeVar
 import torch
 from safetensors import SafetensorError, safe_open
 
-from extractors.factory import local_files_needed
-from extractors.io.atomic import atomic_save_safetensors, verify_checksums
-from extractors.io.model_files import resolve_model_dir
-from extractors.io.weights import key_problems
-from extractors.local_dir import local_dir_architecture
+from backbone_router.extractors.factory import local_files_needed
+from backbone_router.extractors.io.atomic import atomic_save_safetensors, verify_checksums
+from backbone_router.extractors.io.model_files import resolve_model_dir
+from backbone_router.extractors.io.weights import key_problems
+from backbone_router.extractors.local_dir import local_dir_architecture
 
 from .card import router_card, write_card
 from .config import FORMAT_VERSION, RouterConfig, load_yaml_or_json

@@ -6,7 +6,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from extractors.untrusted import resolve_saved_path, spec_local_path, weight_files, weights_sha256
+from backbone_router.extractors.untrusted import (
+    resolve_saved_path,
+    spec_local_path,
+    weight_files,
+    weights_sha256,
+)
 
 from .config import ExtractorConfig
 

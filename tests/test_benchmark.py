@@ -84,7 +84,7 @@ def test_the_sync_audit_blames_package_source_not_a_virtualenv_inside_the_checko
     """CI builds .ci-venv inside the repository: torch's optimizer lines there are a library's, not ours."""
     from types import SimpleNamespace
 
-    from train.experiments.benchmarking import REPO, repo_line
+    from backbone_router.train.experiments.benchmarking import REPO, repo_line
 
     def at(rel: str):
         return SimpleNamespace(filename=str(REPO / rel), lineno=7)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import script_main
 
-from extractors import create_extractor
-from router import Router
-from train.experiments.benchmarking import part_labels, random_features
+from backbone_router.extractors import create_extractor
+from backbone_router.router import Router
+from backbone_router.train.experiments.benchmarking import part_labels, random_features
 
 REPO = Path(__file__).resolve().parents[1]
 PYRAMID = ["model.levels=[4,8,16,32]", "model.head.aux_weight=0.4"]

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from extractors import create_extractor
-from extractors.io.weights import load_state_dict_file
-from extractors.local_dir import save_extractor_dir
+from backbone_router.extractors import create_extractor
+from backbone_router.extractors.io.weights import load_state_dict_file
+from backbone_router.extractors.local_dir import save_extractor_dir
 
 
 def official_dinov2_vits14_state_dict() -> dict[str, torch.Tensor]:

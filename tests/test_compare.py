@@ -13,9 +13,15 @@ import pytest
 from conftest import script_main
 from PIL import Image
 
-from train.experiments import comparison
-from train.experiments.compare_config import load_compare_config
-from train.experiments.reporting import aggregate, gains, plot_gate_heatmap, results_markdown, write_report
+from backbone_router.train.experiments import comparison
+from backbone_router.train.experiments.compare_config import load_compare_config
+from backbone_router.train.experiments.reporting import (
+    aggregate,
+    gains,
+    plot_gate_heatmap,
+    results_markdown,
+    write_report,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "compare_tiny.yaml"
@@ -157,8 +163,8 @@ def test_frozen_features_count_forward_calls(tmp_path):
     """frozen_features through the cache: one forward per batch on a miss, none on a hit."""
     import torch
 
-    from extractors import create_extractor
-    from train.experiments.feature_cache import FeatureCache
+    from backbone_router.extractors import create_extractor
+    from backbone_router.train.experiments.feature_cache import FeatureCache
 
     torch.manual_seed(0)
     ext = create_extractor("timm:vit_small_patch16_224", pretrained=False, embed_dim=32, depth=2, num_heads=2,

@@ -1,5 +1,5 @@
 """docs/config.md is generated from the config dataclasses: every key is in it, with a description, and the file is
-what the code says now (regenerated here, so a changed field fails until `python -m train.config_reference` runs)."""
+what the code says now (regenerated here, so a changed field fails until `python train/config_reference.py` runs)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from train.config_reference import (
+from backbone_router.train.config_reference import (
     REFERENCE,
     config_keys,
     field_comments,
     reference_markdown,
 )
 
-STALE = "docs/config.md is stale: run `python -m train.config_reference` and commit it"
+STALE = "docs/config.md is stale: run `python train/config_reference.py` and commit it"
 
 
 def test_every_config_key_is_in_docs_config_md():
@@ -77,7 +77,7 @@ def test_allowed_values_come_from_the_checks(key, values):
 
 
 def test_the_check_mode_reports_a_stale_file(tmp_path, capsys):
-    from train.config_reference import main
+    from backbone_router.train.config_reference import main
 
     stale = tmp_path / "config.md"
     stale.write_text(re.sub(r"\| `train.max_steps` \|.*\n", "", reference_markdown()))

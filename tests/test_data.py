@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from router.config import TaskConfig
-from train.training.config import DataConfig, DataTaskConfig, ExperimentConfig, apply_override
-from train.training.data import (
+from backbone_router.router.config import TaskConfig
+from backbone_router.train.training.config import DataConfig, DataTaskConfig, ExperimentConfig, apply_override
+from backbone_router.train.training.data import (
     RankBatchSampler,
     TaskDataset,
     TaskSchedule,
@@ -24,7 +24,7 @@ from train.training.data import (
     read_mask,
     train_transform,
 )
-from train.training.synthetic import IGNORE_INDEX, write_synthetic_dataset
+from backbone_router.train.training.synthetic import IGNORE_INDEX, write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BACKBONE_ROUTER_DATA", REPO.parent / "shared" / "data"))
@@ -260,7 +260,7 @@ def test_mask_size_after_exif_rotation_says_so(broken):
 
 
 def test_masks_are_decoded_once_when_loaded_and_the_prior_uses_those_counts(broken, monkeypatch):
-    import train.training.data as data_module
+    import backbone_router.train.training.data as data_module
 
     calls = []
     real = data_module.read_mask

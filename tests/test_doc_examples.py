@@ -10,8 +10,8 @@ import pytest
 import yaml
 from conftest import script_main
 
-from train.training.config import ExperimentConfig
-from train.training.synthetic import write_synthetic_dataset
+from backbone_router.train.training.config import ExperimentConfig
+from backbone_router.train.training.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

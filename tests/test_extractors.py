@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from extractors import create_extractor
-from extractors.text import create_text_encoder
+from backbone_router.extractors import create_extractor
+from backbone_router.extractors.text import create_text_encoder
 
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 28}
 TINY_HF = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 37}

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from extractors import create_extractor
-from train.experiments.feature_cache import FeatureCache, weights_hash
+from backbone_router.extractors import create_extractor
+from backbone_router.train.experiments.feature_cache import FeatureCache, weights_hash
 
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32}
 

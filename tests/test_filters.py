@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from extractors import create_extractor, list_extractors
-from extractors.filters import GABOR_FREQUENCIES, GABOR_THETAS, SIGMAS
-from router import Router, RouterConfig
+from backbone_router.extractors import create_extractor, list_extractors
+from backbone_router.extractors.filters import GABOR_FREQUENCIES, GABOR_THETAS, SIGMAS
+from backbone_router.router import Router, RouterConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BACKBONE_ROUTER_DATA", REPO.parent / "shared" / "data"))
@@ -174,7 +174,7 @@ def test_gabor_energy_matches_skimage_gabor(real):
     (measured 0.933-0.997, lowest at the lowest frequency), away from a border of 3 sigma."""
     from skimage.filters import gabor
 
-    from extractors.filters import GABOR_BANDWIDTH_SIGMA
+    from backbone_router.extractors.filters import GABOR_BANDWIDTH_SIGMA
 
     _, grey, _, _, tex = real
     for f in GABOR_FREQUENCIES:

@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from train.training.synthetic import write_synthetic_dataset
+from backbone_router.train.training.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BACKBONE_ROUTER_DATA", REPO.parent / "shared" / "data"))
@@ -141,7 +141,7 @@ def test_resume_after_interruption_ends_with_the_same_weights(setup, one_process
     assert [r["step"] for r in metrics(out)] == [4]
     from conftest import script_main
 
-    from train.training.errors import RunError
+    from backbone_router.train.training.errors import RunError
 
     with pytest.raises(RunError, match=r"holds a previous run \(config\.yaml, metrics\.jsonl, checkpoints/.*\); pass --resume"):
         script_main("finetune")(["--config", str(setup / "tiny.yaml"), "--output-dir", str(out)])
@@ -153,7 +153,7 @@ def test_resume_after_interruption_ends_with_the_same_weights(setup, one_process
 
 
 def test_from_pretrained_on_the_output_predicts(one_process):
-    from router import Router
+    from backbone_router.router import Router
 
     run, _ = one_process
     model = Router.from_pretrained(run / "final")
@@ -181,7 +181,7 @@ def test_auxiliary_head_is_trained_by_finetune(setup):
     gradients only from its own loss term), and the saved model keeps it and its weight."""
     from accelerate.utils import set_seed
 
-    from router import Router, RouterConfig
+    from backbone_router.router import Router, RouterConfig
 
     out = setup / "aux"
     launch(["--config", str(setup / "tiny.yaml"), "--output-dir", str(out), "model.levels=[4,8,16]",
@@ -226,8 +226,8 @@ def test_real_data_two_steps(tmp_path):
 
 
 def test_extractor_batchnorm_statistics_stay_fixed_in_phase2():
-    from router import Router, RouterConfig
-    from train.training.phase2 import set_train_mode
+    from backbone_router.router import Router, RouterConfig
+    from backbone_router.train.training.phase2 import set_train_mode
 
     cfg = RouterConfig.from_dict({
         "extractors": [{"spec": "timm:mobilenetv2_100", "name": "mnv2", "pretrained": False, "unfreeze_last": 1}],

@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from extractors.base import Extractor, ExtractorInfo
-from extractors.registry import BUILDERS, register_extractor
-from heads.losses import build_loss
-from router import Router, RouterConfig
-from router.config import GateConfig
-from router.outputs import output_loss
+from backbone_router.extractors.base import Extractor, ExtractorInfo
+from backbone_router.extractors.registry import BUILDERS, register_extractor
+from backbone_router.heads.losses import build_loss
+from backbone_router.router import Router, RouterConfig
+from backbone_router.router.config import GateConfig
+from backbone_router.router.outputs import output_loss
 
 
 class ChannelView(Extractor):

@@ -18,9 +18,9 @@ import yaml
 from conftest import script_main
 from PIL import Image
 
-from router import Router, RouterConfig
-from train.experiments.reporting import gate_panels, write_report
-from train.training.metrics import GateMeter
+from backbone_router.router import Router, RouterConfig
+from backbone_router.train.experiments.reporting import gate_panels, write_report
+from backbone_router.train.training.metrics import GateMeter
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "compare_tiny.yaml"
 ROUTER_HAS_LEVELS = "levels" in {f.name for f in dataclasses.fields(RouterConfig)}
@@ -133,7 +133,7 @@ def test_compare_logs_gates_per_level(tmp_path, monkeypatch):
 
 def test_report_compares_level_settings():
     """The best routed and the best variant of each level setting (read from the per-level gate rows), per task."""
-    from train.experiments.reporting import aggregate, gains, level_table, results_markdown
+    from backbone_router.train.experiments.reporting import aggregate, gains, level_table, results_markdown
 
     values = {"single_a": .30, "gated_image": .40, "single_a_l16": .35, "gated_image_l16": .20, "peer": .50}
     levels = {"single_a": [4, 8], "gated_image": [4, 8], "single_a_l16": [16], "gated_image_l16": [16]}

@@ -12,8 +12,8 @@ import torch
 from conftest import script_main
 from PIL import Image
 
-from router import Router, RouterConfig
-from train.experiments.gate_proof import (
+from backbone_router.router import Router, RouterConfig
+from backbone_router.train.experiments.gate_proof import (
     ablation_scores,
     average_ranks,
     card_gate_proof,
@@ -21,7 +21,7 @@ from train.experiments.gate_proof import (
     spearman,
     spread_matrix,
 )
-from train.experiments.reporting import (
+from backbone_router.train.experiments.reporting import (
     aggregate,
     gains,
     gate_proof_tables,

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from train import gpu_check
-from train.tools.jobs import job_failed, run_jobs
+from backbone_router.train import gpu_check
+from backbone_router.train.tools.jobs import job_failed, run_jobs
 
 EXTRACTORS = {"mnv2", "effl0", "vits16", "vitb16"}
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from heads import (
+from backbone_router.heads import (
     LOSSES,
     BinaryCrossEntropyLoss,
     ClsHead,

@@ -14,8 +14,8 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 
-from extractors.io.model_files import looks_like_path, repo_cache_dir
-from router import Router, RouterConfig
+from backbone_router.extractors.io.model_files import looks_like_path, repo_cache_dir
+from backbone_router.router import Router, RouterConfig
 
 TINY = {
     "extractors": [
@@ -241,7 +241,7 @@ def test_model_card_has_hub_metadata_tasks_extractors_levels_and_gate_tables(tmp
 def test_save_pretrained_draws_the_gate_heatmap_next_to_the_card(tmp_path):
     from PIL import Image
 
-    from router.card import card_gate_panels
+    from backbone_router.router.card import card_gate_panels
 
     model = tiny_router()
     gate = {"seg_a": {8: {"vit": 0.2, "cnn": 0.8}, 16: {"vit": 0.4, "cnn": 0.6}}, "cls_b": {"16": {"vit": 0.9, "cnn": 0.1}}}
@@ -268,7 +268,7 @@ def save_open_clip(directory: Path, mean=(0.1, 0.2, 0.3), **config_changes) -> t
 
     from open_clip.push_to_hf_hub import save_for_hf
 
-    from extractors.open_clip_backend import import_open_clip
+    from backbone_router.extractors.open_clip_backend import import_open_clip
 
     open_clip = import_open_clip()
     torch.manual_seed(0)
@@ -281,7 +281,7 @@ def save_open_clip(directory: Path, mean=(0.1, 0.2, 0.3), **config_changes) -> t
 def partial_cache_message(folder: Path, weights: str, spec_prefix: str, repo: str) -> str:
     """Cache `folder` without its `weights` file as `repo`; loading `spec_prefix + repo` must fail naming the repo's
     cache dir and the offline setting. Returns the error message."""
-    from extractors import create_extractor
+    from backbone_router.extractors import create_extractor
 
     (folder / weights).unlink()
     cache_snapshot(repo, folder)
@@ -293,8 +293,8 @@ def partial_cache_message(folder: Path, weights: str, spec_prefix: str, repo: st
 
 
 def test_open_clip_hf_hub_and_local_dir_specs_load_open_clips_own_format(tmp_path, new_repo_id):
-    from extractors import create_extractor
-    from extractors.open_clip_backend import OpenClipExtractor, import_open_clip
+    from backbone_router.extractors import create_extractor
+    from backbone_router.extractors.open_clip_backend import OpenClipExtractor, import_open_clip
 
     model = save_open_clip(tmp_path / "clip")
     assert sorted(p.name for p in (tmp_path / "clip").iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
@@ -316,7 +316,7 @@ def test_open_clip_hf_hub_and_local_dir_specs_load_open_clips_own_format(tmp_pat
 
 
 def test_open_clip_towers_it_cannot_serve_are_refused_before_any_weights_are_fetched(tmp_path, new_repo_id):
-    from extractors import create_extractor
+    from backbone_router.extractors import create_extractor
 
     save_open_clip(tmp_path / "timm_tower", vision_cfg={"image_size": 64, "timm_model_name": "vit_tiny_patch16_224"})
     (tmp_path / "timm_tower" / "open_clip_model.safetensors").unlink()  # nothing to fetch: only the config is read
@@ -334,7 +334,7 @@ def test_open_clip_towers_it_cannot_serve_are_refused_before_any_weights_are_fet
 def test_partial_caches_name_the_cache_dir_the_missing_file_and_offline(tmp_path, new_repo_id):
     import transformers as tf
 
-    from extractors import create_extractor
+    from backbone_router.extractors import create_extractor
 
     save_open_clip(tmp_path / "clip")
     msg = partial_cache_message(tmp_path / "clip", "open_clip_model.safetensors", "open_clip:hf-hub:", new_repo_id())
@@ -362,7 +362,7 @@ def tiny_bert_dir(d: Path) -> Path:
     """A tiny random BERT (64 positions) saved by transformers, with all-MiniLM-L6-v2's tokenizer files."""
     import transformers as tf
 
-    from extractors.text import minilm_dir
+    from backbone_router.extractors.text import minilm_dir
 
     d.mkdir()
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -376,7 +376,7 @@ def tiny_bert_dir(d: Path) -> Path:
 def test_text_encoder_truncates_at_sentence_bert_max_seq_length(tmp_path, new_repo_id):
     import json
 
-    from extractors.text import create_text_encoder
+    from backbone_router.extractors.text import create_text_encoder
 
     d = tiny_bert_dir(tmp_path / "st")
     (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 6, "do_lower_case": False}))
@@ -398,9 +398,9 @@ def test_timm_local_dir_and_hf_hub_specs_load_timms_own_format(tmp_path, new_rep
     import timm
     from timm.models import save_for_hf
 
-    from extractors import create_extractor
-    from extractors.local_dir import save_extractor_dir
-    from extractors.timm_backend import TimmExtractor
+    from backbone_router.extractors import create_extractor
+    from backbone_router.extractors.local_dir import save_extractor_dir
+    from backbone_router.extractors.timm_backend import TimmExtractor
 
     args = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32}
     torch.manual_seed(0)
@@ -434,8 +434,8 @@ def test_timm_local_dir_and_hf_hub_specs_load_timms_own_format(tmp_path, new_rep
 def test_imgsim_converter_writes_timms_format_that_timm_and_create_extractor_open(tmp_path):
     import timm
 
-    from extractors import create_extractor
-    from train.imgsim_extractor import PREFIX, write_imgsim_extractor
+    from backbone_router.extractors import create_extractor
+    from backbone_router.train.imgsim_extractor import PREFIX, write_imgsim_extractor
 
     torch.manual_seed(0)  # a stand-in for imgsim's model.pth: a ResNet-50 under module.pre.* with a 2048 -> 768 head
     fake = {PREFIX + k: v for k, v in timm.create_model("resnet50", pretrained=False, num_classes=768).state_dict().items()}
@@ -458,8 +458,8 @@ def test_imgsim_converter_writes_timms_format_that_timm_and_create_extractor_ope
 def test_push_to_hub_uploads_what_a_hub_user_can_rebuild_and_refuses_the_rest(tmp_path, recorded_hub, images):
     import transformers as tf
 
-    from extractors import create_extractor
-    from extractors.timm_backend import save_timm_extractor
+    from backbone_router.extractors import create_extractor
+    from backbone_router.extractors.timm_backend import save_timm_extractor
 
     args = {"embed_dim": 16, "depth": 1, "num_heads": 2, "img_size": 32}
     torch.manual_seed(0)
@@ -518,9 +518,9 @@ def test_a_full_clip_checkpoint_with_the_hubs_older_key_names_loads_from_the_cac
     import transformers as tf
     from safetensors.torch import load_file, save_file
 
-    from extractors import create_extractor
-    from extractors.hf_backend import OPENAI_CLIP
-    from extractors.open_clip_backend import import_open_clip
+    from backbone_router.extractors import create_extractor
+    from backbone_router.extractors.hf_backend import OPENAI_CLIP
+    from backbone_router.extractors.open_clip_backend import import_open_clip
 
     # transformers: a whole CLIPModel (text tower too) with the position_ids buffers that the Hub's openai/clip-vit-*
     # files still hold (newer transformers neither saves nor expects them)
@@ -575,7 +575,7 @@ def test_a_model_saved_by_sentence_transformers_loads_as_the_text_encoder_by_hub
     except ImportError:
         from sentence_transformers import models
 
-    from extractors.text import create_text_encoder
+    from backbone_router.extractors.text import create_text_encoder
 
     bert = tiny_bert_dir(tmp_path / "bert")
     st = SentenceTransformer(modules=[models.Transformer(str(bert), max_seq_length=6), models.Pooling(16, "mean"),
@@ -601,7 +601,7 @@ def test_a_model_saved_by_sentence_transformers_loads_as_the_text_encoder_by_hub
 def test_dinov2_with_registers_and_siglip_load_under_hf_from_the_cache(tmp_path, new_repo_id):
     import transformers as tf
 
-    from extractors import create_extractor
+    from backbone_router.extractors import create_extractor
 
     tower = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
              "image_size": 28, "patch_size": 14}

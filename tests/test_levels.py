@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from extractors import ExtractorInfo
-from router import Router, RouterConfig
-from router.align import assign_taps, grid_size, resample
-from router.config import FORMAT_VERSION, HeadConfig, TaskConfig
-from router.outputs import output_loss
+from backbone_router.extractors import ExtractorInfo
+from backbone_router.router import Router, RouterConfig
+from backbone_router.router.align import assign_taps, grid_size, resample
+from backbone_router.router.config import FORMAT_VERSION, HeadConfig, TaskConfig
+from backbone_router.router.outputs import output_loss
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "router_v1"
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}

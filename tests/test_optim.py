@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from router import Router
-from train.training.config import TrainConfig
-from train.training.optim import adamw_implementation, make_optimizer, set_lrs
+from backbone_router.router import Router
+from backbone_router.train.training.config import TrainConfig
+from backbone_router.train.training.optim import adamw_implementation, make_optimizer, set_lrs
 
 STEPS = 6
 # fused / foreach AdamW regroup the same float32 arithmetic (sqrt, division, lerp); measured here after 6 steps the

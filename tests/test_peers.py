@@ -14,9 +14,9 @@ torchvision = pytest.importorskip("torchvision")
 
 from conftest import script_main  # noqa: E402
 
-from train.experiments import comparison, peers  # noqa: E402
-from train.experiments.compare_config import load_compare_config  # noqa: E402
-from train.training.config import TrainConfig  # noqa: E402
+from backbone_router.train.experiments import comparison, peers  # noqa: E402
+from backbone_router.train.experiments.compare_config import load_compare_config  # noqa: E402
+from backbone_router.train.training.config import TrainConfig  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "compare_tiny.yaml"
 

@@ -13,9 +13,9 @@ import yaml
 from conftest import script_main
 from PIL import Image
 
-from router import Router, RouterConfig
-from train.training.errors import RunError
-from train.training.predicting import default_palette, find_images
+from backbone_router.router import Router, RouterConfig
+from backbone_router.train.training.errors import RunError
+from backbone_router.train.training.predicting import default_palette, find_images
 
 TINY = {
     "extractors": [{"spec": "timm:vit_small_patch16_224", "name": "vit", "pretrained": False,

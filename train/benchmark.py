@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from train.experiments.benchmarking import OPTIONS, run_benchmark, run_step_benchmark
+from backbone_router.train.experiments.benchmarking import OPTIONS, run_benchmark, run_step_benchmark
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from extractors.io.atomic import atomic_write_bytes
-from router import Router
-from train.experiments.compare_config import load_compare_config
-from train.experiments.resolution import ALL, GridCeiling, GroupIoU
-from train.training.config import ExperimentConfig, load_config_file
-from train.training.data import TaskDataset, prepare_experiment_data, read_image_labels
-from train.training.errors import RunError, run_cli
+from backbone_router.extractors.io.atomic import atomic_write_bytes
+from backbone_router.router import Router
+from backbone_router.train.experiments.compare_config import load_compare_config
+from backbone_router.train.experiments.resolution import ALL, GridCeiling, GroupIoU
+from backbone_router.train.training.config import ExperimentConfig, load_config_file
+from backbone_router.train.training.data import TaskDataset, prepare_experiment_data, read_image_labels
+from backbone_router.train.training.errors import RunError, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

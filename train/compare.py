@@ -25,13 +25,13 @@ import torch
 import yaml
 from accelerate import Accelerator
 
-from extractors.io.atomic import atomic_write_bytes
-from train.experiments.compare_config import load_compare_config
-from train.experiments.comparison import DTYPES, Comparison, expand_variants
-from train.experiments.feature_cache import FeatureCache
-from train.experiments.peers import encoder_state
-from train.experiments.reporting import write_report
-from train.experiments.results import (
+from backbone_router.extractors.io.atomic import atomic_write_bytes
+from backbone_router.train.experiments.compare_config import load_compare_config
+from backbone_router.train.experiments.comparison import DTYPES, Comparison, expand_variants
+from backbone_router.train.experiments.feature_cache import FeatureCache
+from backbone_router.train.experiments.peers import encoder_state
+from backbone_router.train.experiments.reporting import write_report
+from backbone_router.train.experiments.results import (
     ResultStore,
     collect,
     missing_notes,
@@ -39,10 +39,15 @@ from train.experiments.results import (
     read_plan,
     remove_plan,
 )
-from train.training.data import prepare_experiment_data
-from train.training.errors import run_cli
-from train.training.metrics import primary_metric
-from train.training.rundir import COMPARE_OUTPUTS, add_run_dir_args, claim_output_dir, with_run_dir
+from backbone_router.train.training.data import prepare_experiment_data
+from backbone_router.train.training.errors import run_cli
+from backbone_router.train.training.metrics import primary_metric
+from backbone_router.train.training.rundir import (
+    COMPARE_OUTPUTS,
+    add_run_dir_args,
+    claim_output_dir,
+    with_run_dir,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

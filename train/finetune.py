@@ -33,11 +33,11 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
 
-from extractors.io.atomic import atomic_write_bytes
-from router import Router
-from train.training import checkpoints
-from train.training.config import ExperimentConfig
-from train.training.data import (
+from backbone_router.extractors.io.atomic import atomic_write_bytes
+from backbone_router.router import Router
+from backbone_router.train.training import checkpoints
+from backbone_router.train.training.config import ExperimentConfig
+from backbone_router.train.training.data import (
     TaskDataset,
     TaskSchedule,
     describe,
@@ -45,11 +45,16 @@ from train.training.data import (
     prepare_experiment_data,
     train_loader,
 )
-from train.training.engine import Finetuner, binary_seg_priors
-from train.training.errors import RunError, run_cli
-from train.training.optim import make_optimizer
-from train.training.phase2 import Phase2
-from train.training.rundir import FINETUNE_OUTPUTS, add_run_dir_args, claim_output_dir, with_run_dir
+from backbone_router.train.training.engine import Finetuner, binary_seg_priors
+from backbone_router.train.training.errors import RunError, run_cli
+from backbone_router.train.training.optim import make_optimizer
+from backbone_router.train.training.phase2 import Phase2
+from backbone_router.train.training.rundir import (
+    FINETUNE_OUTPUTS,
+    add_run_dir_args,
+    claim_output_dir,
+    with_run_dir,
+)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -83,6 +88,9 @@ def run(args: argparse.Namespace, run_dir: contextlib.ExitStack) -> int:
         config_path = Path(args.output_dir) / "config.yaml"
     else:
         config_path = Path(args.config) if args.config else DEFAULT_CONFIG
+        if not args.config and not DEFAULT_CONFIG.is_file():  # run by module from an installed wheel: no configs/
+            raise RunError(f"no --config, and the default {DEFAULT_CONFIG} does not exist: the scripts in train/ "
+                           "run from a source checkout (README, Install); pass --config to run elsewhere")
     cfg = ExperimentConfig.from_file(config_path, args.overrides)
     output_dir = Path(args.output_dir or Path("runs") / config_path.stem)
     t = cfg.train

@@ -55,8 +55,8 @@ if str(REPO) not in sys.path:  # `python train/gpu_check.py` puts train/ first o
 
 import torch  # noqa: E402
 
-from extractors.io.atomic import atomic_write_bytes  # noqa: E402
-from train.tools.jobs import job_failed, run_jobs, slim, tail  # noqa: E402
+from backbone_router.extractors.io.atomic import atomic_write_bytes  # noqa: E402
+from backbone_router.train.tools.jobs import job_failed, run_jobs, slim, tail  # noqa: E402
 
 REFERENCE = REPO / "train" / "tools" / "gpu_check_reference.json"
 PARTS = ("bench", "quickstart", "parity", "scripts", "sync_audit")
@@ -124,7 +124,7 @@ SMOKE_PRETRAIN_METHOD = {
 # ---- small helpers ------------------------------------------------------------------------------------
 def write_json(path: Path, obj) -> None:
     """Strict JSON (NaN / inf -> null), written to a temp file and renamed."""
-    from train.training.metrics import json_safe
+    from backbone_router.train.training.metrics import json_safe
 
     atomic_write_bytes(Path(path), (json.dumps(json_safe(obj), indent=1, default=str) + "\n").encode())
 
@@ -262,7 +262,7 @@ def write_reference() -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail(proc.stderr)}")
         summary = run_summary(out)
-    from train.experiments.benchmarking import hardware
+    from backbone_router.train.experiments.benchmarking import hardware
 
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
     ref = {"what": f"configs/quickstart.yaml, {steps} steps, fp32 on the CPU, 1 process, OMP_NUM_THREADS=1",
@@ -277,7 +277,7 @@ def write_reference() -> dict:
 # ---- part 1: the benchmark (child process) -------------------------------------------------------------
 def bench_committees() -> dict:
     """The bench committee and the same committee with its ViT-S/16 replaced by a ViT-B/16."""
-    from router import RouterConfig
+    from backbone_router.router import RouterConfig
 
     bench = RouterConfig.from_file(REPO / "configs" / "bench_cnn.yaml")
     tree = copy.deepcopy(bench.to_dict())
@@ -297,7 +297,7 @@ SETTINGS = {  # name -> (channels_last, sdpa, compile); bf16 autocast throughout
 
 def bench_child(args, out_path: Path) -> None:
     """Measure every workload in priority order until the part's deadline; rewrite `out_path` after each."""
-    from train.experiments.benchmarking import (
+    from backbone_router.train.experiments.benchmarking import (
         Settings,
         count_flops,
         hardware,
@@ -338,7 +338,7 @@ def bench_child(args, out_path: Path) -> None:
 
     def model_of(committee):
         if committee not in models:
-            from router import Router
+            from backbone_router.router import Router
 
             torch.manual_seed(0)
             models[committee] = Router(committees[committee]).to(device).eval()
@@ -451,7 +451,7 @@ def cuda_sync_warnings():
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" not in str(message):
             return saved(message, category, filename, lineno, file, line)
-        from train.experiments.benchmarking import repo_line
+        from backbone_router.train.experiments.benchmarking import repo_line
 
         where = f"{filename}:{lineno} (a library)"
         for frame in inspect.stack()[1:]:
@@ -470,8 +470,8 @@ def cuda_sync_warnings():
 
 
 def sync_child(args, out_path: Path) -> None:
-    from router import Router
-    from train.experiments.benchmarking import AUDIT_DRIVERS, Settings, sync_audit
+    from backbone_router.router import Router
+    from backbone_router.train.experiments.benchmarking import AUDIT_DRIVERS, Settings, sync_audit
 
     AUDIT_DRIVERS.add(Path(__file__).resolve())  # blame the repository line under this script, or the library
 
@@ -632,7 +632,7 @@ def part_parity(ctx, timeout):
 
 
 def part_scripts(ctx, timeout):
-    from train.training.synthetic import write_synthetic_dataset
+    from backbone_router.train.training.synthetic import write_synthetic_dataset
 
     gpu = ctx.mode == "gpu"
     pool = ctx.work / "pool"
@@ -771,7 +771,7 @@ def main(argv: list[str] | None = None) -> dict | int:
     if not args.out:
         raise SystemExit("--out DIR is required")
 
-    from train.experiments.benchmarking import hardware
+    from backbone_router.train.experiments.benchmarking import hardware
 
     mode = "smoke" if args.smoke or not torch.cuda.is_available() else "gpu"
     cfg = MODES[mode]

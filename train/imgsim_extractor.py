@@ -19,8 +19,8 @@ from pathlib import Path
 
 import timm
 
-from extractors.io.weights import load_state_dict_file, load_state_dict_strict
-from extractors.timm_backend import TimmExtractor, save_timm_extractor
+from backbone_router.extractors.io.weights import load_state_dict_file, load_state_dict_strict
+from backbone_router.extractors.timm_backend import TimmExtractor, save_timm_extractor
 
 PREFIX = "module.pre."
 HEAD = ("fc.weight", "fc.bias")  # the 2048 -> 768 embedding head imgsim adds (tanh after it)

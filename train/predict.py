@@ -19,11 +19,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from extractors.io.atomic import atomic_write_bytes
-from extractors.io.images import DEFAULT_MAX_PIXELS
-from router import Router
-from train.training.errors import RunError, run_cli
-from train.training.predicting import class_colours, find_images, labels_csv, mask_png, run_meta
+from backbone_router.extractors.io.atomic import atomic_write_bytes
+from backbone_router.extractors.io.images import DEFAULT_MAX_PIXELS
+from backbone_router.router import Router
+from backbone_router.train.training.errors import RunError, run_cli
+from backbone_router.train.training.predicting import (
+    class_colours,
+    find_images,
+    labels_csv,
+    mask_png,
+    run_meta,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

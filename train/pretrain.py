@@ -23,12 +23,23 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
-from extractors.io.atomic import atomic_write_bytes
-from train.selfsup.pretrain_config import load_pretrain_config
-from train.selfsup.pretraining import build_pool, build_pretrainer, make_optimizer, pretrain, save_encoder
-from train.selfsup.unlabeled import partition_indices
-from train.training.errors import run_cli
-from train.training.rundir import PRETRAIN_OUTPUTS, add_run_dir_args, claim_output_dir, with_run_dir
+from backbone_router.extractors.io.atomic import atomic_write_bytes
+from backbone_router.train.selfsup.pretrain_config import load_pretrain_config
+from backbone_router.train.selfsup.pretraining import (
+    build_pool,
+    build_pretrainer,
+    make_optimizer,
+    pretrain,
+    save_encoder,
+)
+from backbone_router.train.selfsup.unlabeled import partition_indices
+from backbone_router.train.training.errors import run_cli
+from backbone_router.train.training.rundir import (
+    PRETRAIN_OUTPUTS,
+    add_run_dir_args,
+    claim_output_dir,
+    with_run_dir,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,10 +17,17 @@ from pathlib import Path
 
 import torch
 
-from extractors import create_extractor
-from extractors.io.atomic import atomic_write_bytes
-from train.experiments.probing import extract, load_probe_data, load_split, probe_cls, probe_metric, probe_seg
-from train.training.config import data_root
+from backbone_router.extractors import create_extractor
+from backbone_router.extractors.io.atomic import atomic_write_bytes
+from backbone_router.train.experiments.probing import (
+    extract,
+    load_probe_data,
+    load_split,
+    probe_cls,
+    probe_metric,
+    probe_seg,
+)
+from backbone_router.train.training.config import data_root
 
 
 def parse_named(items: list[str], flag: str) -> list[tuple[str, str]]:

@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from train.experiments.reporting import load_run, merge_runs, write_report
-from train.training.errors import RunError
+from backbone_router.train.experiments.reporting import load_run, merge_runs, write_report
+from backbone_router.train.training.errors import RunError
 
 
 def main(argv: list[str] | None = None) -> int:

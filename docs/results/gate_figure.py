@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from extractors.io.atomic import atomic_write_bytes
+from backbone_router.extractors.io.atomic import atomic_write_bytes
 
 TASKS = {"mtd_defect_seg": "MTD defects (seg)", "mtd_defect_type": "MTD defect type (cls)", "cfd_seg": "CFD cracks (seg)",
          "camvid_seg": "CamVid (seg)", "flowers_cls": "flowers12 (cls)"}

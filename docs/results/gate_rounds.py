@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.experiments.gate_proof import spearman
+from backbone_router.train.experiments.gate_proof import spearman
 
 PRIMARY = {"mtd_defect_seg": "fg_iou", "mtd_defect_type": "balanced_accuracy", "cfd_seg": "fg_iou",
            "camvid_seg": "mIoU", "flowers_cls": "balanced_accuracy"}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from extractors.io.atomic import atomic_write_bytes
+from backbone_router.extractors.io.atomic import atomic_write_bytes
 
 
 def plot_gate_panels(panels: list[tuple[int | None, np.ndarray]], tasks: list[str], extractors: list[str],

@@ -54,10 +54,10 @@ import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from extractors import create_extractor  # noqa: E402
-from heads import build_loss  # noqa: E402
-from router import Router, RouterConfig  # noqa: E402
-from train.training.config import apply_override  # noqa: E402
+from backbone_router.extractors import create_extractor  # noqa: E402
+from backbone_router.heads import build_loss  # noqa: E402
+from backbone_router.router import Router, RouterConfig  # noqa: E402
+from backbone_router.train.training.config import apply_override  # noqa: E402
 
 GOALS = {  # name -> (target, "<=" or ">=")
     "routed_over_sum_of_singles": (1.05, "<="),
@@ -273,8 +273,8 @@ def features_fn(model: Router, images, settings: Settings, task: str, features: 
 def train_step_fn(model: Router, task: str, images, target, settings: Settings, features=None):
     """Forward, the project's loss (ce) + gate aux loss, backward, AdamW step, zero_grad."""
     loss_fn = build_loss("ce")
-    from train.training.config import TrainConfig
-    from train.training.optim import make_optimizer
+    from backbone_router.train.training.config import TrainConfig
+    from backbone_router.train.training.optim import make_optimizer
 
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], TrainConfig(lr=1e-4))
     key = "seg" if model.config.task(task).type == "seg" else "cls"
@@ -433,7 +433,7 @@ def feature_reader(model: Router, batches: list[torch.Tensor], res: int, cache_d
     """Fills the disk frozen-feature cache (train/experiments/feature_cache.py) and returns a reader of batch i's features."""
     import tempfile
 
-    from train.experiments.feature_cache import FeatureCache
+    from backbone_router.train.experiments.feature_cache import FeatureCache
 
     root = cache_dir or tempfile.mkdtemp(prefix="bench_feature_cache_")
     cache = FeatureCache(root)
@@ -626,8 +626,8 @@ def fill_task_classes(cfg) -> str:
     """Tasks of `cfg` (an ExperimentConfig) without classes take them from their dataset's meta.json where the data
     is there, else placeholder counts (the step's cost depends on them only through the output layers); returns
     where they came from."""
-    from router.config import load_yaml_or_json
-    from train.training.config import data_root
+    from backbone_router.router.config import load_yaml_or_json
+    from backbone_router.train.training.config import data_root
 
     root, sources = data_root(cfg.data.root), set()
     for t in cfg.model.tasks:
@@ -793,7 +793,7 @@ def step_agreement(model, forward_loss, option: str) -> dict[str, float]:
 def optimizer_seconds(model, t, args) -> dict[str, float]:
     """Median seconds of one AdamW step over the model's trainable parameters (random gradients) for torch's
     per-tensor loop (its default off CUDA), foreach, fused, and what train/training/optim.py builds."""
-    from train.training.optim import make_optimizer
+    from backbone_router.train.training.optim import make_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
@@ -818,7 +818,7 @@ def optimizer_seconds(model, t, args) -> dict[str, float]:
 def measure_step(models: dict, task: str, batch: int, res: int, args, cfg, features_from: str) -> dict:
     """Every model's step at one batch size and crop: time (interleaved), profile parts, FLOPs; the routed model's
     step with each option of ``--ablate`` (agreement with fp32 and time); the optimizer implementations."""
-    from train.training.optim import make_optimizer
+    from backbone_router.train.training.optim import make_optimizer
 
     t, tcfg, device = cfg.train, cfg.model.task(task), args.device_
     gen = torch.Generator().manual_seed(args.seed)
@@ -885,7 +885,7 @@ def measure_step(models: dict, task: str, batch: int, res: int, args, cfg, featu
 
 def output_loss_of(out, loss_fn, target, ignore_index, aux_weight: float, t, task: str) -> torch.Tensor:
     """The comparison's loss of one seg micro-batch (as in :func:`comparison_step`)."""
-    from router.outputs import output_loss
+    from backbone_router.router.outputs import output_loss
 
     loss = output_loss(out, "seg", loss_fn, target, ignore_index=ignore_index, aux_weight=aux_weight)
     return t.loss_weights.get(task, 1.0) * loss + t.aux_loss_weight * out["aux_loss"]
@@ -894,8 +894,8 @@ def output_loss_of(out, loss_fn, target, ignore_index, aux_weight: float, t, tas
 def step_models(args, cfg, cmp) -> tuple[dict, str]:
     """The variant's Router (shared frozen extractors, as train/compare.py builds it) and the U-Net peers, and where
     the features come from ("real": the configured weights; "random": no weights, random tensors)."""
-    from train.experiments.comparison import build_router, expand_variants
-    from train.experiments.peers import PEER_VARIANTS, UnetPeer, build_peer
+    from backbone_router.train.experiments.comparison import build_router, expand_variants
+    from backbone_router.train.experiments.peers import PEER_VARIANTS, UnetPeer, build_peer
 
     missing = weights_missing(cfg.model)
     source = args.features if args.features != "auto" else ("random" if missing else "real")
@@ -953,7 +953,7 @@ def print_step_table(summary: dict) -> None:
 
 def run_step_benchmark(args, command: str) -> dict:
     """The training step of a routed variant from cached features next to the U-Net peers (``--train-step``)."""
-    from train.experiments.compare_config import load_compare_config
+    from backbone_router.train.experiments.compare_config import load_compare_config
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.training.config import ExperimentConfig, apply_override, decode, load_config_file
+from backbone_router.train.training.config import ExperimentConfig, apply_override, decode, load_config_file
 
 # ---- the comparison section (train/compare.py) ---------------------------------------------------------
 CACHE_DTYPES = ("float32", "float16", "bfloat16")

@@ -47,23 +47,23 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from extractors import Extractor, create_extractor
-from heads.losses import build_loss
-from router import Router, RouterConfig
-from router.outputs import training_loss
-from train.experiments.compare_config import CompareConfig
-from train.experiments.feature_cache import FeatureCache
-from train.experiments.gate_proof import ablation_scores
-from train.experiments.peers import PEER_VARIANTS, UnetPeer, build_peer
-from train.training.config import ExperimentConfig, TrainConfig, apply_override
-from train.training.data import (
+from backbone_router.extractors import Extractor, create_extractor
+from backbone_router.heads.losses import build_loss
+from backbone_router.router import Router, RouterConfig
+from backbone_router.router.outputs import training_loss
+from backbone_router.train.experiments.compare_config import CompareConfig
+from backbone_router.train.experiments.feature_cache import FeatureCache
+from backbone_router.train.experiments.gate_proof import ablation_scores
+from backbone_router.train.experiments.peers import PEER_VARIANTS, UnetPeer, build_peer
+from backbone_router.train.training.config import ExperimentConfig, TrainConfig, apply_override
+from backbone_router.train.training.data import (
     TaskData,
     TaskDataset,
     TaskSchedule,
     foreground_prior,
 )
-from train.training.evaluation import evaluate_task
-from train.training.optim import lr_factor, make_optimizer, set_lrs
+from backbone_router.train.training.evaluation import evaluate_task
+from backbone_router.train.training.optim import lr_factor, make_optimizer, set_lrs
 
 VARIANT_RE = re.compile(r"^(single|mean|concat|gated_(task|image|token)(_top(\d+))?)$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -40,7 +40,7 @@ shard that no longer opens, is named in a warning and recomputed like a miss (a 
 naming the shard). Shards written before the checksums existed are read unchecked.
 
 >>> import tempfile, torch
->>> from extractors import create_extractor
+>>> from backbone_router import create_extractor
 >>> ext = create_extractor("timm:vit_small_patch16_224", pretrained=False,
 ...                        embed_dim=32, depth=2, num_heads=2, img_size=32).freeze()
 >>> cache = FeatureCache(tempfile.mkdtemp())
@@ -66,8 +66,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from extractors import Extractor, ExtractorOutput
-from extractors.io.atomic import CHECKSUM_KEY, atomic_save_safetensors, atomic_write_bytes, tensor_crc32
+from backbone_router.extractors import Extractor, ExtractorOutput
+from backbone_router.extractors.io.atomic import (
+    CHECKSUM_KEY,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    tensor_crc32,
+)
 
 KEY_NAME = "key.json"
 SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".safetensors"

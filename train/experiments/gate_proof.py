@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from extractors.io.atomic import atomic_write_bytes
+from backbone_router.extractors.io.atomic import atomic_write_bytes
 
 ABLATION_FIELDS = ("full", "without", "only", "drop")
 

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extractors import check_images
-from extractors.io.weights import load_state_dict_file
-from heads.seg import prior_logits
+from backbone_router.extractors import check_images
+from backbone_router.extractors.io.weights import load_state_dict_file
+from backbone_router.heads.seg import prior_logits
 
 # peer variant name -> whether its encoder trains
 PEER_VARIANTS = {"peer_unet_frozen": False, "peer_unet_finetuned": True}

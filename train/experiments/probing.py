@@ -2,7 +2,7 @@
 
 Any dataset folder in the layout of docs/data.md can be probed: it is read by the reader fine-tuning uses
 (:func:`train.training.data.load_task_data`, the train and ``test`` splits; without a test split, val is carved from
-train as in fine-tuning) through a :class:`train.training.config.DataConfig`, and every image (mask: nearest) is resized
+backbone_router.train as in fine-tuning) through a :class:`train.training.config.DataConfig`, and every image (mask: nearest) is resized
 by the fine-tuning eval transform to --size x --size. A folder with ``masks/`` is a segmentation task (name
 ``folder:cls`` to probe its labels.csv instead); classes and the ignore index come from its meta.json.
 
@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from router.config import TaskConfig
-from train.training.config import DataConfig, DataTaskConfig
-from train.training.data import TaskData, TaskDataset, load_task_data
-from train.training.metrics import primary_metric, task_metrics
+from backbone_router.router.config import TaskConfig
+from backbone_router.train.training.config import DataConfig, DataTaskConfig
+from backbone_router.train.training.data import TaskData, TaskDataset, load_task_data
+from backbone_router.train.training.metrics import primary_metric, task_metrics
 
 
 # ---- data: images resized once, shared by all extractors ------------------------------------------------------

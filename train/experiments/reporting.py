@@ -38,9 +38,9 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from extractors.io.atomic import atomic_write_bytes  # noqa: E402
-from router.card import plot_gate_panels  # noqa: E402
-from train.experiments.gate_proof import (  # noqa: E402
+from backbone_router.extractors.io.atomic import atomic_write_bytes  # noqa: E402
+from backbone_router.router.card import plot_gate_panels  # noqa: E402
+from backbone_router.train.experiments.gate_proof import (  # noqa: E402
     ablation_metric_rows,
     ablation_table,
     agreement_table,
@@ -504,7 +504,7 @@ def load_run(run: Path) -> tuple[list[dict], list[dict], list[dict], list[dict],
     """Metric, gate, sweep and ablation rows and the meta dict of a finished train/compare.py output dir (no
     ablation.json, a run from before it: no ablation rows)."""
     if (run / "results" / "meta.json").is_file():  # the per-(variant, seed) files: whatever is done, naming the rest
-        from train.experiments.results import load_partial
+        from backbone_router.train.experiments.results import load_partial
 
         return load_partial(run)
     needed = [run / n for n in ("results.json", "gates.json", "sweeps.json", "summary.json")]

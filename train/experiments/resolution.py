@@ -29,7 +29,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from train.training.metrics import SegMetrics
+from backbone_router.train.training.metrics import SegMetrics
 
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)  # foreground-fraction thresholds tried for a two-class task
 ALL = "all"  # the group name of every image together

@@ -30,11 +30,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from extractors.io.atomic import atomic_write_bytes
-from router.config import FORMAT_VERSION, RouterConfig
-from train.training.config import config_differences
-from train.training.errors import RunError
-from train.training.metrics import json_safe
+from backbone_router.extractors.io.atomic import atomic_write_bytes
+from backbone_router.router.config import FORMAT_VERSION, RouterConfig
+from backbone_router.train.training.config import config_differences
+from backbone_router.train.training.errors import RunError
+from backbone_router.train.training.metrics import json_safe
 
 RESULTS_DIR = "results"
 # What cannot change any number of a pair: where the feature cache lives, threads, the feature batch, loader

@@ -4,7 +4,7 @@
 
 """
 
-from train.selfsup.pretrain_config import PretrainConfig, load_pretrain_config
+from backbone_router.train.selfsup.pretrain_config import PretrainConfig, load_pretrain_config
 
 from .dino import DINOHead, DINOPretrainer
 from .encoder import build_encoder, encode_visible

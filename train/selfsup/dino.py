@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from extractors.timm_backend import TimmExtractor
-from train.selfsup.pretrain_config import DINOConfig
+from backbone_router.extractors.timm_backend import TimmExtractor
+from backbone_router.train.selfsup.pretrain_config import DINOConfig
 
 
 class DINOHead(nn.Module):
@@ -52,8 +52,8 @@ class DINOHead(nn.Module):
 class DINOPretrainer(nn.Module):
     """Student + EMA teacher. ``forward(views)`` returns ``{"loss": ...}``; call `update_teacher` after each step.
 
-    >>> from train.selfsup.pretrain_config import PretrainModelConfig, DINOConfig
-    >>> from train.selfsup.encoder import build_encoder
+    >>> from backbone_router.train.selfsup.pretrain_config import PretrainModelConfig, DINOConfig
+    >>> from backbone_router.train.selfsup.encoder import build_encoder
     >>> dino = DINOPretrainer(build_encoder(PretrainModelConfig(kwargs={"img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2})),
     ...                       DINOConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, local_crops=2))
     >>> dino([torch.rand(2, 3, 32, 32)] * 2 + [torch.rand(2, 3, 16, 16)] * 2)["loss"].ndim

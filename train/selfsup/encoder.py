@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from extractors.timm_backend import TimmExtractor, create_timm_model, is_vit
-from train.selfsup.pretrain_config import PretrainModelConfig
+from backbone_router.extractors.timm_backend import TimmExtractor, create_timm_model, is_vit
+from backbone_router.train.selfsup.pretrain_config import PretrainModelConfig
 
 
 def build_encoder(cfg: PretrainModelConfig) -> TimmExtractor:

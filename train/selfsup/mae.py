@@ -11,8 +11,8 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from extractors.timm_backend import TimmExtractor
-from train.selfsup.pretrain_config import DecoderConfig
+from backbone_router.extractors.timm_backend import TimmExtractor
+from backbone_router.train.selfsup.pretrain_config import DecoderConfig
 
 from .encoder import encode_visible, patchify
 
@@ -96,8 +96,8 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
 class MAEPretrainer(nn.Module):
     """MAE with random masking. ``forward(images)`` returns ``{"loss": ...}``.
 
-    >>> from train.selfsup.pretrain_config import DecoderConfig, PretrainModelConfig
-    >>> from train.selfsup.encoder import build_encoder
+    >>> from backbone_router.train.selfsup.pretrain_config import DecoderConfig, PretrainModelConfig
+    >>> from backbone_router.train.selfsup.encoder import build_encoder
     >>> mae = MAEPretrainer(build_encoder(PretrainModelConfig(kwargs={"img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2})),
     ...                     DecoderConfig(dim=32, depth=1, num_heads=2))
     >>> mae(torch.rand(2, 3, 32, 32))["loss"].ndim

@@ -12,8 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from extractors.base import FAMILIES
-from train.training.config import apply_override, check_size, data_root, decode, load_config_file
+from backbone_router.extractors.base import FAMILIES
+from backbone_router.train.training.config import (
+    apply_override,
+    check_size,
+    data_root,
+    decode,
+    load_config_file,
+)
 
 # ---- the pretraining file (train/pretrain.py) --------------------------------------------------------
 METHODS = ("mae", "smir", "dino")

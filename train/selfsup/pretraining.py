@@ -16,14 +16,14 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from extractors.timm_backend import save_timm_extractor
-from train.selfsup.dino import DINOPretrainer
-from train.selfsup.encoder import build_encoder, saved_model_kwargs
-from train.selfsup.mae import MAEPretrainer
-from train.selfsup.pretrain_config import PretrainConfig
-from train.selfsup.smir import SMIRPretrainer
-from train.selfsup.unlabeled import MultiCropTransform, UnlabeledImages, crop_transform
-from train.training.optim import decay_groups, warmup_cosine
+from backbone_router.extractors.timm_backend import save_timm_extractor
+from backbone_router.train.selfsup.dino import DINOPretrainer
+from backbone_router.train.selfsup.encoder import build_encoder, saved_model_kwargs
+from backbone_router.train.selfsup.mae import MAEPretrainer
+from backbone_router.train.selfsup.pretrain_config import PretrainConfig
+from backbone_router.train.selfsup.smir import SMIRPretrainer
+from backbone_router.train.selfsup.unlabeled import MultiCropTransform, UnlabeledImages, crop_transform
+from backbone_router.train.training.optim import decay_groups, warmup_cosine
 
 
 # ---- the pieces a method needs -------------------------------------------------------------------------

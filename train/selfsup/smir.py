@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from einops import reduce
 
-from extractors.timm_backend import TimmExtractor
-from train.selfsup.pretrain_config import DecoderConfig
+from backbone_router.extractors.timm_backend import TimmExtractor
+from backbone_router.train.selfsup.pretrain_config import DecoderConfig
 
 from .encoder import patchify, unpatchify
 from .mae import MAEPretrainer, num_masked, random_mask
@@ -160,8 +160,8 @@ def compose(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch:
 class SMIRPretrainer(MAEPretrainer):
     """Masked reconstruction in [0, 1] pixel space with an MS-SSIM + L1 loss; masks random or selective.
 
-    >>> from train.selfsup.pretrain_config import DecoderConfig, PretrainModelConfig
-    >>> from train.selfsup.encoder import build_encoder
+    >>> from backbone_router.train.selfsup.pretrain_config import DecoderConfig, PretrainModelConfig
+    >>> from backbone_router.train.selfsup.encoder import build_encoder
     >>> smir = SMIRPretrainer(build_encoder(PretrainModelConfig(kwargs={"img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2})),
     ...                       DecoderConfig(dim=32, depth=1, num_heads=2), ssim_sigma=1.0)
     >>> x = torch.rand(2, 3, 32, 32)

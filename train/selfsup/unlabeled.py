@@ -15,8 +15,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from extractors.io.images import read_image
-from train.training.data import split_images
+from backbone_router.extractors.io.images import read_image
+from backbone_router.train.training.data import split_images
 
 
 def list_pool_images(root: Path, datasets: Sequence[str], splits: Sequence[str] = ("train",)) -> list[Path]:

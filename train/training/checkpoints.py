@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from accelerate.utils import load
 
-from extractors.io.atomic import atomic_write_bytes, current_umask
-from router.config import FORMAT_VERSION, RouterConfig
-from train.training.config import RESUMABLE_CHANGES, config_differences, load_config_file
-from train.training.errors import RunError
-from train.training.rundir import check_global_batch, read_trainer_state
+from backbone_router.extractors.io.atomic import atomic_write_bytes, current_umask
+from backbone_router.router.config import FORMAT_VERSION, RouterConfig
+from backbone_router.train.training.config import RESUMABLE_CHANGES, config_differences, load_config_file
+from backbone_router.train.training.errors import RunError
+from backbone_router.train.training.rundir import check_global_batch, read_trainer_state
 
 CHECKPOINT_FILES = ("model.safetensors", "trainer_state.json")
 

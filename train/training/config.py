@@ -32,7 +32,13 @@ from typing import Any
 
 import yaml
 
-from router.config import ConfigLoader, RouterConfig, _from_dict, did_you_mean, load_yaml_or_json
+from backbone_router.router.config import (
+    ConfigLoader,
+    RouterConfig,
+    _from_dict,
+    did_you_mean,
+    load_yaml_or_json,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_ENV = "BACKBONE_ROUTER_DATA"

@@ -42,9 +42,15 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from extractors.io.images import HIGH_DEPTH_MODES, IMAGE_ERRORS, read_image
-from router.config import TaskConfig, load_yaml_or_json
-from train.training.config import DATA_ENV, DataConfig, DataTaskConfig, ExperimentConfig, data_root
+from backbone_router.extractors.io.images import HIGH_DEPTH_MODES, IMAGE_ERRORS, read_image
+from backbone_router.router.config import TaskConfig, load_yaml_or_json
+from backbone_router.train.training.config import (
+    DATA_ENV,
+    DataConfig,
+    DataTaskConfig,
+    ExperimentConfig,
+    data_root,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -395,7 +401,7 @@ def prepare_experiment_data(cfg: ExperimentConfig, output_dir: Path, is_main_pro
     Returns the data root and the loaded tasks.
     """
     if cfg.data.synthetic is not None:
-        from train.training.synthetic import write_synthetic_dataset
+        from backbone_router.train.training.synthetic import write_synthetic_dataset
 
         if is_main_process:
             s = cfg.data.synthetic

@@ -21,17 +21,22 @@ import torch
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from extractors.io.atomic import atomic_write_bytes
-from heads.losses import TaskLoss
-from router.outputs import training_loss
-from train.training.checkpoints import disk_full_error, latest_checkpoint, replace_dir, save_checkpoint
-from train.training.config import ExperimentConfig
-from train.training.data import foreground_prior
-from train.training.evaluation import TaskEval, evaluate_task, pool_gates
-from train.training.faults import injected_fault
-from train.training.metrics import json_safe
-from train.training.optim import lr_factor, set_lrs
-from train.training.phase2 import Phase2, set_train_mode
+from backbone_router.extractors.io.atomic import atomic_write_bytes
+from backbone_router.heads.losses import TaskLoss
+from backbone_router.router.outputs import training_loss
+from backbone_router.train.training.checkpoints import (
+    disk_full_error,
+    latest_checkpoint,
+    replace_dir,
+    save_checkpoint,
+)
+from backbone_router.train.training.config import ExperimentConfig
+from backbone_router.train.training.data import foreground_prior
+from backbone_router.train.training.evaluation import TaskEval, evaluate_task, pool_gates
+from backbone_router.train.training.faults import injected_fault
+from backbone_router.train.training.metrics import json_safe
+from backbone_router.train.training.optim import lr_factor, set_lrs
+from backbone_router.train.training.phase2 import Phase2, set_train_mode
 
 
 def binary_seg_priors(tasks: dict, accelerator) -> dict[str, float]:

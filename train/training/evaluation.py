@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from train.training.metrics import GateMeter, task_metrics
+from backbone_router.train.training.metrics import GateMeter, task_metrics
 
 
 @dataclass

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - depends on the torch build
     def _get_fused_kernels_supported_devices() -> list[str]:
         return ["cuda"]
 
-from train.training.config import TrainConfig
+from backbone_router.train.training.config import TrainConfig
 
 
 def warmup_cosine(step: int, warmup: int, total: int, peak: float, floor: float) -> float:

@@ -6,7 +6,7 @@ Phase 1 trains the router and heads with the extractors frozen. From ``train.pha
 The extractors were frozen when DDP wrapped the model, so DDP does not reduce their gradients:
 :meth:`Phase2.reduce_grads` averages them across processes on sync steps.
 
->>> from train.training.config import ExperimentConfig
+>>> from backbone_router.train.training.config import ExperimentConfig
 >>> cfg = ExperimentConfig.from_file("configs/quickstart.yaml")
 >>> phase2 = Phase2(cfg.model.extractors, cfg.train)
 >>> phase2.blocks, phase2.active(99), phase2.active(100)
@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from train.training.config import TrainConfig
-from train.training.optim import lr_factor
+from backbone_router.train.training.config import TrainConfig
+from backbone_router.train.training.optim import lr_factor
 
 
 def set_train_mode(model: torch.nn.Module, freeze_bn_stats: bool) -> None:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from router.config import load_yaml_or_json
-from train.training.data import IMAGE_SUFFIXES
+from backbone_router.router.config import load_yaml_or_json
+from backbone_router.train.training.data import IMAGE_SUFFIXES
 
 Colour = tuple[int, int, int]
 
@@ -88,7 +88,7 @@ def run_meta(model_dir: Path, task: str) -> Path | None:
     config = Path(model_dir).parent / "config.yaml"
     if Path(model_dir).name != "final" or not config.is_file():
         return None
-    from train.training.config import data_root, load_config_file
+    from backbone_router.train.training.config import data_root, load_config_file
 
     data = load_config_file(config).get("data") or {}
     source = next((t for t in data.get("tasks") or [] if t.get("name") == task), None)

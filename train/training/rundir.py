@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from train.training.errors import RunError
+from backbone_router.train.training.errors import RunError
 
 LOCK_NAME = ".lock"
 FINETUNE_OUTPUTS = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "tensorboard")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from extractors.io.atomic import current_umask
+from backbone_router.extractors.io.atomic import current_umask
 
 SHAPES = ("circle", "square", "triangle")
 IGNORE_INDEX = 255
