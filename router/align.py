@@ -19,6 +19,7 @@ convolutions down. Every other tap is bilinearly resampled, as a one-level model
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -44,6 +45,26 @@ def resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         # The CPU has no bf16/fp16 kernel for anti-aliased resampling (e.g. under bf16 autocast): use fp32.
         return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True).to(x.dtype)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def shrink(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`resample` of a map larger than `size` in a dimension (anti-aliased bilinear) as two matrix products with
+    the 1-D operators torch's kernel applies, read off an identity: the same values up to float rounding, ~4x faster on
+    the CPU (8 x 256 x 64 x 64 -> 16 x 16, one thread: 4.5 vs 18.4 ms). Other dtypes (bf16 autocast) go to resample."""
+    if x.dtype not in (torch.float32, torch.float64):
+        return resample(x, size)
+    rows = _shrink_operator(x.shape[-2], size[0], x.dtype, x.device)
+    cols = _shrink_operator(x.shape[-1], size[1], x.dtype, x.device)
+    return rows @ x @ cols.T
+
+
+@functools.lru_cache(maxsize=64)
+def _shrink_operator(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """n_out x n_in: anti-aliased bilinear resampling along one axis, as F.interpolate computes it (columns of width 2:
+    torch's kernel mishandles a width of 1)."""
+    eye = torch.eye(n_in, dtype=dtype, device=device).view(n_in, 1, n_in, 1).expand(n_in, 1, n_in, 2).contiguous()
+    out = F.interpolate(eye, size=(n_out, 2), mode="bilinear", align_corners=False, antialias=True)
+    return out[:, 0, :, 0].T.contiguous()
 
 
 @dataclass(frozen=True)
@@ -114,7 +135,8 @@ class LevelAligner(nn.Module):
     weights sum to 1, so the order does not change the result (up to float rounding, tested); projecting a 7 x 7 map
     before upsampling it to 14 x 14 costs a quarter of the multiply-adds. Taps projected at the same resolution (all
     those on the grid after resampling; coarser ones of one size) are concatenated and projected by one convolution
-    on their slices of the 1x1 weights: the same sum as one convolution per tap, in fewer, larger ops. A reassembled
+    on their slices of the 1x1 weights: the same sum as one convolution per tap, in fewer, larger ops (and a finer tap
+    is resampled by :func:`shrink`, as :func:`resample` computes it). A reassembled
     tap is projected, then goes through its learned up / down layers, then is resampled to the exact grid.
     """
 
@@ -136,7 +158,7 @@ class LevelAligner(nn.Module):
                 parts.append(resample(self.reassemble[str(k)](F.conv2d(d, w)), grid))
                 continue
             if not (d.shape[-2] <= grid[0] and d.shape[-1] <= grid[1]):  # finer than the grid: resample, then project
-                d = resample(d, grid)
+                d = shrink(d, grid)
             maps, ws = groups.setdefault(tuple(d.shape[-2:]), ([], []))
             maps.append(d)
             ws.append(w)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from backbone_router.extractors import ExtractorInfo
-from backbone_router.router.align import Aligner, LevelAligner, resample
+from backbone_router.router.align import Aligner, LevelAligner, resample, shrink
 
 # float64: the math is the same, so the stated tolerance holds with a wide margin (differences ~1e-15). float32: the
 # outputs hold it too; a weight gradient is a sum over B x h x w positions whose order the one larger convolution
@@ -88,3 +88,19 @@ def test_parameters_and_state_dict_keys_unchanged():
         + ["levels.4.reassemble.0.weight", "levels.4.reassemble.0.bias", "levels.8.reassemble.0.weight",
            "levels.8.reassemble.0.bias", "levels.32.reassemble.0.0.weight", "levels.32.reassemble.0.0.bias"]
         + ["pooled_proj.0.weight", "pooled_proj.0.bias", "pooled_proj.1.weight", "pooled_proj.1.bias"])
+
+
+@pytest.mark.parametrize("sizes", [((64, 64), (16, 16)), ((61, 90), (16, 23)), ((64, 64), (63, 20)),
+                                   ((9, 40), (12, 10)), ((256, 256), (16, 16))], ids=str)
+def test_shrink_is_resample(sizes):
+    """align.shrink (two matrix products) is resample's anti-aliased bilinear shrinking, also where one side grows."""
+    (h, w), size = sizes
+    x = torch.randn(2, 3, h, w, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(shrink(x, size), resample(x, size), rtol=RTOL, atol=ATOL)
+    (g_new,) = torch.autograd.grad(shrink(x, size).square().sum(), x)
+    (g_old,) = torch.autograd.grad(resample(x, size).square().sum(), x)
+    torch.testing.assert_close(g_new, g_old, rtol=RTOL, atol=ATOL)
+    y = x.detach().float()
+    torch.testing.assert_close(shrink(y, size), resample(y, size), rtol=RTOL, atol=ATOL)
+    z = y.bfloat16()
+    assert torch.equal(shrink(z, size), resample(z, size))  # bf16: resample itself
