@@ -105,6 +105,13 @@ def _cell_counts(
     return logits, classes, counts
 
 
+def class_softmax(logits: torch.Tensor, log: bool = False) -> torch.Tensor:
+    """Softmax (``log``: log-softmax) of B x P x K logits over the classes K, computed along dim 1 of their B x K x P
+    view: torch's CPU kernel over a short last dim is ~10x slower (8 x 2 x 256 x 256 forward and backward: 37 vs 3.7 ms
+    on one thread). The same values up to float rounding (tests/test_losses_layout.py)."""
+    return (F.log_softmax if log else F.softmax)(logits.transpose(1, 2), dim=1).transpose(1, 2)
+
+
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den, or an exact 0 (still attached to num's graph) where den is 0."""
     return torch.where(den > 0, num / den.clamp_min(1e-12), num * 0.0)
@@ -205,7 +212,7 @@ class CrossEntropyLoss(_Loss):
 
     def compute(self, logits, target, valid):
         num_classes = logits.shape[-1]
-        logp = F.log_softmax(logits, dim=-1)
+        logp = class_softmax(logits, log=True)
         nll = -logp.gather(-1, target[..., None])[..., 0]
         if self.class_weights is None:
             w_target = torch.ones_like(nll)
@@ -280,7 +287,7 @@ def _soft_counts(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Soft TP, FP, FN per class: (K,) summed over the batch, or (B, K) per image."""
     mask = valid[..., None].float()  # 0 / 1, or pixel counts (logits on a coarser grid)
-    probs = F.softmax(logits, dim=-1)
+    probs = class_softmax(logits)
     onehot = F.one_hot(target, logits.shape[-1]).float()
     dims = (1,) if per_image else (0, 1)
     tp = (probs * onehot * mask).sum(dim=dims)
@@ -386,7 +393,7 @@ class FocalLoss(_Loss):
         _optional_buffer(self, "alpha", alpha)
 
     def compute(self, logits, target, valid):
-        logp_t = F.log_softmax(logits, dim=-1).gather(-1, target[..., None])[..., 0]
+        logp_t = class_softmax(logits, log=True).gather(-1, target[..., None])[..., 0]
         per = -((1.0 - logp_t.exp()).clamp_min(0.0) ** self.gamma) * logp_t
         if self.alpha is not None:
             alpha = self.alpha.to(logits.device)
