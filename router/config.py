@@ -158,7 +158,7 @@ class HeadConfig:
     #                          with cls_taps "all" it reads classification's map, which segmentation then trains too;
     #                          0: no auxiliary head (at one level there is none: the main head reads that level)
     aux_on_grid: bool = False  # seg: score the auxiliary head on its own grid against each cell's class counts (the
-    #                            loss of its logits nearest-upsampled), not bilinearly upsampled to the image: 6-9 % off
+    #                            loss of its logits nearest-upsampled), not bilinearly upsampled to the image: 5-7 % off
     #                            the CPU training step (docs/performance.md); off until an accuracy run says otherwise
 
     def __post_init__(self):
