@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from extractors import ExtractorInfo
+from backbone_router.extractors import ExtractorInfo
 
 
 def grid_size(image_size: tuple[int, int], stride: int) -> tuple[int, int]:
@@ -83,7 +83,7 @@ def _octaves(a: int, b: int) -> float:
 def assign_taps(info: ExtractorInfo, levels: list[int]) -> dict[int, list[Tap]]:
     """level stride -> the extractor's taps that feed it (see the module docstring for the rule).
 
-    >>> from extractors import ExtractorInfo
+    >>> from backbone_router.extractors import ExtractorInfo
     >>> vit = ExtractorInfo("vit", 384, (384,) * 4, (16,) * 4, 16, (2, 5, 8, 11), (0.5,) * 3, (0.5,) * 3)
     >>> {s: [(t.index, t.factor) for t in taps] for s, taps in assign_taps(vit, [4, 8, 16, 32]).items()}
     {4: [(0, 4)], 8: [(1, 2)], 16: [(2, 0)], 32: [(3, -2)]}
@@ -181,7 +181,7 @@ class Aligner(nn.Module):
     With `cls_width`, ``self.cls`` also brings *every* tap onto one grid (bilinear resampling, 1x1 projection to
     `cls_width`): the map a one-level model's classification reads, for a pyramid's classification tasks.
 
-    >>> from extractors import ExtractorInfo
+    >>> from backbone_router.extractors import ExtractorInfo
     >>> cnn = ExtractorInfo("cnn", 40, (8, 24, 40), (8, 16, 32), 32, (2, 3, 4), (0.5,) * 3, (0.5,) * 3)
     >>> al = Aligner(cnn, [4, 8, 16, 32], [8, 8, 16, 16], pooled_width=16)
     >>> maps, vec = al([torch.rand(1, 8, 7, 8), torch.rand(1, 24, 4, 4), torch.rand(1, 40, 2, 2)],

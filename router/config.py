@@ -20,10 +20,10 @@ from typing import Any
 
 import yaml
 
-from extractors.base import FAMILIES
-from extractors.untrusted import check_extractor_kwargs
-from heads.decoder import DECODER_BLOCKS, DECODER_OUTPUTS
-from heads.seg import SEG_TRUNKS
+from backbone_router.extractors.base import FAMILIES
+from backbone_router.extractors.untrusted import check_extractor_kwargs
+from backbone_router.heads.decoder import DECODER_BLOCKS, DECODER_OUTPUTS
+from backbone_router.heads.seg import SEG_TRUNKS
 
 FORMAT_VERSION = 5  # 5: the defaults are the recommended model: levels [4, 8, 16, 32], head.cls_taps "all",
 #                     head.aux_weight 0.4 (4 and older read a missing key with their defaults: no `levels` as
@@ -340,7 +340,7 @@ class RouterConfig:
         return cls.from_dict(data, where=str(path))
 
     def save_json(self, path: str | Path) -> None:
-        from extractors.io.atomic import atomic_write_bytes
+        from backbone_router.extractors.io.atomic import atomic_write_bytes
 
         atomic_write_bytes(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from extractors import Extractor, ExtractorOutput, check_images, create_extractor
-from extractors.io.images import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
-from extractors.text import TextEncoder, create_text_encoder
-from heads import ClsHead, Refiner, SegHead, TopDownDecoder
+from backbone_router.extractors import Extractor, ExtractorOutput, check_images, create_extractor
+from backbone_router.extractors.io.images import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
+from backbone_router.extractors.text import TextEncoder, create_text_encoder
+from backbone_router.heads import ClsHead, Refiner, SegHead, TopDownDecoder
 
 from .align import Aligner, grid_size, resample
 from .config import ExtractorConfig, RouterConfig, TaskConfig, nearest_level

@@ -10,7 +10,7 @@ from typing import TypedDict
 
 import torch
 
-from heads.losses import logits_loss
+from backbone_router.heads.losses import logits_loss
 
 
 class RouterOutput(TypedDict, total=False):
