@@ -5,11 +5,6 @@ B x H x W (seg) or B (cls). Positions whose target equals ``ignore_index`` contr
 position is ignored the loss is an exact 0 that still carries a ``grad_fn`` (its gradient is 0, never
 NaN). Losses are computed in float32 whatever the logits' dtype.
 
-Segmentation logits on a coarser grid than the target (h x w <= H x W, e.g. an auxiliary head's stride-16 grid) are
-scored cell by cell against the class counts of the pixels each cell covers (ignored pixels left out): exactly the
-loss of the logits nearest-upsampled to H x W, without that full-size tensor (ce, dice, tversky, focal, bce without
-hard negatives; tv and bce with ``neg_ratio`` need logits at the target's size).
-
 Binary segmentation tasks have K = 2 softmax logits (background, foreground); the binary losses use the
 foreground logit z = l1 - l0, for which sigmoid(z) equals softmax(l)[1].
 
@@ -27,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import nn
 
 __all__ = [
@@ -55,14 +50,11 @@ __all__ = [
 def _flatten(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None, where: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Check shapes and return (B x P x K float logits, B x P target with ignored -> 0, B x P valid mask); for logits
-    on a coarser grid than the target (:func:`_cell_counts`) the valid "mask" holds each position's pixel count."""
+    """Check shapes and return (B x P x K float logits, B x P target with ignored -> 0, B x P valid mask)."""
     if logits.ndim < 2:
         raise ValueError(f"{where}: logits must be B x K or B x K x H x W, got shape {tuple(logits.shape)}")
     expected = (logits.shape[0], *logits.shape[2:])
-    coarser = (logits.ndim == 4 and target.ndim == 3 and target.shape[0] == logits.shape[0]
-               and tuple(target.shape) != expected and all(a <= b for a, b in zip(logits.shape[2:], target.shape[1:])))
-    if tuple(target.shape) != expected and not coarser:
+    if tuple(target.shape) != expected:
         raise ValueError(
             f"{where}: target has shape {tuple(target.shape)}, expected {expected} for logits of shape "
             f"{tuple(logits.shape)}"
@@ -78,31 +70,8 @@ def _flatten(
     elif bad.any():
         raise ValueError(f"{message}; found {target[bad].unique()[:8].tolist()}")
     target = torch.where(valid, target, torch.zeros_like(target)).long()
-    if coarser:
-        return _cell_counts(logits, target, valid)
     logits = rearrange(logits.float(), "b k ... -> b (...) k")
     return logits, rearrange(target, "b ... -> b (...)"), rearrange(valid, "b ... -> b (...)")
-
-
-def _cell_counts(
-    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """B x K x h x w logits and a B x H x W target -> each cell's logits repeated once per class (B x hwK x K), that
-    class (B x hwK) and how many valid pixels of that class the cell covers under nearest upsampling (B x hwK): a
-    loss summing over positions, weighted by these counts, is the loss of the nearest-upsampled logits."""
-    (b, k, h, w), (height, width) = logits.shape, target.shape[1:]
-
-    def cells(n: int, size: int) -> torch.Tensor:  # the cell each pixel reads, as F.interpolate(mode="nearest") picks
-        index = torch.arange(n, dtype=torch.float32, device=logits.device).view(1, 1, n)
-        return F.interpolate(index, size=size, mode="nearest").view(size).long()
-
-    cell = cells(h, height)[:, None] * w + cells(w, width)[None, :]
-    index = (torch.arange(b, device=logits.device).view(b, 1, 1) * k + target) * (h * w) + cell
-    counts = torch.bincount(index.flatten(), weights=valid.flatten().float(), minlength=b * k * h * w)
-    counts = rearrange(counts, "(b k p) -> b (p k)", b=b, k=k)
-    logits = repeat(logits.float(), "b k h w -> b (h w c) k", c=k)
-    classes = repeat(torch.arange(k, device=logits.device), "c -> b (p c)", b=b, p=h * w)
-    return logits, classes, counts
 
 
 def class_softmax(logits: torch.Tensor, log: bool = False) -> torch.Tensor:
@@ -271,9 +240,6 @@ class BinaryCrossEntropyLoss(_Loss):
         per = F.binary_cross_entropy_with_logits(z, y, pos_weight=pw, reduction="none")
         keep = valid
         if self.neg_ratio is not None:
-            if valid.is_floating_point():
-                raise ValueError("BinaryCrossEntropyLoss: hard negatives (neg_ratio) need logits at the target's "
-                                 "size, got logits on a coarser grid")
             positive = valid & (target == 1)
             keep = hard_negative_mask(
                 per, positive, valid & (target == 0), self.neg_ratio, self.min_negatives
@@ -286,7 +252,7 @@ def _soft_counts(
     logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, per_image: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Soft TP, FP, FN per class: (K,) summed over the batch, or (B, K) per image."""
-    mask = valid[..., None].float()  # 0 / 1, or pixel counts (logits on a coarser grid)
+    mask = valid[..., None].float()
     probs = class_softmax(logits)
     onehot = F.one_hot(target, logits.shape[-1]).float()
     dims = (1,) if per_image else (0, 1)
@@ -434,9 +400,6 @@ class TotalVariationLoss(nn.Module):
             raise ValueError(
                 f"TotalVariationLoss: needs B x K x H x W logits, got shape {tuple(logits.shape)}"
             )
-        if tuple(logits.shape[2:]) != tuple(target.shape[1:]):
-            raise ValueError(f"TotalVariationLoss: needs logits at the target's size {tuple(target.shape[1:])}, "
-                             f"got shape {tuple(logits.shape)}")
         _flatten(logits, target, ignore_index, "TotalVariationLoss")  # shape / value checks
         valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
         fg = 1.0 - F.softmax(logits.float(), dim=1)[:, 0]

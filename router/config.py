@@ -157,9 +157,6 @@ class HeadConfig:
     #                          trained beside the main head, not run at inference (UPerNet / PSPNet; mmseg uses 0.4);
     #                          with cls_taps "all" it reads classification's map, which segmentation then trains too;
     #                          0: no auxiliary head (at one level there is none: the main head reads that level)
-    aux_on_grid: bool = False  # seg: score the auxiliary head on its own grid against each cell's class counts (the
-    #                            loss of its logits nearest-upsampled), not bilinearly upsampled to the image: 5-7 % off
-    #                            the CPU training step (docs/performance.md); off until an accuracy run says otherwise
 
     def __post_init__(self):
         if not (isinstance(self.aux_weight, (int, float)) and math.isfinite(self.aux_weight) and self.aux_weight >= 0):

@@ -356,7 +356,7 @@ class Router(RouterHubMixin, nn.Module):
                                                   skips=[skips[s] for s in refine] if refine else None)}
         if self.training and self.aux_seg_head is not None:
             aux_in = self._fuse_cls_maps(aligned, weights, plan, active) if plan.cls_map else fused[self.gate_level]
-            out["seg_aux"] = self.aux_seg_head(aux_in, task, out_size=None if self.config.head.aux_on_grid else size)
+            out["seg_aux"] = self.aux_seg_head(aux_in, task, out_size=size)
         return out
 
     def _classify(self, task: str, fused: list[torch.Tensor | None], aligned: dict[int, Aligned],

@@ -15,8 +15,7 @@ from backbone_router.heads.losses import logits_loss
 
 class RouterOutput(TypedDict, total=False):
     seg: torch.Tensor  # B x K x H x W logits (segmentation tasks)
-    seg_aux: torch.Tensor  # B x K x H x W logits of the auxiliary head (training mode, a pyramid, head.aux_weight > 0);
-    #                        B x K x h x w on its grid with head.aux_on_grid (the losses score it against class counts)
+    seg_aux: torch.Tensor  # B x K x H x W logits of the auxiliary head (training mode, a pyramid, head.aux_weight > 0)
     cls: torch.Tensor  # B x K logits (classification tasks)
     gate: torch.Tensor  # B x E (task / image gates) or B x E x h x w (token gates): gate_levels averaged over levels
     gate_levels: torch.Tensor  # B x L x E or B x L x E x h x w: per level, summing to 1 over E (h x w: the gate grid)
