@@ -253,11 +253,11 @@ def _soft_counts(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Soft TP, FP, FN per class: (K,) summed over the batch, or (B, K) per image."""
     mask = valid[..., None].float()
-    probs = class_softmax(logits)
-    onehot = F.one_hot(target, logits.shape[-1]).float()
+    probs = class_softmax(logits) * mask
+    onehot = F.one_hot(target, logits.shape[-1]).float() * mask
     dims = (1,) if per_image else (0, 1)
-    tp = (probs * onehot * mask).sum(dim=dims)
-    return tp, (probs * mask).sum(dim=dims) - tp, (onehot * mask).sum(dim=dims) - tp
+    tp = (probs * onehot).sum(dim=dims)
+    return tp, probs.sum(dim=dims) - tp, onehot.sum(dim=dims) - tp
 
 
 class TverskyLoss(_Loss):

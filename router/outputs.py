@@ -1,6 +1,6 @@
 """What :class:`router.Router` returns, and the training loss of one of its outputs.
 
->>> out = model(images, task="demo_seg", target=target)     # model.train(): "seg_aux" and the gate's "aux_loss" too
+>>> out = model(images, task="demo_seg")     # model.train(): "seg_aux" and the gate's "aux_loss" too
 >>> loss = training_loss(out, "seg", build_loss("ce"), target, loss_weight=1.0, aux_weight=0.4, aux_loss_weight=1.0)
 """
 

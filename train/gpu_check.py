@@ -49,14 +49,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
+try:
+    from backbone_router.extractors.io.atomic import atomic_write_bytes
+    from backbone_router.train.tools.jobs import job_failed, run_jobs, slim, tail
+except ImportError as e:  # a device machine gets the tree, not the install (and no network to pip from)
+    raise SystemExit(f"gpu_check: the package is not installed ({e}); run `pip install --no-deps --no-build-isolation "
+                     "-e .` first, or carry a wheel built here (`pip wheel --no-deps -w .whl .`) and install it with "
+                     "`pip install --no-deps --target /tmp/site .whl/*.whl` and PYTHONPATH=/tmp/site") from None
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python train/gpu_check.py` puts train/ first on the path, not the repo
-    sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from backbone_router.extractors.io.atomic import atomic_write_bytes  # noqa: E402
-from backbone_router.train.tools.jobs import job_failed, run_jobs, slim, tail  # noqa: E402
 
 REFERENCE = REPO / "train" / "tools" / "gpu_check_reference.json"
 PARTS = ("bench", "quickstart", "parity", "scripts", "sync_audit")
