@@ -6,7 +6,7 @@ if __name__ == "heads":  # the old import name (deprecated): the same module as 
     alias_old_name(__name__)
 
 from backbone_router.heads.cls import ClsHead
-from backbone_router.heads.decoder import DECODER_BLOCKS, DECODER_OUTPUTS, TopDownDecoder
+from backbone_router.heads.decoder import DECODER_BLOCKS, TopDownDecoder
 from backbone_router.heads.losses import (
     LOSSES,
     BinaryCrossEntropyLoss,
@@ -31,7 +31,6 @@ __all__ = [
     "TopDownDecoder",
     "Refiner",
     "DECODER_BLOCKS",
-    "DECODER_OUTPUTS",
     "build_loss",
     "TaskLoss",
     "LOSSES",

@@ -22,10 +22,10 @@ class Refiner(nn.Module):
     >>> ref = Refiner(96, [16, 8])
     >>> skips = [torch.rand(2, 16, 49, 65), torch.rand(2, 8, 97, 130)]
     >>> tuple(ref(torch.rand(2, 96, 25, 33), skips).shape)
-    (2, 16, 97, 130)
+    (2, 8, 97, 130)
     """
 
-    def __init__(self, in_dim: int, skip_widths: list[int], width: int = 16):
+    def __init__(self, in_dim: int, skip_widths: list[int], width: int = 8):
         super().__init__()
         if not skip_widths:
             raise ValueError("Refiner: needs at least one skip map")

@@ -220,7 +220,7 @@ def router_card(config: RouterConfig, infos: dict[str, ExtractorInfo], saved: li
             f"- fusion: `{c.fusion}`" + (f" (extractor `{c.single}`)" if c.fusion == "single" else ""),
             f"- levels (strides): {c.strides}, widths {c.widths}",
             f"- detail path: {'yes' if c.has_detail else 'no'}; top-down decoder: "
-            + (f"yes (`{c.head.decoder_block}` blocks, head reads `{c.head.decoder_output}`)" if len(c.strides) > 1
+            + (f"yes (`{c.head.decoder_block}` blocks, head reads the fuse of all levels)" if len(c.strides) > 1
                else "no (one level)")
             + (f"; refined to stride {c.head.refine[-1]} with the detail maps at {c.head.refine}" if c.head.refine else "")
             + (f"; trained with an auxiliary stride-16 seg head (weight {c.head.aux_weight}"
@@ -230,7 +230,7 @@ def router_card(config: RouterConfig, infos: dict[str, ExtractorInfo], saved: li
                                              else f"the stride-{c.strides[c.cls_level]} level")]
               if any(t.type == "cls" for t in c.tasks) else []),
             *([f"- gate: granularity `{g.granularity}`, content `{g.content}`, combine `{g.combine}`, top-k "
-               f"{g.top_k or 'all'}" + (f" (`{g.top_k_levels}` across levels)" if g.top_k and len(c.strides) > 1 else "")
+               f"{g.top_k or 'all'}" + (" (the same at every level)" if g.top_k and len(c.strides) > 1 else "")
                + f", temperature {g.temperature}, task embedding `{g.task_embedding}`"
                + (f" from `{g.text_encoder}`" if g.task_embedding == "text" else "")] if c.fusion == "gated" else []),
         ]),

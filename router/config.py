@@ -22,29 +22,44 @@ import yaml
 
 from backbone_router.extractors.base import FAMILIES
 from backbone_router.extractors.untrusted import check_extractor_kwargs
-from backbone_router.heads.decoder import DECODER_BLOCKS, DECODER_OUTPUTS
+from backbone_router.heads.decoder import DECODER_BLOCKS
 from backbone_router.heads.seg import SEG_TRUNKS
 
-FORMAT_VERSION = 5  # 5: the defaults are the recommended model: levels [4, 8, 16, 32], head.cls_taps "all",
+FORMAT_VERSION = 6  # 6: head.decoder_output, head.refine_width, head.cls_stride, gate.top_k_levels and
+#                     gate.entropy_weight removed (no shipped config or documented recipe set them; see REMOVED);
+#                     5: the defaults are the recommended model: levels [4, 8, 16, 32], head.cls_taps "all",
 #                     head.aux_weight 0.4 (4 and older read a missing key with their defaults: no `levels` as
 #                     [stride], cls_taps "level", aux_weight 0); `stride`, head.coarse_logits and cls_taps "shared" removed;
-#                     4: classification reads the level nearest stride 16 (head.cls_stride; 3 read as the coarsest);
-#                     3: head.decoder_output defaults to "fuse" (2 had only the finest map: read as "finest");
+#                     4: classification reads the level nearest stride 16 (3 read the coarsest);
+#                     3: the decoder's output is the fuse of all levels (2 had only the finest map);
 #                     2: `levels` (a pyramid) and `detail`; 1: one grid (`stride`), read as levels: [stride]
 FUSIONS = ("single", "mean", "concat", "gated")
 GRANULARITIES = ("task", "image", "token")
 TASK_TYPES = ("seg", "cls")
 CLS_TAPS = ("level", "all")
 DEFAULT_LEVELS = (4, 8, 16, 32)
-# Options taken out of the config, each for losing its measurements: key -> (the last format that read it, the value
-# that is gone, why and what instead). An older config that sets that value is refused naming the key (its weights
-# would not fit, or its outputs would change); a current one may not name a removed key at all.
-OLDER = "a model trained with it loads in backbone-router before format 5 only"
+# Options taken out of the config: dotted key -> (the last format that read it, the value today's model behaves as,
+# why). A file of that format or older that sets the key to that value (or to any value where it changes nothing,
+# e.g. the decoder's output of a one-level model) loads, the key dropped; any other value is refused naming the key,
+# since the weights would not fit or the outputs would change. A newer file may not name the key at all.
+OLDER = "a model trained with another value loads in backbone-router before format {} only; to train anew"
 REMOVED = {
-    "head.coarse_logits": (4, True, f"it lost its measurements (CHANGELOG.md, multi-level round 5); {OLDER}; "
-                                    "delete the key to train without it"),
-    "head.cls_taps": (4, "shared", f"it lost its measurements (CHANGELOG.md, multi-level round 7); {OLDER}; "
-                                   "train with \"all\" (the default) or \"level\""),
+    "head.coarse_logits": (4, False, "it lost its measurements (CHANGELOG.md, multi-level round 5); "
+                                     f"{OLDER.format(5)}, delete the key"),
+    "head.decoder_output": (5, "fuse", "the segmentation head reads the decoder's fuse of all levels (`finest` lost "
+                                       f"its measurements, docs/levels.md); {OLDER.format(6)}, delete the key"),
+    "head.refine_width": (5, 8, f"the refiner is 8 channels wide; {OLDER.format(6)}, delete the key"),
+    "head.cls_stride": (5, None, "classification reads the level nearest stride 16 (format 3 and older read the "
+                                 f"coarsest); {OLDER.format(6)}, delete the key"),
+    "gate.top_k_levels": (5, "shared", "with gate.top_k the same k extractors are kept at every level (`each` was "
+                                       f"never used by a shipped config); {OLDER.format(6)}, delete the key"),
+    "gate.entropy_weight": (5, 0.0, f"the gate-entropy loss was never used by a shipped config; {OLDER.format(6)}, "
+                                    "delete the key (gate.load_balance_weight remains)"),
+}
+# Values taken out of a key that remains: dotted key -> (the last format that read it, the value, why).
+REMOVED_VALUES = {
+    "head.cls_taps": (4, "shared", "it lost its measurements (CHANGELOG.md, multi-level round 7); "
+                                   f"{OLDER.format(5)}, use \"all\" (the default) or \"level\""),
 }
 
 
@@ -101,9 +116,8 @@ class GateConfig:
     content: str = "pixels"  # what the gate looks at: "pixels" (a small conv stem, so top-k can skip
     #                          extractors before running them) or "features" (the aligned extractor maps)
     temperature: float = 1.0  # softmax temperature of the gate logits
-    top_k: int | None = None  # keep the k largest weights per row and renormalize; None keeps all
-    top_k_levels: str = "shared"  # several levels: "shared" keeps the same k extractors at every level (those
-    #                               with the largest weight averaged over levels: k run), "each" per level
+    top_k: int | None = None  # keep the k largest weights and renormalize, the same k extractors at every level
+    #                           (those with the largest weight averaged over levels: k run); None keeps all
     hidden: int = 64  # width of the gate MLP and of the task embedding
     stem_scale: int = 8  # content "pixels": image pixels per grid cell the stem sees (8: its stride-8 output
     #                      is the grid; 4 or 2: a quarter / a sixteenth of the work, output resampled to the grid)
@@ -112,7 +126,6 @@ class GateConfig:
     combine: str = "sum"  # "sum": weighted sum of the aligned maps; "concat": the weighted maps (x E, so equal
     #                       weights give plain concat) concatenated and projected by a learned 1x1 conv
     load_balance_weight: float = 0.0  # weight of the load-balance auxiliary loss (Switch-style)
-    entropy_weight: float = 0.0  # weight of the gate-entropy auxiliary loss (>0 favours decisive gates)
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
@@ -123,15 +136,13 @@ class GateConfig:
             raise ValueError(f"gate.task_embedding: expected 'learned' or 'text', got {self.task_embedding!r}")
         if self.task_embedding == "text" and not self.text_encoder:
             raise ValueError("gate.text_encoder: required when gate.task_embedding is 'text'")
-        for key in ("temperature", "load_balance_weight", "entropy_weight"):
+        for key in ("temperature", "load_balance_weight"):
             value, positive = getattr(self, key), key == "temperature"
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0 or (positive and value == 0):
                 raise ValueError(f"gate.{key}: expected a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
         if self.combine not in ("sum", "concat"):
             raise ValueError(f"gate.combine: expected 'sum' or 'concat', got {self.combine!r}")
-        if self.top_k_levels not in ("shared", "each"):
-            raise ValueError(f"gate.top_k_levels: expected 'shared' or 'each', got {self.top_k_levels!r}")
         if self.stem_scale not in (2, 4, 8):
             raise ValueError(f"gate.stem_scale: expected 2, 4 or 8 pixels per grid cell, got {self.stem_scale!r}")
 
@@ -141,14 +152,9 @@ class HeadConfig:
     seg_hidden: int = 128  # channels of the shared segmentation trunk
     seg_trunk: str = "conv"  # "conv": 3x3 convolution; "separable": depthwise 3x3 + pointwise 1x1 (~1/9 the work)
     decoder_block: str = "separable"  # merge block of the top-down decoder (levels > 1): "separable" or "conv"
-    decoder_output: str = "fuse"  # what the seg head reads (levels > 1): "fuse" of all levels, or the "finest" map
-    #                               (the format-2 model; fuse measured better, docs/levels.md)
     refine: list[int] = field(default_factory=list)  # seg: go on below the finest level with the detail stem's
     #                                                  maps at these strides, e.g. [2, 1] (U-Net's last stages)
-    refine_width: int = 8  # channels of the refiner's stages
-    cls_stride: int | None = None  # the level classification reads (one of `levels`); None: the level nearest stride 16
-    #                                (format-3 models read their coarsest)
-    cls_taps: str = "all"  # what classification reads on that level's grid, levels > 1: "all" (its own map: every tap
+    cls_taps: str = "all"  # what classification reads on the level nearest stride 16, levels > 1: "all" (its own map: every tap
     #                        of each extractor resampled onto that grid, as at one level) or "level" (the level's own map)
     cls_pooling: str = "mean"  # "mean" or "attention" pooling of the fused map
     cls_hidden: int = 256  # hidden width of the shared classification MLP
@@ -170,8 +176,6 @@ class HeadConfig:
             raise ValueError(f"head.seg_trunk: expected one of {SEG_TRUNKS}, got {self.seg_trunk!r}")
         if self.decoder_block not in DECODER_BLOCKS:
             raise ValueError(f"head.decoder_block: expected one of {DECODER_BLOCKS}, got {self.decoder_block!r}")
-        if self.decoder_output not in DECODER_OUTPUTS:
-            raise ValueError(f"head.decoder_output: expected one of {DECODER_OUTPUTS}, got {self.decoder_output!r}")
 
 
 @dataclass
@@ -234,14 +238,9 @@ class RouterConfig:
                        or refine[0] >= levels[0]):
             raise ValueError(f"head.refine: expected distinct strides from [2, 1], descending and finer than the finest "
                              f"level {levels[0]}, e.g. [2, 1] or [2], got {refine}")
-        if self.head.refine_width < 1:
-            raise ValueError(f"head.refine_width: expected a positive number of channels, got {self.head.refine_width}")
         if refine and not self.has_detail:
             raise ValueError(f"head.refine: {refine} reads the detail stem's maps; it needs `detail: true` (or null with "
                              "a segmentation task and a pyramid reaching below stride 16)")
-        if self.head.cls_stride is not None and self.head.cls_stride not in levels:
-            raise ValueError(f"head.cls_stride: expected one of the levels {levels} (or null: the one nearest 16), "
-                             f"got {self.head.cls_stride}")
 
     @property
     def strides(self) -> list[int]:
@@ -257,9 +256,8 @@ class RouterConfig:
 
     @property
     def cls_level(self) -> int:
-        """Index of the level classification reads: `head.cls_stride`'s, or (None) the one nearest stride 16."""
-        strides = self.strides
-        return strides.index(self.head.cls_stride) if self.head.cls_stride is not None else nearest_level(strides, 16)
+        """Index of the level classification reads: the one nearest stride 16."""
+        return nearest_level(self.strides, 16)
 
     @property
     def cls_reads_all_taps(self) -> bool:
@@ -287,42 +285,38 @@ class RouterConfig:
         """Build from a plain dict; an unknown key or a wrong type is an error naming its path.
 
         Older formats are upgraded here, each to the same model, parameter for parameter: a format-1 dict (one grid,
-        written before levels existed) reads as ``levels: [stride]`` with no detail stem, a format-2 dict (before
-        the fuse decoder output) with ``head.decoder_output: finest``, a format-3 dict classifies at its coarsest
-        level, and a format-4 dict reads a missing key with format 4's defaults (no `levels`: ``[stride]``,
-        ``head.cls_taps: level``, ``head.aux_weight: 0``). A removed option (:data:`REMOVED`) that an older dict
-        sets is an error naming it and the last format that read it.
+        written before levels existed) reads as ``levels: [stride]`` with no detail stem, and a format-4 dict reads a
+        missing key with format 4's defaults (no `levels`: ``[stride]``, ``head.cls_taps: level``,
+        ``head.aux_weight: 0``). A removed option (:data:`REMOVED`) is dropped where its value is the one today's
+        model behaves as, and otherwise an error naming it and the last format that read it: so a format-2 pyramid
+        (its head read the finest level) or a format-3 one that classifies (at its coarsest level) is refused.
         """
         version = data.get("format_version", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
-        head = data.get("head", {}) if isinstance(data, dict) else None
-        if (not isinstance(head, dict) or not isinstance(version, int) or isinstance(version, bool)
-                or version > FORMAT_VERSION):
-            return _from_dict(cls, data, where)  # the decoder (or the format check) names what is wrong
-        if version == FORMAT_VERSION:
-            if "stride" in data:
-                one = data["stride"] if isinstance(data["stride"], int) else 16
-                raise ValueError(f"{where}: stride: removed in format {FORMAT_VERSION} (format {FORMAT_VERSION - 1} was "
-                                 f"the last to read it): one grid is `levels: [{one}]`; the default is "
-                                 f"{list(DEFAULT_LEVELS)}")
-            _refuse_removed(head, where, version)
-            return _from_dict(cls, data, where)
-        data, head = dict(data), dict(head)
-        stride = data.pop("stride", 16)
-        if version < 2 or data.get("levels") is None:  # no `levels` (or null) was the one grid `stride`
-            if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
-                raise ValueError(f"{where}: stride: expected a positive number of pixels per grid cell, got {stride!r}")
-            data["levels"] = [stride]
-        if version < 2:
-            data["detail"] = False
-        if version < 3:
-            head.setdefault("decoder_output", "finest")
-        if version < 4:
-            strides = data["levels"]
-            head.setdefault("cls_stride", max(strides) if isinstance(strides, list) and strides
-                            and all(isinstance(s, int) for s in strides) else None)
-        _refuse_removed(head, where, version)
-        head = {"cls_taps": "level", "aux_weight": 0.0, **head}  # format 4's defaults
-        return _from_dict(cls, {**data, "head": head, "format_version": FORMAT_VERSION}, where)
+        sections = {s: data.get(s, {}) for s in ("head", "gate")} if isinstance(data, dict) else {}
+        if (not all(isinstance(d, dict) for d in sections.values()) or not isinstance(version, int)
+                or isinstance(version, bool) or version > FORMAT_VERSION or not sections):
+            return decode_dataclass(cls, data, where)  # the decoder (or the format check) names what is wrong
+        data, head, gate = dict(data), dict(sections["head"]), dict(sections["gate"])
+        if version >= 5 and "stride" in data:
+            one = data["stride"] if isinstance(data["stride"], int) else 16
+            raise ValueError(f"{where}: stride: removed in format 5 (format 4 was the last to read it): one grid is "
+                             f"`levels: [{one}]`; the default is {list(DEFAULT_LEVELS)}")
+        if version < 5:
+            stride = data.pop("stride", 16)
+            if version < 2 or data.get("levels") is None:  # no `levels` (or null) was the one grid `stride`
+                if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+                    raise ValueError(f"{where}: stride: expected a positive number of pixels per grid cell, got {stride!r}")
+                data["levels"] = [stride]
+            if version < 2:
+                data["detail"] = False
+            if version < 3:
+                head.setdefault("decoder_output", "finest")
+            if version < 4:
+                strides = data["levels"]
+                head.setdefault("cls_stride", max(strides) if _stride_list(strides) else None)
+            head = {"cls_taps": "level", "aux_weight": 0.0, **head}  # format 4's defaults
+        _drop_removed({"head": head, "gate": gate}, data.get("levels"), where, version)
+        return decode_dataclass(cls, {**data, "head": head, "gate": gate, "format_version": FORMAT_VERSION}, where)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -354,20 +348,33 @@ class RouterConfig:
         raise KeyError(f"no task named {name!r}; tasks are {[t.name for t in self.tasks]}")
 
 
-def _refuse_removed(head: dict[str, Any], where: str, version: int) -> None:
-    """Check `head` (a model dict's, in place) for the options of :data:`REMOVED`: a removed value, or in a
-    current-format dict a removed key, is an error naming the key, the last format that read it and what to write
-    instead; an older format's removed key at its old default (``coarse_logits: false``) is dropped."""
-    fields = {f.name for f in dataclasses.fields(HeadConfig)}
-    for key, (last, value, why) in REMOVED.items():
-        name = key.split(".", 1)[1]
-        if name not in head:
+def _stride_list(levels: Any) -> bool:
+    return isinstance(levels, list) and bool(levels) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in levels)
+
+
+def _drop_removed(sections: dict[str, dict[str, Any]], levels: Any, where: str, version: int) -> None:
+    """Drop from `sections` (a model dict's head and gate, in place) the keys of :data:`REMOVED` whose value changes
+    nothing in today's model; any other, or any in a dict newer than the last format that read the key, and a value
+    of :data:`REMOVED_VALUES`, is an error naming the key, the last format that read it and what to do instead."""
+    head = sections["head"]
+    for key, (last, now, why) in REMOVED.items():
+        section, name = key.split(".", 1)
+        if name not in sections[section]:
             continue
-        if head[name] == value or (name not in fields and version >= FORMAT_VERSION):
-            raise ValueError(f"{where}: {key}: {head[name]!r} was removed in format {FORMAT_VERSION} (format {last} was "
-                             f"the last to read it): {why}")
-        if name not in fields:
-            del head[name]
+        value = sections[section].pop(name)
+        no_change = value == now or (
+            key == "head.decoder_output" and _stride_list(levels) and len(levels) == 1  # one level: no decoder
+            or key == "head.refine_width" and not head.get("refine")
+            or key == "head.cls_stride" and _stride_list(levels) and value == levels[nearest_level(levels, 16)])
+        if version > last or not no_change:
+            raise ValueError(f"{where}: {key}: {value!r} was removed in format {last + 1} (format {last} was the last "
+                             f"to read it): {why}")
+    for key, (last, value, why) in REMOVED_VALUES.items():
+        section, name = key.split(".", 1)
+        if sections[section].get(name) == value:
+            raise ValueError(f"{where}: {key}: {value!r} was removed in format {last + 1} (format {last} was the last "
+                             f"to read it): {why}")
 
 
 def nearest_level(strides: list[int], stride: int) -> int:
@@ -487,7 +494,7 @@ def did_you_mean(unknown: list[str], known, prefix: str = "") -> str:
     return f" (did you mean {', '.join(repr(n) for n in near)}?)" if near else ""
 
 
-def _from_dict(cls, data: Any, where: str):
+def decode_dataclass(cls, data: Any, where: str):
     """Strict dataclass decoding, any depth: unknown keys and wrong types are errors naming the path."""
     if not isinstance(data, dict):
         raise TypeError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
@@ -523,7 +530,7 @@ def _decode(tp, value, where: str):
                 errors.append(str(e))
         raise TypeError(f"{where}: {value!r} does not match {tp}")
     if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, where)
+        return decode_dataclass(tp, value, where)
     if origin is list:
         if not isinstance(value, list):
             raise TypeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")

@@ -77,8 +77,8 @@ class TaskGate(nn.Module):
     plus the pooled content (B x L x E). ``token``: task embedding plus the local content at every cell of
     the gate's grid (B x L x E x h x w). Content comes from a small pixel stem (``content="pixels"``) or
     from the aligned extractor maps (``content="features"``). One MLP gives all L x E logits, so with one
-    level this is exactly the single-grid gate. Top-k keeps the same k extractors at every level
-    (``top_k_levels="shared"``, so k extractors run) or each level's own k (``"each"``).
+    level this is exactly the single-grid gate. Top-k keeps the same k extractors at every level (those with
+    the largest weight averaged over levels), so k extractors run.
     """
 
     def __init__(self, num_extractors: int, task_names: list[str], cfg: GateConfig, feature_width: int,
@@ -142,20 +142,15 @@ class TaskGate(nn.Module):
         weights = (logits / self.cfg.temperature).softmax(dim=2)
         aux = self.aux_loss(weights)
         if self.cfg.top_k is not None and self.cfg.top_k < self.num_extractors:
-            shared = self.cfg.top_k_levels == "shared" and self.num_levels > 1
-            weights = top_k_renormalize(weights, self.cfg.top_k, dim=2,
-                                        score=weights.mean(dim=1, keepdim=True) if shared else None)
+            weights = top_k_renormalize(weights, self.cfg.top_k, dim=2, score=weights.mean(dim=1, keepdim=True))
         return weights, aux
 
     def aux_loss(self, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted load-balance (E * sum_e f_e * P_e, Switch Transformer) + mean gate entropy."""
+        """Weighted load-balance loss, E * sum_e f_e * P_e (Switch Transformer); 0 with no weight."""
         rows = rearrange(weights, "b l e ... -> (b l ...) e")
         loss = rows.new_zeros(())
         if self.cfg.load_balance_weight:
             routed = F.one_hot(rows.argmax(dim=1), self.num_extractors).float().mean(0)
             loss = loss + self.cfg.load_balance_weight * self.num_extractors * (routed * rows.mean(0)).sum()
-        if self.cfg.entropy_weight:
-            entropy = -(rows * rows.clamp_min(1e-9).log()).sum(dim=1).mean()
-            loss = loss + self.cfg.entropy_weight * entropy
         return loss
 

@@ -69,7 +69,7 @@ class Router(RouterHubMixin, nn.Module):
     weighted maps are fused level by level, a raw-image detail stem joins the finest level
     (``config.detail``), and a top-down decoder carries coarse context down to the finest level, where the
     segmentation head reads it (``head.refine``: and carries it on to stride 2 / 1 with the detail stem's maps).
-    Classification reads one level (``head.cls_stride``, default the one nearest stride 16) and the pooled vectors:
+    Classification reads one level (the one nearest stride 16) and the pooled vectors:
     with ``head.cls_taps: all`` (the default) its own map on that level's grid, into which every tap of each
     extractor is resampled, as at one level; with ``level`` the level's map. In training an auxiliary seg head
     (``head.aux_weight``, 0.4) reads that map too. The defaults are the recommended model (levels 4-32); with
@@ -106,12 +106,10 @@ class Router(RouterHubMixin, nn.Module):
         # Decoding: the raw-image detail stem, the top-down decoder over the levels ("fuse": the head reads all
         # levels mixed at the stride-16 width), the heads.
         self.detail = DetailStem(widths[0], full_res=1 in h.refine) if config.has_detail else None
-        self.decoder = TopDownDecoder(widths, block=h.decoder_block, output=h.decoder_output,
-                                      out_width=config.width if h.decoder_output == "fuse" else None) \
-            if len(levels) > 1 else None
+        self.decoder = TopDownDecoder(widths, block=h.decoder_block, out_width=config.width) if len(levels) > 1 else None
         seg = {t.name: t.num_classes for t in config.tasks if t.type == "seg"}
         cls = {t.name: t.num_classes for t in config.tasks if t.type == "cls"}
-        refiner = Refiner(h.seg_hidden, [SKIP_WIDTHS[s] for s in h.refine], h.refine_width) if h.refine else None
+        refiner = Refiner(h.seg_hidden, [SKIP_WIDTHS[s] for s in h.refine]) if h.refine else None
         self.seg_head = SegHead(widths[0] if self.decoder is None else self.decoder.out_width, seg,
                                 hidden=h.seg_hidden, dropout=h.dropout, trunk=h.seg_trunk, refine=refiner)
         # Training only: a plain seg head on the stride-16 level (UPerNet's auxiliary head), or with cls_taps: all
@@ -444,4 +442,4 @@ class Router(RouterHubMixin, nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"fusion={c.fusion}, levels={c.strides}, widths={c.widths}, detail={c.has_detail}, "
-                f"refine={c.head.refine}, cls_stride={c.strides[c.cls_level]}, cls_taps={c.head.cls_taps}")
+                f"refine={c.head.refine}, cls_reads_stride={c.strides[c.cls_level]}, cls_taps={c.head.cls_taps}")

@@ -91,7 +91,7 @@ def test_each_task_gives_its_own_specialist_most_of_the_weight(seed):
 
 
 @pytest.mark.parametrize("key,value", [("temperature", float("nan")), ("temperature", 0.0), ("load_balance_weight", -1.0),
-                                       ("entropy_weight", float("inf")), ("load_balance_weight", "0.1")])
+                                       ("load_balance_weight", float("inf")), ("load_balance_weight", "0.1")])
 def test_gate_numbers_are_checked_naming_the_key(key, value):
     with pytest.raises(ValueError, match=rf"^gate\.{key}: expected a finite number"):
         GateConfig(**{key: value})

@@ -128,13 +128,13 @@ def test_a_stride_2_level_takes_the_cnn_stride_2_stage_and_refines_to_stride_1(s
     assert [tuple(m.shape[-2:]) for m in maps] == grids and [m.shape[1] for m in maps] == [8, 16, 16, 16, 16]
 
 
-@pytest.mark.parametrize("cls_stride, read", [(None, "16"), (32, "32"), (8, "8")])
-def test_classification_aligns_only_the_level_it_reads(cls_stride, read):
-    """Classification aligns (and pools) one level: `head.cls_stride`, by default (format 4) the one nearest 16."""
-    head = {"seg_hidden": 16, "cls_hidden": 16, "cls_stride": cls_stride, "cls_taps": "level"}
-    model = Router(make_config(head=head)).eval()
-    assert model.cls_head.in_dim == model.config.widths[[4, 8, 16, 32].index(int(read))]
-    assert f"cls_stride={read}" in repr(model)
+@pytest.mark.parametrize("levels, read", [((4, 8, 16, 32), "16"), ((4, 8), "8"), ((8, 32), "32")])
+def test_classification_aligns_only_the_level_it_reads(levels, read):
+    """Classification aligns (and pools) one level: the one nearest stride 16 (in octaves; the coarser on a tie)."""
+    head = {"seg_hidden": 16, "cls_hidden": 16, "cls_taps": "level"}
+    model = Router(make_config(levels=levels, head=head)).eval()
+    assert model.cls_head.in_dim == model.config.widths[list(levels).index(int(read))]
+    assert f"cls_reads_stride={read}" in repr(model)
     calls = []
     for name, aligner in model.aligners.items():
         for s, level in aligner.levels.items():
@@ -144,9 +144,40 @@ def test_classification_aligns_only_the_level_it_reads(cls_stride, read):
     assert sorted(calls) == [("cnn", read), ("p14", read), ("p16", read)]
 
 
-def test_bad_cls_stride_is_an_error_naming_the_key():
-    with pytest.raises(ValueError, match=r"head.cls_stride: expected one of the levels \[4, 8, 16, 32\].*got 64"):
-        make_config(head={"cls_stride": 64})
+FORMAT_5_KEYS = {"head": {"decoder_output": "fuse", "refine_width": 8, "cls_stride": None},
+                 "gate": {"top_k_levels": "shared", "entropy_weight": 0.0}}
+
+
+def _format_5(config: RouterConfig, head=None, gate=None) -> dict:
+    """`config` as a format-5 config.json wrote it: every removed key present at its value then."""
+    d = config.to_dict()
+    return {**d, "format_version": 5, "head": {**d["head"], **FORMAT_5_KEYS["head"], **(head or {})},
+            "gate": {**d["gate"], **FORMAT_5_KEYS["gate"], **(gate or {})}}
+
+
+def test_format_5_files_load_with_the_removed_keys_at_the_values_the_model_has():
+    """A format-5 config.json names every key removed in format 6; at the value today's model behaves as (or one
+    that changes nothing for that model) it loads as the same config; any other value, or the key in a format-6
+    file, is one error naming the key and the last format that read it."""
+    new = make_config()
+    assert RouterConfig.from_dict(_format_5(new)) == new
+    assert RouterConfig.from_dict(_format_5(new, head={"cls_stride": 16})) == new  # the level nearest 16 anyway
+    assert RouterConfig.from_dict(_format_5(new, head={"refine_width": 4})) == new  # no refiner: nothing changes
+    one = make_config(levels=[16])
+    assert RouterConfig.from_dict(_format_5(one, head={"decoder_output": "finest"})) == one  # one level: no decoder
+    refused = [({"head": {"cls_stride": 32}}, r"head.cls_stride: 32 was removed in format 6 \(format 5 was the last"),
+               ({"head": {"decoder_output": "finest"}}, r"head.decoder_output: 'finest' was removed in format 6"),
+               ({"head": {"refine": [2], "refine_width": 4}}, r"head.refine_width: 4 was removed in format 6"),
+               ({"gate": {"top_k_levels": "each"}}, r"gate.top_k_levels: 'each' was removed in format 6"),
+               ({"gate": {"entropy_weight": 0.1}}, r"gate.entropy_weight: 0.1 was removed in format 6")]
+    for change, message in refused:
+        with pytest.raises(ValueError, match=rf"^model: {message}"):
+            RouterConfig.from_dict(_format_5(new, **change))
+    current = new.to_dict()
+    for section, keys in FORMAT_5_KEYS.items():
+        for key, value in keys.items():
+            with pytest.raises(ValueError, match=rf"^model: {section}.{key}: .* was removed in format 6 \(format 5"):
+                RouterConfig.from_dict({**current, section: {**current[section], key: value}})
 
 
 def _level_hooks(model: Router) -> list[tuple[str, str]]:
@@ -421,19 +452,17 @@ def test_top_k_skips_extractors_unused_at_every_level():
     assert out["gate_levels"][:, :, 2].eq(1).all()
 
 
-@pytest.mark.parametrize("scope,ran", [("shared", [False, True, False]), ("each", [True, True, False])])
-def test_top_1_shared_across_levels_runs_one_extractor(scope, ran):
-    """Levels that prefer different extractors: top_k_levels "shared" keeps the one with the largest weight
-    averaged over levels at every level (one extractor runs); "each" keeps each level's own choice."""
-    model = Router(make_config(top_k=1, gate={"granularity": "image", "top_k": 1, "hidden": 16, "top_k_levels": scope})).eval()
+def test_top_1_shared_across_levels_runs_one_extractor():
+    """Levels that prefer different extractors: top-1 keeps the one with the largest weight averaged over levels
+    at every level, so one extractor runs (each level's own choice would run two)."""
+    model = Router(make_config(top_k=1, gate={"granularity": "image", "top_k": 1, "hidden": 16})).eval()
     bias = torch.tensor([[9.0, 0, 0], [0, 9.2, 0], [0, 9.2, 0], [9.0, 0, 0]])  # p14, p16, p16, p14 by level:
     with torch.no_grad():                                                       # p16 has the larger mean
         model.gate.mlp[-1].weight.zero_()
         model.gate.mlp[-1].bias.copy_(bias.flatten())
         out = model(torch.rand(2, 3, 50, 70), task="seg_a")
-    assert out["ran"].tolist() == ran
-    chosen = out["gate_levels"].argmax(dim=2)[0].tolist()
-    assert chosen == ([1, 1, 1, 1] if scope == "shared" else [0, 1, 1, 0])
+    assert out["ran"].tolist() == [False, True, False]
+    assert out["gate_levels"].argmax(dim=2)[0].tolist() == [1, 1, 1, 1]
     assert out["gate_levels"].max(dim=2).values.eq(1).all()
 
 
@@ -452,10 +481,10 @@ def test_tap_assignment_cnn_by_stride_vit_by_depth_and_borrowing():
 
 @pytest.mark.parametrize("size", [(97, 130), (61, 45)])
 def test_fuse_decoder_output_reads_every_level_at_the_stride_16_width(size):
-    """head.decoder_output: fuse: the seg head reads all levels mixed at `width` channels, at the finest grid;
+    """The decoder's fuse: the seg head reads all levels mixed at `width` channels, at the finest grid;
     every level's decoded map reaches the fuse (a gradient reaches each level's merge and the coarsest map)."""
     torch.manual_seed(0)
-    cfg = make_config(level_widths=[8, 8, 16, 24], head={"seg_hidden": 16, "cls_hidden": 16, "decoder_output": "fuse"})
+    cfg = make_config(level_widths=[8, 8, 16, 24], head={"seg_hidden": 16, "cls_hidden": 16})
     model = Router(cfg)
     assert model.decoder.out_width == 16 and model.seg_head.in_dim == 16
     assert model.decoder.fuse[0].in_channels == 8 + 8 + 16 + 24
@@ -478,32 +507,20 @@ def test_fuse_decoder_output_reads_every_level_at_the_stride_16_width(size):
     torch.testing.assert_close(fused, dec.fuse(cat), atol=1e-5, rtol=1e-5)
     out = model(torch.rand(2, 3, *size), task="seg_a")
     assert out["seg"].shape == (2, 2, *size)
-    with pytest.raises(ValueError, match=r"head.decoder_output: expected one of \('finest', 'fuse'\), got 'all'"):
-        make_config(head={"decoder_output": "all"})
 
 
-def test_format_2_configs_keep_the_finest_decoder_output_new_ones_fuse():
-    """Format 3 made `fuse` the default; a format-2 config.json (no decoder_output) still builds its model."""
-    new = make_config()
-    assert new.head.decoder_output == "fuse" and new.format_version == FORMAT_VERSION
-    old = new.to_dict()
-    del old["head"]["decoder_output"]
-    v2 = RouterConfig.from_dict({**old, "format_version": 2})
-    assert v2.head.decoder_output == "finest" and v2.format_version == FORMAT_VERSION
-    assert not hasattr(Router(v2).decoder, "fuse") and hasattr(Router(new).decoder, "fuse")
-
-
-def test_format_3_configs_keep_the_coarsest_classification_level():
-    """Format 4 classifies at the level nearest stride 16 by default; a format-3 config.json (no `cls_stride`)
-    builds its old model, classification at the coarsest level; a one-level model reads its one level."""
-    new = make_config()
-    assert new.head.cls_stride is None and new.strides[new.cls_level] == 16 and new.head.refine == []
-    old = new.to_dict()
-    del old["head"]["cls_stride"], old["head"]["refine"], old["head"]["refine_width"]
-    v3 = RouterConfig.from_dict({**old, "format_version": 3})
-    assert v3.head.cls_stride == 32 and v3.cls_level == 3 and v3.format_version == FORMAT_VERSION
-    one = RouterConfig.from_dict({**make_config(levels=[16]).to_dict(), "head": {}})
-    assert one.cls_level == 0
+def test_format_2_and_3_pyramids_are_refused_one_level_models_load():
+    """A format-2 pyramid's head read the finest level and a format-3 pyramid classified at its coarsest: options
+    removed in format 6, so such a config.json is one error naming the key; a one-level model of either format,
+    which neither option changed, loads."""
+    old = make_config().to_dict()
+    with pytest.raises(ValueError, match=r"^model: head.decoder_output: 'finest' was removed in format 6"):
+        RouterConfig.from_dict({**old, "format_version": 2})
+    with pytest.raises(ValueError, match=r"^model: head.cls_stride: 32 was removed in format 6"):
+        RouterConfig.from_dict({**old, "format_version": 3})
+    one = make_config(levels=[16])
+    for version in (2, 3):
+        assert RouterConfig.from_dict({**one.to_dict(), "format_version": version}) == one
 
 
 def test_bad_levels_are_errors_naming_the_key():

@@ -35,7 +35,7 @@ import yaml
 from backbone_router.router.config import (
     ConfigLoader,
     RouterConfig,
-    _from_dict,
+    decode_dataclass,
     did_you_mean,
     load_yaml_or_json,
 )
@@ -64,7 +64,7 @@ def decode(cls: type, data: Any, where: str = "config") -> Any:
     >>> decode(TrainConfig, {"max_steps": 5}).max_steps
     5
     """
-    return _from_dict(cls, data, where)
+    return decode_dataclass(cls, data, where)
 
 
 DEFAULT_SEG_LOSS: list[dict[str, Any]] = [{"name": "ce", "weight": 1.0}, {"name": "dice", "weight": 1.0, "per_image": True}]
