@@ -15,7 +15,7 @@ from conftest import script_main
 
 from backbone_router.extractors import create_extractor
 from backbone_router.router import Router
-from backbone_router.train.experiments.benchmarking import part_labels, random_features
+from backbone_router.train.experiments.benchmarking import Settings, part_labels, random_features
 
 REPO = Path(__file__).resolve().parents[1]
 PYRAMID = ["model.levels=[4,8,16,32]", "model.head.aux_weight=0.4"]
@@ -23,11 +23,15 @@ PYRAMID = ["model.levels=[4,8,16,32]", "model.head.aux_weight=0.4"]
 
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory):
+    """compile with dynamo's `eager` backend (graph capture, no code generation: seconds instead of minutes)."""
     out = tmp_path_factory.mktemp("step") / "step.json"
-    script_main("benchmark")(["--train-step", "--config", str(REPO / "configs/compare_tiny.yaml"), "--variant",
-                              "gated_image", "--batch-sizes", "2", "--resolutions", "40", "--warmup", "0", "--reps",
-                              "2", "--threads", "1", "--features", "random", "--ablate", "bf16", "channels_last",
-                              "--out", str(out), *PYRAMID])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Settings, "compile_backend", "eager")
+        script_main("benchmark")(["--train-step", "--config", str(REPO / "configs/compare_tiny.yaml"), "--variant",
+                                  "gated_image", "--batch-sizes", "2", "--resolutions", "40", "--warmup", "0", "--reps",
+                                  "2", "--threads", "1", "--features", "random", "--ablate", "bf16", "channels_last",
+                                  "compile", "--out", str(out), *PYRAMID])
+    torch._dynamo.reset()
     return json.loads(out.read_text())
 
 
@@ -75,10 +79,13 @@ def test_the_flops_of_the_parts_add_up_to_the_step(summary):
     assert frozen["params_trained"] < tuned["params_trained"]
 
 
-def test_channels_last_is_exact_to_float32_rounding_and_bf16_is_not(summary):
+def test_channels_last_and_compile_are_exact_to_float32_rounding_and_bf16_is_not(summary):
     (size,) = summary["sizes"]
     cl, bf = size["options"]["channels_last"]["agreement"], size["options"]["bf16"]["agreement"]
     assert cl["output_max_rel"] < 1e-5 and cl["grad_rel_norm"] < 1e-5
+    compiled = size["options"]["compile"]
+    assert compiled["agreement"]["output_max_rel"] < 1e-5 and compiled["agreement"]["grad_rel_norm"] < 1e-5
+    assert compiled["first_call_s"] > 0 and "first_call_s" not in size["options"]["bf16"]
     assert bf["output_max_rel"] > 1e-4 and bf["grad_rel_norm"] > 1e-4  # bf16 keeps 8 bits of mantissa: it did run
     for o in size["options"].values():
         assert math.isclose(o["speedup"], o["fp32_median_s"] / o["median_s"])

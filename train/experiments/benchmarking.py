@@ -618,7 +618,7 @@ def run_benchmark(args, command: str) -> dict:
 # + the gate's aux loss), backward, grad-norm clipping, the AdamW step of train/training/optim.py, zero_grad.
 STEP_PARTS = ("align", "gate", "fuse", "detail", "decoder", "heads", "encoder", "loss", "backward", "clip", "optimizer")
 STEP_GOALS = {"routed_over_peer_unet_frozen": (0.5, "<=")}  # issue 28's CPU goal for the step
-STEP_OPTIONS = ("bf16", "channels_last")
+STEP_OPTIONS = ("bf16", "channels_last", "compile")
 PLACEHOLDER_CLASSES = {"seg": 2, "cls": 5}
 
 
@@ -709,11 +709,12 @@ def comparison_step(model, task: str, images, target, features: dict, t, loss_fn
     """One micro-batch and optimizer step of Comparison.train_seed, its parts in record_function ranges."""
     params = [p for p in model.parameters() if p.requires_grad]
     rf = torch.profiler.record_function
+    forward = settings.wrap(model)
 
     def step():
         with rf("step"):
             with settings.autocast():
-                out = model(images, task=task, features=features)
+                out = forward(images, task=task, features=features)
             with rf("loss"):
                 loss = output_loss_of(out, loss_fn, target, ignore_index, aux_weight, t, task)
             with rf("backward"):
@@ -759,8 +760,9 @@ def part_flops(model, step, forward) -> dict[str, int]:
 
 
 def step_agreement(model, forward_loss, option: str) -> dict[str, float]:
-    """How far `option` (bf16 autocast or channels_last) moves the forward's seg logits, the loss and every gradient
-    from fp32 / contiguous, from the same weights and inputs (dropout off, so both see the same network):
+    """How far `option` (bf16 autocast, channels_last or torch.compile) moves the forward's seg logits, the loss and
+    every gradient from fp32 / contiguous / eager, from the same weights and inputs (dropout off, so both see the same
+    network):
     max |diff|, max |diff| / max |reference| (outputs); for the gradients max |diff|, ||diff|| / ||reference|| over
     all of them together and the worst of it over the tensors."""
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
@@ -861,23 +863,31 @@ def measure_step(models: dict, task: str, batch: int, res: int, args, cfg, featu
     # Speed options on the routed step: how far they move outputs and gradients, and whether they are faster.
     def forward_loss(s: Settings):
         with s.autocast():
-            o = routed(s.prepare(routed, images), task=task, features=features)
+            o = s.wrap(routed)(s.prepare(routed, images), task=task, features=features)
         return o, output_loss_of(o, loss_fn, target, tcfg.ignore_index, routed.config.head.aux_weight, t, task)
 
     options = {option: {"agreement": step_agreement(routed, forward_loss, option)} for option in args.ablate}
     if args.ablate:
-        fns = {}
+        fns, first_call = {}, {}
         for key in ("fp32", *args.ablate):
             s = Settings(device, **({} if key == "fp32" else {key: True}))
             opt = make_optimizer([p for p in routed.parameters() if p.requires_grad], t)
             step = comparison_step(routed, task, images, target, features, t, loss_fn, tcfg.ignore_index,
                                    routed.config.head.aux_weight, opt, s)
             fns[key] = prepared(routed, s, images, step, train=True)
+            if key == "compile":  # its first call compiles the forward and backward graphs: timed on its own
+                setup(fns[key])
+                tick = time.perf_counter()
+                fns[key]()
+                synchronize(device)
+                first_call[key] = time.perf_counter() - tick
         times = interleaved_seconds(fns, device, args.warmup, args.reps)
         Settings(device).prepare(routed, images)
         for option in args.ablate:
             options[option].update(median_s=times[option]["median_s"], fp32_median_s=times["fp32"]["median_s"],
                                    speedup=times["fp32"]["median_s"] / times[option]["median_s"])
+            if option in first_call:
+                options[option]["first_call_s"] = first_call[option]
     out["options"] = options
     out["optimizer_step_s"] = optimizer_seconds(routed, t, args)
     return out
@@ -941,7 +951,8 @@ def print_step_table(summary: dict) -> None:
                 print(f"  {part:<10} {p['seconds']:>8.3f} {100 * p['share']:>6.1f}% {p['flops'] / 1e9:>8.3f}")
         for option, o in size["options"].items():
             a = o["agreement"]
-            print(f"\noption {option}: step {o['median_s']:.3f} s vs fp32 {o['fp32_median_s']:.3f} s (x{o['speedup']:.2f}); "
+            first = f", first call {o['first_call_s']:.1f} s" if "first_call_s" in o else ""
+            print(f"\noption {option}: step {o['median_s']:.3f} s vs fp32 {o['fp32_median_s']:.3f} s (x{o['speedup']:.2f}{first}); "
                   f"seg logits max abs {a['output_max_abs']:.2e} (rel {a['output_max_rel']:.2e}), loss {a['loss_abs']:.2e}, "
                   f"grads max abs {a['grad_max_abs']:.2e}, rel norm {a['grad_rel_norm']:.2e} (worst tensor "
                   f"{a['grad_worst_rel_norm']:.2e}: {a['grad_worst_tensor']})")
