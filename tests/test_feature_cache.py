@@ -161,3 +161,22 @@ def test_keys_differ_per_tap_set(tmp_path):
     again.load_state_dict(state)  # the same taps in a new cache object: read from disk (images=None)
     out = FeatureCache(tmp_path).get_or_compute(again.freeze().eval(), ["a", "b"], None, view=0, transform="eval:64")
     assert [tuple(d.shape[-2:]) for d in out["dense"]] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_held_val_features_equal_the_cached_ones_read_per_batch(tmp_path, dtype):
+    """The comparison holds its val features in memory (read once); every batch gives the values the cache would."""
+    from backbone_router.train.experiments.comparison import CachedFeatures
+
+    ext = tiny(layers=[0, 1])
+    images = torch.rand(7, 3, 32, 48, generator=torch.Generator().manual_seed(2))
+    ids = [f"img{i}" for i in range(7)]
+    cache = FeatureCache(tmp_path, dtype=dtype)
+    cache.get_or_compute(ext, ids, images, view=0, transform="eval")
+    cached = CachedFeatures(cache, {"vit": ext}, ids, 0, "eval")
+    held = cached.held(dtype, batch=3)
+    for idx in (torch.tensor([0, 1, 2]), torch.tensor([6, 3]), torch.arange(7)):
+        a, b = cached.gather(idx, "cpu")["vit"], held.gather(idx, "cpu")["vit"]
+        assert all(torch.equal(x, y) and y.dtype == torch.float32 for x, y in zip(a["dense"], b["dense"]))
+        assert torch.equal(a["pooled"], b["pooled"])
+    assert held.feats["vit"]["pooled"].dtype == dtype

@@ -203,7 +203,8 @@ class CachedFeatures:
 
     The cache's safetensors shards are memory-mapped, so the processes of a run share one copy in the page
     cache instead of each holding its own (with stride-4 taps that is ~6 GB per process). The values are the
-    stored ones, exactly what :class:`HeldFeatures` would hold.
+    stored ones, exactly what :class:`HeldFeatures` would hold. The val sets, read again by every evaluation and
+    ablation, are held in memory instead (:meth:`held`; ~1 GB per process for compare_levels.yaml's val images).
     """
 
     def __init__(self, cache: FeatureCache, extractors: dict[str, Extractor], ids: list[str], view: int, transform: str):
@@ -217,6 +218,16 @@ class CachedFeatures:
             o = self.cache.get_or_compute(ext, ids, None, view=self.view, transform=self.transform)
             out[n] = {"dense": [d.to(device) for d in o["dense"]], "pooled": o["pooled"].to(device)}
         return out
+
+    def held(self, store: torch.dtype, batch: int) -> HeldFeatures:
+        """Every item read once and held in memory in `store` dtype (the cache's own dtype keeps the values exact):
+        for the val sets, which every evaluation and ablation of every variant reads again."""
+        parts = [self.gather(torch.arange(lo, min(lo + batch, len(self.ids))), "cpu")
+                 for lo in range(0, len(self.ids), batch)]
+        return HeldFeatures({n: {"dense": [torch.cat([p[n]["dense"][i] for p in parts]).to(store)
+                                           for i in range(len(parts[0][n]["dense"]))],
+                                 "pooled": torch.cat([p[n]["pooled"] for p in parts]).to(store)}
+                             for n in self.extractors})
 
 
 def frozen_features(extractors: dict[str, Extractor], views: ViewSet, cache: FeatureCache | None, batch: int,
@@ -345,9 +356,11 @@ class Comparison:
                 for split, vs in views[n].items():
                     key = (tuple(vs.ids), tuple(vs.transforms))
                     if key not in memo:
+                        store = DTYPES[self.cmp.cache_dtype]
                         memo[key] = frozen_features({k: self.shared[k] for k in cached}, vs, cache,
-                                                    self.cmp.feature_batch_size, DTYPES[self.cmp.cache_dtype],
-                                                    self.device, bar)
+                                                    self.cmp.feature_batch_size, store, self.device, bar)
+                        if split == "val" and cache is not None:  # read by every evaluation and ablation: held
+                            memo[key] = [f.held(store, self.cmp.feature_batch_size) for f in memo[key]]
                     else:
                         bar.update(len(vs) * len(vs.images) * len(cached))
                     self.feats[n][split] = memo[key]

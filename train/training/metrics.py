@@ -43,7 +43,17 @@ def _nanmean(t: torch.Tensor) -> float:
 
 
 class ThresholdSweep(Metric):
-    """tp / fp / fn / tn of ``prob >= threshold`` for each threshold, over non-ignored pixels."""
+    """tp / fp / fn / tn of ``prob >= threshold`` for each threshold, over non-ignored pixels.
+
+    Counted from one histogram instead of a thresholds x pixels comparison: each pixel's bin is the number of
+    thresholds at or below its probability (``torch.bucketize``), so it is predicted foreground at exactly the
+    thresholds below its bin; reverse cumulative sums of the foreground / background bin counts give tp / fp.
+
+    >>> s = ThresholdSweep((0.3, 0.6))
+    >>> s.update(torch.tensor([0.2, 0.3, 0.7, 0.6]), torch.tensor([0, 1, 1, 0]))
+    >>> s.tp.tolist(), s.fp.tolist(), s.fn.tolist(), s.tn.tolist()
+    ([2, 1], [1, 1], [0, 1], [1, 1])
+    """
 
     full_state_update = False
 
@@ -59,11 +69,16 @@ class ThresholdSweep(Metric):
             raise ValueError(f"ThresholdSweep: prob {tuple(prob.shape)} and target {tuple(target.shape)} differ")
         valid = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
         p, t = prob[valid].float(), target[valid] == 1
-        pred = p[None, :] >= self.thresholds.to(p.device)[:, None]  # T x N
-        self.tp += (pred & t).sum(1)
-        self.fp += (pred & ~t).sum(1)
-        self.fn += (~pred & t).sum(1)
-        self.tn += (~pred & ~t).sum(1)
+        k = len(self.thresholds)
+        bins = torch.bucketize(p, self.thresholds.to(p.device), right=True)  # thresholds <= p: 0..T
+        pos = torch.bincount(bins[t], minlength=k + 1)
+        neg = torch.bincount(bins[~t], minlength=k + 1)
+        # predicted foreground at threshold j <=> bin > j: the pixels of bins j+1..T
+        tp, fp = pos.flip(0).cumsum(0).flip(0)[1:], neg.flip(0).cumsum(0).flip(0)[1:]
+        self.tp += tp
+        self.fp += fp
+        self.fn += pos.sum() - tp
+        self.tn += neg.sum() - fp
 
     def compute(self) -> dict[str, list[float]]:
         return {
