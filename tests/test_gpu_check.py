@@ -13,7 +13,7 @@ import pytest
 from backbone_router.train import gpu_check
 from backbone_router.train.tools.jobs import job_failed, run_jobs
 
-EXTRACTORS = {"mnv2", "effl0", "vits16", "vitb16"}
+EXTRACTORS = {"mnv2", "effl0", "vits16", "vitb16", "vit_a", "vit_b", "vit_c"}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,14 @@ def test_bench_has_finite_figures_and_an_mfu_per_extractor(report):
     for setting in ("eager", "channels_last", "no_sdpa", "compile"):
         assert ("extractor:vitb16", setting) in settings
     assert {("routed", "eager"), ("routed_train_step", "eager")} <= settings
-    assert set(bench["committees"]) == {"bench", "vitb16"}
+    assert set(bench["committees"]) == {"bench", "vitb16", "pyramid"}
+    # Issue 28: the multi-level committee's routed forward over the sum of its three singles (compiled on a GPU only:
+    # tracing the whole router takes minutes on a small CPU), and its singles compiled.
+    pyramid = bench["committees"]["pyramid"]
+    assert {("extractor:vit_c", "compile"), ("routed_train_step", "eager")} <= settings
+    singles = sum(bench["extractors"][n]["by_setting"]["eager"]["median_s"] for n in ("vit_a", "vit_b", "vit_c"))
+    expected = pyramid["routed"]["by_setting"]["eager"]["median_s"] / singles
+    assert pyramid["routed_over_singles"] == {"eager": pytest.approx(expected)}
 
 
 @pytest.mark.slow

@@ -99,7 +99,7 @@ MODES = {
 }
 # Seconds: part -> ((limit, reserve) on a GPU, (limit, reserve) in smoke mode); the reserve is what the parts
 # before it leave for it when the budget runs short.
-LIMITS = {"bench": ((210, 40), (90, 30)), "quickstart": ((80, 35), (90, 30)), "parity": ((80, 35), (120, 40)),
+LIMITS = {"bench": ((270, 40), (150, 30)), "quickstart": ((80, 35), (90, 30)), "parity": ((80, 35), (120, 40)),
           "scripts": ((110, 50), (120, 40)), "sync_audit": ((45, 20), (60, 20))}
 
 # 1 process with batch N x b against N processes with batch b: the quickstart, shortened to the tiny run of
@@ -279,7 +279,8 @@ def write_reference() -> dict:
 
 # ---- part 1: the benchmark (child process) -------------------------------------------------------------
 def bench_committees() -> dict:
-    """The bench committee and the same committee with its ViT-S/16 replaced by a ViT-B/16."""
+    """The bench committee, the same committee with its ViT-S/16 replaced by a ViT-B/16, and the multi-level
+    committee of issue 28 (configs/bench_vit.yaml: three ViT-S/16, blocks 3/6/9/12, levels 4-32)."""
     from backbone_router.router import RouterConfig
 
     bench = RouterConfig.from_file(REPO / "configs" / "bench_cnn.yaml")
@@ -287,9 +288,11 @@ def bench_committees() -> dict:
     for e in tree["extractors"]:
         if e["name"] == "vits16":
             e.update(spec="timm:vit_base_patch16_224", name="vitb16")
-    return {"bench": bench, "vitb16": RouterConfig.from_dict(tree, where="gpu_check ViT-B/16 committee")}
+    return {"bench": bench, "vitb16": RouterConfig.from_dict(tree, where="gpu_check ViT-B/16 committee"),
+            "pyramid": RouterConfig.from_file(REPO / "configs" / "bench_vit.yaml")}
 
 
+BENCH_EXTRACTORS = {"bench": ["mnv2", "effl0", "vits16"], "vitb16": ["vitb16"], "pyramid": ["vit_a", "vit_b", "vit_c"]}
 SETTINGS = {  # name -> (channels_last, sdpa, compile); bf16 autocast throughout
     "eager": (False, True, False),
     "channels_last": (True, True, False),
@@ -403,13 +406,17 @@ def bench_child(args, out_path: Path) -> None:
         return row
 
     # Priority order: the eager figures (and MFU) of every extractor and routed model first, then the cheap
-    # option flips, then the training step, then torch.compile (tens of seconds of compilation each).
-    names = {"bench": ["mnv2", "effl0", "vits16"], "vitb16": ["vitb16"]}
+    # option flips, then the training step, then torch.compile (tens of seconds of compilation each): first the
+    # multi-level committee's (its singles, routed forward and training step: issue 28's routed / sum of singles).
+    names = BENCH_EXTRACTORS
+    result["committee_extractors"] = {c: [e.name for e in committees[c].extractors] for c in names}
     for committee, exts in names.items():
         for n in exts:
             measure(committee, f"extractor:{n}", "eager", 5)
         measure(committee, "routed", "eager", 10)
     for committee, exts in names.items():
+        if committee == "pyramid":  # its ViT-S/16 is the bench committee's: the option flips are measured there
+            continue
         for n in exts:
             measure(committee, f"extractor:{n}", "channels_last", 5)
             if set_sdpa(model_of(committee).extractors[n], True):  # attention modules only
@@ -418,6 +425,11 @@ def bench_child(args, out_path: Path) -> None:
     for committee in names:
         measure(committee, "routed_train_step", "eager", 15)
     need = 60 if mode["compile_backend"] == "inductor" else 5
+    for n in names["pyramid"]:
+        measure("pyramid", f"extractor:{n}", "compile", need)
+    if mode["compile_backend"] == "inductor":  # tracing the whole router takes minutes on a small CPU
+        measure("pyramid", "routed", "compile", 90)
+        measure("pyramid", "routed_train_step", "compile", 90)
     for committee, n in (("vitb16", "vitb16"), ("bench", "vits16"), ("bench", "mnv2"), ("bench", "effl0")):
         measure(committee, f"extractor:{n}", "compile", need)
     if mode["compile_backend"] == "inductor":  # tracing the whole router takes minutes on a small CPU
@@ -442,6 +454,14 @@ def summarize(result: dict) -> None:
             slot.update({k: r[k] for k in ("images_per_s", "peak_mem_mib", "mfu", "tflops_per_s")})
         best = max(slot["by_setting"], key=lambda k: slot["by_setting"][k]["images_per_s"])
         slot["best"] = {"setting": best, **slot["by_setting"][best]}
+    # Routed / sum of the single extractors by time, per setting where the routed forward and every extractor of the
+    # committee were measured (an extractor two committees share is measured once, on the same input).
+    for committee, names in result.get("committee_extractors", {}).items():
+        routed = result["committees"].get(committee, {}).get("routed", {}).get("by_setting", {})
+        singles = [result["extractors"].get(n, {}).get("by_setting", {}) for n in names]
+        result["committees"].setdefault(committee, {})["routed_over_singles"] = {
+            s: r["median_s"] / sum(e[s]["median_s"] for e in singles)
+            for s, r in routed.items() if all(s in e for e in singles)}
 
 
 # ---- part 5: host-device sync audit (child process) -------------------------------------------------------
@@ -520,7 +540,7 @@ def part_bench(ctx, timeout):
     result = torch_child(ctx, "bench", timeout)
     errors = [r for r in result.get("rows", []) if "error" in r]
     eager = {n for n, e in result.get("extractors", {}).items() if "mfu" in e}
-    result["pass"] = eager == {"mnv2", "effl0", "vits16", "vitb16"} and not errors
+    result["pass"] = eager == {n for names in BENCH_EXTRACTORS.values() for n in names} and not errors
     return result
 
 
@@ -740,7 +760,9 @@ def detail(name: str, part: dict) -> str:
         return (f"possible syncs at repository lines in a routed train step: {part['train_step_repo_count']}; "
                 f"syncs the CUDA runtime reported: {cuda}")
     if name == "bench":
-        return f"{len(part.get('rows', []))} measurements, {len(part.get('skipped', []))} skipped"
+        ratios = "; ".join(f"{c} routed / singles " + ", ".join(f"{s} {v:.3f}" for s, v in slot["routed_over_singles"].items())
+                           for c, slot in part.get("committees", {}).items() if slot.get("routed_over_singles"))
+        return f"{len(part.get('rows', []))} measurements, {len(part.get('skipped', []))} skipped" + (f"; {ratios}" if ratios else "")
     return ""
 
 
