@@ -38,28 +38,22 @@ GRANULARITIES = ("task", "image", "token")
 TASK_TYPES = ("seg", "cls")
 CLS_TAPS = ("level", "all")
 DEFAULT_LEVELS = (4, 8, 16, 32)
-# Options taken out of the config: dotted key -> (the last format that read it, the value today's model behaves as,
-# why). A file of that format or older that sets the key to that value (or to any value where it changes nothing,
-# e.g. the decoder's output of a one-level model) loads, the key dropped; any other value is refused naming the key,
-# since the weights would not fit or the outputs would change. A newer file may not name the key at all.
-OLDER = "a model trained with another value loads in backbone-router before format {} only; to train anew"
+# Options taken out of the config: dotted key -> (the last format that read it, what the model does now). A file of
+# that format or older that names the key loads if its value changes nothing in the model it describes (the value
+# the model has now, or e.g. the decoder output of a one-level model, which has no decoder), the key dropped; any
+# other value is refused naming the key, since the weights would not fit or the outputs would change
+# (:func:`_changes_nothing`). A newer file may not name the key at all.
 REMOVED = {
-    "head.coarse_logits": (4, False, "it lost its measurements (CHANGELOG.md, multi-level round 5); "
-                                     f"{OLDER.format(5)}, delete the key"),
-    "head.decoder_output": (5, "fuse", "the segmentation head reads the decoder's fuse of all levels (`finest` lost "
-                                       f"its measurements, docs/levels.md); {OLDER.format(6)}, delete the key"),
-    "head.refine_width": (5, 8, f"the refiner is 8 channels wide; {OLDER.format(6)}, delete the key"),
-    "head.cls_stride": (5, None, "classification reads the level nearest stride 16 (format 3 and older read the "
-                                 f"coarsest); {OLDER.format(6)}, delete the key"),
-    "gate.top_k_levels": (5, "shared", "with gate.top_k the same k extractors are kept at every level (`each` was "
-                                       f"never used by a shipped config); {OLDER.format(6)}, delete the key"),
-    "gate.entropy_weight": (5, 0.0, f"the gate-entropy loss was never used by a shipped config; {OLDER.format(6)}, "
-                                    "delete the key (gate.load_balance_weight remains)"),
+    "head.coarse_logits": (4, "no stride-16 head plus pyramid correction (it lost its measurements, CHANGELOG.md)"),
+    "head.decoder_output": (5, "the head reads the decoder's fuse of all levels (`finest` lost on CamVid)"),
+    "head.refine_width": (5, "the refiner is 8 channels wide"),
+    "head.cls_stride": (5, "classification reads the level nearest stride 16"),
+    "gate.top_k_levels": (5, "top-k keeps the same k extractors at every level"),
+    "gate.entropy_weight": (5, "no gate-entropy loss (gate.load_balance_weight remains)"),
 }
-# Values taken out of a key that remains: dotted key -> (the last format that read it, the value, why).
+# Values taken out of a key that remains: dotted key -> (the last format that read it, the value, what instead).
 REMOVED_VALUES = {
-    "head.cls_taps": (4, "shared", "it lost its measurements (CHANGELOG.md, multi-level round 7); "
-                                   f"{OLDER.format(5)}, use \"all\" (the default) or \"level\""),
+    "head.cls_taps": (4, "shared", "it lost its measurements (CHANGELOG.md); use \"all\" (the default) or \"level\""),
 }
 
 
@@ -292,11 +286,13 @@ class RouterConfig:
         (its head read the finest level) or a format-3 one that classifies (at its coarsest level) is refused.
         """
         version = data.get("format_version", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
-        sections = {s: data.get(s, {}) for s in ("head", "gate")} if isinstance(data, dict) else {}
-        if (not all(isinstance(d, dict) for d in sections.values()) or not isinstance(version, int)
-                or isinstance(version, bool) or version > FORMAT_VERSION or not sections):
+        if (not isinstance(data, dict) or not isinstance(version, int) or isinstance(version, bool)
+                or version > FORMAT_VERSION):
             return decode_dataclass(cls, data, where)  # the decoder (or the format check) names what is wrong
-        data, head, gate = dict(data), dict(sections["head"]), dict(sections["gate"])
+        data = dict(data)
+        # The sections as copies; one that is not a mapping stays for the decoder to name.
+        head = dict(data["head"]) if isinstance(data.get("head"), dict) else {}
+        gate = dict(data["gate"]) if isinstance(data.get("gate"), dict) else {}
         if version >= 5 and "stride" in data:
             one = data["stride"] if isinstance(data["stride"], int) else 16
             raise ValueError(f"{where}: stride: removed in format 5 (format 4 was the last to read it): one grid is "
@@ -313,10 +309,22 @@ class RouterConfig:
                 head.setdefault("decoder_output", "finest")
             if version < 4:
                 strides = data["levels"]
-                head.setdefault("cls_stride", max(strides) if _stride_list(strides) else None)
+                if isinstance(strides, list) and strides and all(isinstance(v, int) for v in strides):
+                    head.setdefault("cls_stride", max(strides))
             head = {"cls_taps": "level", "aux_weight": 0.0, **head}  # format 4's defaults
-        _drop_removed({"head": head, "gate": gate}, data.get("levels"), where, version)
-        return decode_dataclass(cls, {**data, "head": head, "gate": gate, "format_version": FORMAT_VERSION}, where)
+        removed = _pop_removed({"head": head, "gate": gate}, where, version)
+        for name, section in (("head", head), ("gate", gate)):
+            if name in data and not isinstance(data[name], dict):
+                continue
+            if section or name in data:
+                data[name] = section
+        config = decode_dataclass(cls, {**data, "format_version": FORMAT_VERSION}, where)
+        for key, value in removed.items():
+            if not _changes_nothing(config, key, value):
+                last, now = REMOVED[key]
+                raise ValueError(f"{where}: {key}: {value!r} is no longer supported ({now}); a model that used it loads "
+                                 f"in backbone-router before format {last + 1} only")
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -348,33 +356,51 @@ class RouterConfig:
         raise KeyError(f"no task named {name!r}; tasks are {[t.name for t in self.tasks]}")
 
 
-def _stride_list(levels: Any) -> bool:
-    return isinstance(levels, list) and bool(levels) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in levels)
-
-
-def _drop_removed(sections: dict[str, dict[str, Any]], levels: Any, where: str, version: int) -> None:
-    """Drop from `sections` (a model dict's head and gate, in place) the keys of :data:`REMOVED` whose value changes
-    nothing in today's model; any other, or any in a dict newer than the last format that read the key, and a value
-    of :data:`REMOVED_VALUES`, is an error naming the key, the last format that read it and what to do instead."""
-    head = sections["head"]
-    for key, (last, now, why) in REMOVED.items():
+def _pop_removed(sections: dict[str, dict[str, Any]], where: str, version: int) -> dict[str, Any]:
+    """Take the keys of :data:`REMOVED` out of `sections` (a model dict's head and gate, in place) and return them;
+    such a key in a dict newer than the last format that read it, or a value of :data:`REMOVED_VALUES`, is an error
+    naming the key."""
+    found = {}
+    for key, (last, _) in REMOVED.items():
         section, name = key.split(".", 1)
-        if name not in sections[section]:
-            continue
-        value = sections[section].pop(name)
-        no_change = value == now or (
-            key == "head.decoder_output" and _stride_list(levels) and len(levels) == 1  # one level: no decoder
-            or key == "head.refine_width" and not head.get("refine")
-            or key == "head.cls_stride" and _stride_list(levels) and value == levels[nearest_level(levels, 16)])
-        if version > last or not no_change:
-            raise ValueError(f"{where}: {key}: {value!r} was removed in format {last + 1} (format {last} was the last "
-                             f"to read it): {why}")
-    for key, (last, value, why) in REMOVED_VALUES.items():
+        if name in sections[section]:
+            found[key] = sections[section].pop(name)
+            if version > last:
+                raise ValueError(f"{where}: {key}: removed in format {last + 1} (format {last} was the last to read it); "
+                                 "delete the key")
+    for key, (last, value, instead) in REMOVED_VALUES.items():
         section, name = key.split(".", 1)
         if sections[section].get(name) == value:
             raise ValueError(f"{where}: {key}: {value!r} was removed in format {last + 1} (format {last} was the last "
-                             f"to read it): {why}")
+                             f"to read it): {instead}")
+    return found
+
+
+def _changes_nothing(c: RouterConfig, key: str, value: Any) -> bool:
+    """Whether an older file's value of a removed option builds the same model (same parameters, same outputs) as
+    today's code does for the config `c` it describes."""
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    gated = c.fusion == "gated"
+    if key == "head.coarse_logits":
+        return value is False
+    if key == "head.decoder_output":  # one level: no decoder
+        return value == "fuse" or (value == "finest" and len(c.strides) == 1)
+    if key == "head.refine_width":
+        return integer and (value == 8 or (value >= 1 and not c.head.refine))
+    if key == "head.cls_stride":  # without a classification task or its own aligners, only the unused cls head reads it
+        if value is None:
+            return True
+        if not integer or value not in c.strides:
+            return False
+        i = c.strides.index(value)
+        classifies = any(t.type == "cls" for t in c.tasks)
+        return i == c.cls_level or (not classifies and not c.cls_reads_all_taps and c.widths[i] == c.widths[c.cls_level])
+    if key == "gate.top_k_levels":
+        return value == "shared" or (value == "each" and (not gated or c.gate.top_k is None or len(c.strides) == 1
+                                                           or c.gate.top_k >= len(c.extractors)))
+    if key == "gate.entropy_weight":
+        return (integer or isinstance(value, float)) and math.isfinite(value) and value >= 0 and (value == 0 or not gated)
+    raise KeyError(key)
 
 
 def nearest_level(strides: list[int], stride: int) -> int:

@@ -163,20 +163,28 @@ def test_format_5_files_load_with_the_removed_keys_at_the_values_the_model_has()
     assert RouterConfig.from_dict(_format_5(new)) == new
     assert RouterConfig.from_dict(_format_5(new, head={"cls_stride": 16})) == new  # the level nearest 16 anyway
     assert RouterConfig.from_dict(_format_5(new, head={"refine_width": 4})) == new  # no refiner: nothing changes
+    assert RouterConfig.from_dict(_format_5(new, gate={"top_k_levels": "each"})) == new  # no top-k: nothing changes
     one = make_config(levels=[16])
     assert RouterConfig.from_dict(_format_5(one, head={"decoder_output": "finest"})) == one  # one level: no decoder
-    refused = [({"head": {"cls_stride": 32}}, r"head.cls_stride: 32 was removed in format 6 \(format 5 was the last"),
-               ({"head": {"decoder_output": "finest"}}, r"head.decoder_output: 'finest' was removed in format 6"),
-               ({"head": {"refine": [2], "refine_width": 4}}, r"head.refine_width: 4 was removed in format 6"),
-               ({"gate": {"top_k_levels": "each"}}, r"gate.top_k_levels: 'each' was removed in format 6"),
-               ({"gate": {"entropy_weight": 0.1}}, r"gate.entropy_weight: 0.1 was removed in format 6")]
+    no_levels = {k: v for k, v in _format_5(new, head={"cls_stride": 16}).items() if k != "levels"}  # the default
+    assert RouterConfig.from_dict(no_levels) == new
+    concat = make_config(fusion="concat")
+    assert RouterConfig.from_dict(_format_5(concat, gate={"entropy_weight": 0.1})) == concat  # no gate
+    refused = [({"head": {"cls_stride": 32}}, r"head.cls_stride: 32"),
+               ({"head": {"cls_stride": 16.0}}, r"head.cls_stride: 16.0"),
+               ({"head": {"decoder_output": "finest"}}, r"head.decoder_output: 'finest'"),
+               ({"head": {"refine": [2], "refine_width": 4}}, r"head.refine_width: 4"),
+               ({"gate": {"top_k": 1, "top_k_levels": "each"}}, r"gate.top_k_levels: 'each'"),
+               ({"gate": {"entropy_weight": 0.1}}, r"gate.entropy_weight: 0.1")]
     for change, message in refused:
-        with pytest.raises(ValueError, match=rf"^model: {message}"):
+        with pytest.raises(ValueError, match=rf"^model: {message} is no longer supported \(.*\); a model that used it "
+                                             r"loads in backbone-router before format 6 only$"):
             RouterConfig.from_dict(_format_5(new, **change))
     current = new.to_dict()
     for section, keys in FORMAT_5_KEYS.items():
         for key, value in keys.items():
-            with pytest.raises(ValueError, match=rf"^model: {section}.{key}: .* was removed in format 6 \(format 5"):
+            with pytest.raises(ValueError, match=rf"^model: {section}.{key}: removed in format 6 \(format 5 was the last "
+                                                 r"to read it\); delete the key$"):
                 RouterConfig.from_dict({**current, section: {**current[section], key: value}})
 
 
@@ -306,8 +314,14 @@ def test_removed_options_are_errors_naming_the_key_and_the_last_format(version, 
     a saved model's config.json) that sets them is refused naming the key and format 4, the last to read it."""
     data = {**make_config().to_dict(), "format_version": version}
     data["head"] = {**data["head"], **head}
-    with pytest.raises(ValueError, match=rf"model: {key}: .* was removed in format 5 \(format 4 was the last to read it\)"
-                                         r": it lost its measurements"):
+    if key == "head.cls_taps":
+        message = r"'shared' was removed in format 5 \(format 4 was the last to read it\): it lost its measurements"
+    elif version == 4:  # a format that read the key, set to a value the model no longer has
+        message = r"True is no longer supported \(.*lost its measurements.*\); a model that used it loads in " \
+                  r"backbone-router before format 5 only$"
+    else:
+        message = r"removed in format 5 \(format 4 was the last to read it\); delete the key$"
+    with pytest.raises(ValueError, match=rf"^model: {key}: {message}"):
         RouterConfig.from_dict(data)
 
 
@@ -511,16 +525,26 @@ def test_fuse_decoder_output_reads_every_level_at_the_stride_16_width(size):
 
 def test_format_2_and_3_pyramids_are_refused_one_level_models_load():
     """A format-2 pyramid's head read the finest level and a format-3 pyramid classified at its coarsest: options
-    removed in format 6, so such a config.json is one error naming the key; a one-level model of either format,
-    which neither option changed, loads."""
+    removed in format 6, so such a config.json is one error naming the key; a one-level model of either format, and a
+    format-3 pyramid without a classification task, which the options did not change, load; an invalid `levels` is
+    named as such."""
     old = make_config().to_dict()
-    with pytest.raises(ValueError, match=r"^model: head.decoder_output: 'finest' was removed in format 6"):
+    with pytest.raises(ValueError, match=r"^model: head.decoder_output: 'finest' is no longer supported"):
         RouterConfig.from_dict({**old, "format_version": 2})
-    with pytest.raises(ValueError, match=r"^model: head.cls_stride: 32 was removed in format 6"):
+    with pytest.raises(ValueError, match=r"^model: head.cls_stride: 32 is no longer supported"):
         RouterConfig.from_dict({**old, "format_version": 3})
     one = make_config(levels=[16])
     for version in (2, 3):
         assert RouterConfig.from_dict({**one.to_dict(), "format_version": version}) == one
+    # A format-3 pyramid that only segments (no head.cls_taps / aux_weight: format 4's "level" and 0): the
+    # classification level changed nothing it uses.
+    head = {k: v for k, v in old["head"].items() if k not in ("cls_taps", "aux_weight")}
+    seg_only = {**old, "tasks": old["tasks"][:1], "head": head, "format_version": 3}
+    assert RouterConfig.from_dict(seg_only).strides == [4, 8, 16, 32]
+    with pytest.raises(ValueError, match=r"^model: head.cls_stride: 32 is no longer supported"):  # its aux head read it
+        RouterConfig.from_dict({**seg_only, "head": {**head, "cls_taps": "all", "aux_weight": 0.4}})
+    with pytest.raises(TypeError, match=r"^model.levels\[1\]: expected int, got str '32'"):  # not the removed key
+        RouterConfig.from_dict({**old, "levels": [16, "32"], "format_version": 2})
 
 
 def test_bad_levels_are_errors_naming_the_key():

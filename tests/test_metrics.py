@@ -24,7 +24,7 @@ def test_the_histogram_sweep_counts_what_comparing_every_pixel_with_every_thresh
     expected = {k: [0] * len(THRESHOLDS) for k in ("tp", "fp", "fn", "tn")}
     for _ in range(3):
         prob = torch.rand(2, 37, 41, generator=g)
-        on = torch.tensor([0.0, 1.0, *THRESHOLDS], dtype=torch.float32)
+        on = torch.tensor([0.0, 1.0, float("nan"), *THRESHOLDS], dtype=torch.float32)
         prob.view(-1)[: on.numel() * 20] = on.repeat(20)
         target = torch.randint(0, 2, (2, 37, 41), generator=g)
         if ignore_index is not None:
@@ -34,3 +34,9 @@ def test_the_histogram_sweep_counts_what_comparing_every_pixel_with_every_thresh
             expected[k] = [a + b for a, b in zip(expected[k], v)]
     assert {k: getattr(sweep, k).tolist() for k in expected} == expected
     assert sum(expected["tp"][:1] + expected["fn"][:1]) > 0 and expected["tp"][0] > expected["tp"][-1]
+
+
+@pytest.mark.parametrize("thresholds", [(0.6, 0.3), (0.3, 0.3), (), (0.5, float("nan"))])
+def test_thresholds_out_of_order_are_an_error(thresholds):
+    with pytest.raises(ValueError, match=r"^ThresholdSweep.thresholds: expected finite values in increasing order"):
+        ThresholdSweep(thresholds)

@@ -45,7 +45,9 @@ CONFIG_FAMILIES = (
      "model. A `config.json` of an older format (`format_version` 4 or less) is read with that format's defaults "
      "(no `levels`: one grid at `stride`, `head.cls_taps: level`, `head.aux_weight: 0`). Removed in format 5: `stride` "
      "(write `levels: [16]`), `head.coarse_logits` and `head.cls_taps: shared` (they lost their measurements: "
-     "[CHANGELOG.md](../CHANGELOG.md))."),
+     "[CHANGELOG.md](../CHANGELOG.md)). Removed in format 6 (no shipped config or recipe set them): "
+     "`head.decoder_output`, `head.refine_width`, `head.cls_stride`, `gate.top_k_levels`, `gate.entropy_weight`; an "
+     "older `config.json` naming them loads where their value changes nothing in its model ([model.md](model.md))."),
     ("Experiment config: `data`", "data", DataConfig,
      "Which dataset folder (layout: [data.md](data.md)) serves each task, augmentation and evaluation size."),
     ("Experiment config: `train`", "train", TrainConfig,

@@ -222,11 +222,14 @@ class CachedFeatures:
     def held(self, store: torch.dtype, batch: int) -> HeldFeatures:
         """Every item read once and held in memory in `store` dtype (the cache's own dtype keeps the values exact):
         for the val sets, which every evaluation and ablation of every variant reads again."""
-        parts = [self.gather(torch.arange(lo, min(lo + batch, len(self.ids))), "cpu")
-                 for lo in range(0, len(self.ids), batch)]
-        return HeldFeatures({n: {"dense": [torch.cat([p[n]["dense"][i] for p in parts]).to(store)
+        parts = []
+        for lo in range(0, len(self.ids), batch):  # cast per batch: never the whole set in float32
+            got = self.gather(torch.arange(lo, min(lo + batch, len(self.ids))), "cpu")
+            parts.append({n: {"dense": [d.to(store) for d in f["dense"]], "pooled": f["pooled"].to(store)}
+                          for n, f in got.items()})
+        return HeldFeatures({n: {"dense": [torch.cat([p[n]["dense"][i] for p in parts])
                                            for i in range(len(parts[0][n]["dense"]))],
-                                 "pooled": torch.cat([p[n]["pooled"] for p in parts]).to(store)}
+                                 "pooled": torch.cat([p[n]["pooled"] for p in parts])}
                              for n in self.extractors})
 
 

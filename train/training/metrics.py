@@ -59,6 +59,8 @@ class ThresholdSweep(Metric):
 
     def __init__(self, thresholds: tuple[float, ...] = THRESHOLDS, ignore_index: int | None = None, **kwargs):
         super().__init__(**kwargs)
+        if not thresholds or any(not math.isfinite(b) or b <= a for a, b in zip((-math.inf, *thresholds), thresholds)):
+            raise ValueError(f"ThresholdSweep.thresholds: expected finite values in increasing order, got {thresholds}")
         self.ignore_index = ignore_index
         self.register_buffer("thresholds", torch.tensor(thresholds, dtype=torch.float32), persistent=False)
         for name in ("tp", "fp", "fn", "tn"):
@@ -71,6 +73,7 @@ class ThresholdSweep(Metric):
         p, t = prob[valid].float(), target[valid] == 1
         k = len(self.thresholds)
         bins = torch.bucketize(p, self.thresholds.to(p.device), right=True)  # thresholds <= p: 0..T
+        bins[p.isnan()] = 0  # NaN >= threshold is False: background at every threshold
         pos = torch.bincount(bins[t], minlength=k + 1)
         neg = torch.bincount(bins[~t], minlength=k + 1)
         # predicted foreground at threshold j <=> bin > j: the pixels of bins j+1..T
