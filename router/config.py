@@ -281,9 +281,10 @@ class RouterConfig:
         Older formats are upgraded here, each to the same model, parameter for parameter: a format-1 dict (one grid,
         written before levels existed) reads as ``levels: [stride]`` with no detail stem, and a format-4 dict reads a
         missing key with format 4's defaults (no `levels`: ``[stride]``, ``head.cls_taps: level``,
-        ``head.aux_weight: 0``). A removed option (:data:`REMOVED`) is dropped where its value is the one today's
-        model behaves as, and otherwise an error naming it and the last format that read it: so a format-2 pyramid
-        (its head read the finest level) or a format-3 one that classifies (at its coarsest level) is refused.
+        ``head.aux_weight: 0``). A removed option (:data:`REMOVED`) is dropped where its value changes nothing in the
+        model the dict describes (:func:`_changes_nothing`, on the decoded config), and otherwise an error naming it
+        and the last format that read it: so a format-2 pyramid (its head read the finest level) or a format-3 one
+        that classifies (at its coarsest level) is refused.
         """
         version = data.get("format_version", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
         if (not isinstance(data, dict) or not isinstance(version, int) or isinstance(version, bool)
