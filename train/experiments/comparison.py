@@ -204,7 +204,8 @@ class CachedFeatures:
     The cache's safetensors shards are memory-mapped, so the processes of a run share one copy in the page
     cache instead of each holding its own (with stride-4 taps that is ~6 GB per process). The values are the
     stored ones, exactly what :class:`HeldFeatures` would hold. The val sets, read again by every evaluation and
-    ablation, are held in memory instead (:meth:`held`; 0.68 GiB per process for compare_levels.yaml's val images).
+    ablation, are held in memory instead (:meth:`held`; for compare_levels.yaml's val images 0.68 GiB per process in float16, computed
+    from the extractors' output shapes, not measured).
     """
 
     def __init__(self, cache: FeatureCache, extractors: dict[str, Extractor], ids: list[str], view: int, transform: str):
