@@ -18,6 +18,7 @@ from backbone_router.extractors import Extractor, ExtractorOutput, check_images,
 from backbone_router.extractors.io.images import DEFAULT_MAX_PIXELS, fit_pixel_budget, to_image_list
 from backbone_router.extractors.text import TextEncoder, create_text_encoder
 from backbone_router.heads import ClsHead, Refiner, SegHead, TopDownDecoder
+from backbone_router.heads.losses import class_argmax
 
 from .align import Aligner, grid_size, resample
 from .config import ExtractorConfig, RouterConfig, TaskConfig, nearest_level
@@ -431,7 +432,7 @@ class Router(RouterHubMixin, nn.Module):
                     one = logits[row: row + 1]
                     if one.shape[-2:] != originals[i].shape[-2:]:
                         one = F.interpolate(one, size=originals[i].shape[-2:], mode="bilinear", align_corners=False)
-                    pred: SegPrediction = {"mask": one[0].argmax(0).cpu(), "classes": names}
+                    pred: SegPrediction = {"mask": class_argmax(one[0], 0).cpu(), "classes": names}
                     if return_probs:
                         pred["probs"] = one[0].softmax(0).cpu()
                     preds[i] = pred

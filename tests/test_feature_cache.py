@@ -165,7 +165,8 @@ def test_keys_differ_per_tap_set(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_held_val_features_equal_the_cached_ones_read_per_batch(tmp_path, dtype):
-    """The comparison holds its val features in memory (read once); every batch gives the values the cache would."""
+    """The comparison holds its val features in memory (read once, widened to float32); every batch, by index or by
+    slice as evaluation reads them, gives the values the cache would."""
     from backbone_router.train.experiments.comparison import CachedFeatures
 
     ext = tiny(layers=[0, 1])
@@ -174,9 +175,9 @@ def test_held_val_features_equal_the_cached_ones_read_per_batch(tmp_path, dtype)
     cache = FeatureCache(tmp_path, dtype=dtype)
     cache.get_or_compute(ext, ids, images, view=0, transform="eval")
     cached = CachedFeatures(cache, {"vit": ext}, ids, 0, "eval")
-    held = cached.held(dtype, batch=3)
-    for idx in (torch.tensor([0, 1, 2]), torch.tensor([6, 3]), torch.arange(7)):
+    held = cached.held(torch.float32, batch=3)
+    for idx in (torch.tensor([0, 1, 2]), torch.tensor([6, 3]), torch.arange(7), slice(2, 5), slice(4, 10)):
         a, b = cached.gather(idx, "cpu")["vit"], held.gather(idx, "cpu")["vit"]
         assert all(torch.equal(x, y) and y.dtype == torch.float32 for x, y in zip(a["dense"], b["dense"]))
         assert torch.equal(a["pooled"], b["pooled"])
-    assert held.feats["vit"]["pooled"].dtype == dtype
+    assert held.feats["vit"]["pooled"].dtype == torch.float32

@@ -1,5 +1,7 @@
 """heads.losses computes its softmaxes over the classes along dim 1 of the B x K x P view (issue 28: ~10x faster on
-the CPU than over a short last dim): the losses and their gradients equal those of the last-dim softmax they used."""
+the CPU than over a short last dim): the losses and their gradients equal those of the last-dim softmax they used.
+The class decision (``class_argmax``, evaluation and ``predict``) is ``max(dim).indices``: equal to argmax, ties and
+NaN included."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import backbone_router.heads.losses as losses
-from backbone_router.heads.losses import build_loss, class_softmax
+from backbone_router.heads.losses import build_loss, class_argmax, class_softmax
 
 SPECS = [
     "ce",
@@ -46,3 +48,14 @@ def test_class_softmax_of_a_strided_view():
     flat = x.flatten(2).transpose(1, 2)  # B x P x K, as the losses see it
     torch.testing.assert_close(class_softmax(flat), F.softmax(flat, dim=-1), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(class_softmax(flat, log=True), F.log_softmax(flat, dim=-1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 11])
+def test_class_argmax_equals_argmax_with_ties_and_nan(classes):
+    torch.manual_seed(classes)
+    x = torch.randint(0, 3, (4, classes, 9, 7)).float()  # small integers: many ties, where the first index counts
+    x[0, classes - 1, 2, 3] = float("nan")  # NaN counts as the largest
+    x[1, :, 0, 0] = float("nan")
+    for logits in (x, x.transpose(2, 3), torch.randn(3, classes, 5, 4)):
+        assert torch.equal(class_argmax(logits), logits.argmax(1))
+        assert torch.equal(class_argmax(logits[0], 0), logits[0].argmax(0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -46,7 +47,8 @@ def test_shared_weights_load_strictly_into_the_encoder(shared_weights):
     reference.load_state_dict(full, strict=True)
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(encoder(x)[-1], reference.eval().features(x), rtol=0, atol=0)
+        # the peers' U-Nets run in channels_last: the same values within float rounding
+        torch.testing.assert_close(encoder(x)[-1], reference.eval().features(x), rtol=1e-4, atol=1e-5)
 
 
 def test_wrong_layout_is_an_error_that_names_keys(tmp_path, stand_in):
@@ -129,3 +131,36 @@ def test_peer_variant_errors():
     cfg, cmp = load_compare_config(TINY, ["compare.variants=[peer_unet_frozen, gated_task]"])
     assert [(v.name, v.kind) for v in comparison.expand_variants(cmp, cfg.model)] == [("peer_unet_frozen", "peer"),
                                                                                   ("gated_task", "routed")]
+
+
+def test_channels_last_is_as_exact_as_the_contiguous_layout(stand_in):
+    """The peers run in channels_last for speed. Measured against the same U-Net in float64, its logits and gradients
+    (one training step's forward and backward) are as close as the contiguous float32 layout's: at most 3x its
+    error (BatchNorm over a batch of two on random weights amplifies rounding: both are ~2 % off on the worst gradient
+    tensor of the fine-tuned U-Net, and ~1e-5 of the logits' range)."""
+    images, target = torch.rand(2, 3, 64, 96), torch.randint(0, 2, (2, 64, 96))
+    for name in peers.PEER_VARIANTS:
+        peer = peers.build_peer(name, {"seg": 2}, stand_in)
+        unet = peer.unets["seg"]
+        assert unet.decoder.blocks[0].conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+        plain = copy.deepcopy(unet).to(memory_format=torch.contiguous_format)
+        exact = copy.deepcopy(plain).double()
+        x = (images - peer.mean) / peer.std
+        got = {}
+        for key, model, inputs in (("channels_last", unet, x.contiguous(memory_format=torch.channels_last)),
+                                   ("contiguous", plain, x), ("float64", exact, x.double())):
+            logits = model(inputs)
+            torch.nn.functional.cross_entropy(logits, target).backward()
+            got[key] = (logits.double(), {k: p.grad.double() for k, p in model.named_parameters() if p.grad is not None})
+        ref_logits, ref_grads = got.pop("float64")
+        total = sum(g.norm() ** 2 for g in ref_grads.values()).sqrt()
+        error = {}
+        for key, (logits, grads) in got.items():
+            assert grads.keys() == ref_grads.keys() and grads
+            error[key] = ((logits - ref_logits).abs().max().item(),
+                          max(((g - ref_grads[k]).norm() / (ref_grads[k].norm() + 1e-6 * total)).item()
+                              for k, g in grads.items()))
+        scale = ref_logits.abs().max().item()
+        assert error["channels_last"][0] <= 3 * error["contiguous"][0] + 1e-6 * scale, (name, error)
+        assert error["channels_last"][1] <= 3 * error["contiguous"][1] + 1e-6, (name, error)
+        assert peer(images, task="seg")["seg"].is_contiguous()

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from backbone_router.extractors.io.atomic import atomic_write_bytes
+from backbone_router.heads.losses import class_argmax
 from backbone_router.router import Router
 from backbone_router.train.experiments.compare_config import load_compare_config
 from backbone_router.train.experiments.resolution import ALL, GridCeiling, GroupIoU
@@ -77,7 +78,7 @@ def task_figures(ds: TaskDataset, strides: list[int], labels: dict[str, str] | N
             images = torch.stack([s["image"] for s in samples]).to(device)
         for name, model in models.items():
             with torch.no_grad():
-                pred = model(images, task=task.name)["seg"].argmax(1).cpu()
+                pred = class_argmax(model(images, task=task.name)["seg"]).cpu()
             scored[name].update(pred, masks, groups)
     out = {"task": task.name, "dataset": ds.td.source.dataset, "images": len(ds), "eval_size": ds.eval_size,
            "metric": "fg_iou" if task.num_classes == 2 else "mIoU", **ceiling.compute(), "models": {}}

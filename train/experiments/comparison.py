@@ -192,8 +192,9 @@ class HeldFeatures:
     def __init__(self, feats: dict[str, dict]):
         self.feats = feats
 
-    def gather(self, idx: torch.Tensor, device) -> dict[str, dict]:
-        """name -> {"dense": [B x D x h x w], "pooled": B x D} of the items `idx`, float32 on `device`."""
+    def gather(self, idx: torch.Tensor | slice, device) -> dict[str, dict]:
+        """name -> {"dense": [B x D x h x w], "pooled": B x D} of the items `idx`, float32 on `device` (a slice of
+        float32 features on `device`, as evaluation reads the val set, is a view: nothing is copied)."""
         return {n: {"dense": [d[idx].to(device).float() for d in f["dense"]], "pooled": f["pooled"][idx].to(device).float()}
                 for n, f in self.feats.items()}
 
@@ -204,16 +205,17 @@ class CachedFeatures:
     The cache's safetensors shards are memory-mapped, so the processes of a run share one copy in the page
     cache instead of each holding its own (with stride-4 taps that is ~6 GB per process). The values are the
     stored ones, exactly what :class:`HeldFeatures` would hold. The val sets, read again by every evaluation and
-    ablation, are held in memory instead (:meth:`held`; for compare_levels.yaml's val images 0.68 GiB per process in float16, computed
-    from the extractors' output shapes, not measured).
+    ablation, are held in memory instead (:meth:`held`), widened to float32 once so that an evaluation batch is a view
+    (for compare_levels.yaml's val images 1.36 GiB per process, computed from the extractors' output shapes, not
+    measured).
     """
 
     def __init__(self, cache: FeatureCache, extractors: dict[str, Extractor], ids: list[str], view: int, transform: str):
         self.cache, self.extractors, self.ids, self.view, self.transform = cache, extractors, ids, view, transform
 
-    def gather(self, idx: torch.Tensor, device) -> dict[str, dict]:
+    def gather(self, idx: torch.Tensor | slice, device) -> dict[str, dict]:
         """name -> {"dense": [B x D x h x w], "pooled": B x D} of the items `idx`, float32 on `device`."""
-        ids = [self.ids[i] for i in idx.tolist()]
+        ids = self.ids[idx] if isinstance(idx, slice) else [self.ids[i] for i in idx.tolist()]
         out = {}
         for n, ext in self.extractors.items():
             o = self.cache.get_or_compute(ext, ids, None, view=self.view, transform=self.transform)
@@ -221,11 +223,11 @@ class CachedFeatures:
         return out
 
     def held(self, store: torch.dtype, batch: int) -> HeldFeatures:
-        """Every item read once and held in memory in `store` dtype (the cache's own dtype keeps the values exact):
-        for the val sets, which every evaluation and ablation of every variant reads again."""
+        """Every item read once and held in memory in `store` dtype (the cache's own dtype or wider keeps the values
+        exact): for the val sets, which every evaluation and ablation of every variant reads again."""
         parts = []
         for lo in range(0, len(self.ids), batch):  # cast per batch: never the whole set in float32
-            got = self.gather(torch.arange(lo, min(lo + batch, len(self.ids))), "cpu")
+            got = self.gather(slice(lo, lo + batch), "cpu")
             parts.append({n: {"dense": [d.to(store) for d in f["dense"]], "pooled": f["pooled"].to(store)}
                           for n, f in got.items()})
         return HeldFeatures({n: {"dense": [torch.cat([p[n]["dense"][i] for p in parts])
@@ -364,7 +366,7 @@ class Comparison:
                         memo[key] = frozen_features({k: self.shared[k] for k in cached}, vs, cache,
                                                     self.cmp.feature_batch_size, store, self.device, bar)
                         if split == "val" and cache is not None:  # read by every evaluation and ablation: held
-                            memo[key] = [f.held(store, self.cmp.feature_batch_size) for f in memo[key]]
+                            memo[key] = [f.held(torch.float32, self.cmp.feature_batch_size) for f in memo[key]]
                     else:
                         bar.update(len(vs) * len(vs.images) * len(cached))
                     self.feats[n][split] = memo[key]
@@ -383,7 +385,7 @@ class Comparison:
         vs, live, device, batch = self.views[task]["val"], self.live[name], self.device, self.t.eval_batch_size
         extra = {} if keep is None else {"keep": keep}
         for lo in range(0, len(vs), batch):
-            idx = torch.arange(lo, min(lo + batch, len(vs)))
+            idx = slice(lo, lo + batch)
             images = vs.images[0][idx].to(device).float().div_(255)
             target = vs.targets[0][idx].to(device).long()
             own = {k: f for k, f in self.feats[task]["val"][0].gather(idx, device).items() if k not in live}

@@ -14,6 +14,10 @@ has no gate. Classification tasks are not served (the peer has no rows for them)
 channel are repeated to 3, normalized with the ImageNet mean/std, and padded to a multiple of 32 (zero after
 normalization, as the extractors pad); the logits are cropped back to the input size.
 
+The U-Nets run in channels_last (weights and activations; the logits come back contiguous): on the CPU a peer's
+training step at batch 16, 160 px, one thread takes 1.3 instead of 1.7-1.8 s (frozen) and 1.6 instead of 2.1-2.2 s
+(fine-tuned); outputs and gradients equal the contiguous layout's within float rounding (tests/test_peers.py).
+
 Needs the optional extra ``pip install -e ".[peers]"`` (segmentation-models-pytorch).
 
 >>> peer = build_peer("peer_unet_frozen", {"cracks": 2}, "../shared/weights/mobilenet_v2-b0353104.pth")
@@ -101,7 +105,7 @@ class UnetPeer(nn.Module):
             if state is not None:
                 load_encoder(unet.encoder, state, where=f"UnetPeer[{task}].encoder")
             unet.encoder.requires_grad_(train_encoder)
-            self.unets[task] = unet
+            self.unets[task] = unet.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.train()
@@ -139,8 +143,8 @@ class UnetPeer(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         h, w = x.shape[-2:]
-        x = F.pad(x, (0, (-w) % OUTPUT_STRIDE, 0, (-h) % OUTPUT_STRIDE))
-        logits = self.unets[task](x)[..., :h, :w]
+        x = F.pad(x, (0, (-w) % OUTPUT_STRIDE, 0, (-h) % OUTPUT_STRIDE)).contiguous(memory_format=torch.channels_last)
+        logits = self.unets[task](x)[..., :h, :w].contiguous()
         return {"seg": logits, "aux_loss": logits.new_zeros(())}
 
 

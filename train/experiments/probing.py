@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from backbone_router.heads.losses import class_argmax
 from backbone_router.router.config import TaskConfig
 from backbone_router.train.training.config import DataConfig, DataTaskConfig
 from backbone_router.train.training.data import TaskData, TaskDataset, load_task_data
@@ -126,7 +127,7 @@ def probe_seg(train_x, train_y, test_x, test_y, classes: int, ignore: int | None
     meter = task_metrics("seg", [str(c) for c in range(classes)], ignore)
     with torch.no_grad():
         for idx in torch.arange(len(test_x)).split(32):
-            pred = F.interpolate(head(test_x[idx]), size=size, mode="bilinear", align_corners=False).argmax(1)
+            pred = class_argmax(F.interpolate(head(test_x[idx]), size=size, mode="bilinear", align_corners=False))
             meter.update(pred, test_y[idx])
     return meter.compute()
 

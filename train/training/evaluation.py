@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from backbone_router.heads.losses import class_argmax
 from backbone_router.train.training.metrics import GateMeter, task_metrics
 
 
@@ -29,7 +30,7 @@ class TaskEval:
 def batch_part(out: dict[str, torch.Tensor], target: torch.Tensor, task_type: str, num_classes: int) -> dict:
     """What the meters need from one batch: predictions, targets, foreground probability, gates."""
     logits = out[task_type].float()
-    part = {"pred": logits.argmax(1), "target": target}
+    part = {"pred": class_argmax(logits), "target": target}
     if "gate" in out:  # a peer (train/experiments/peers.py) has none
         part["gate"] = out["gate"].float()
         if out.get("gate_levels") is not None:
