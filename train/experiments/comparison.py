@@ -446,6 +446,8 @@ class Comparison:
             else:
                 models[v.name] = build_router(v, self.shared, seed, self.priors).to(device)
         opts = {k: variant_optimizer(m, t) for k, m in models.items()}
+        # listed once: walking the modules for them at every step took ~2 % of the training time
+        trained = {k: [p for p in m.parameters() if p.requires_grad] for k, m in models.items()}
         for m in models.values():
             m.train()
         schedule = TaskSchedule([len(self.views[n]["train"]) for n in names], self.weights, t.batch_size, seed)
@@ -475,10 +477,10 @@ class Comparison:
                         raise RuntimeError(f"variant {name}, seed {seed}: non-finite loss at step {step} (task {n!r})")
                     loss.backward()
                     train_time[name] += time.perf_counter() - tick
-            for name, model in models.items():
+            for name in models:
                 tick = time.perf_counter()
                 if t.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], t.grad_clip)
+                    torch.nn.utils.clip_grad_norm_([p for p in trained[name] if p.grad is not None], t.grad_clip)
                 opts[name].step()
                 opts[name].zero_grad(set_to_none=True)
                 train_time[name] += time.perf_counter() - tick
