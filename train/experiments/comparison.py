@@ -226,7 +226,7 @@ class CachedFeatures:
         """Every item read once and held in memory in `store` dtype (the cache's own dtype or wider keeps the values
         exact): for the val sets, which every evaluation and ablation of every variant reads again."""
         parts = []
-        for lo in range(0, len(self.ids), batch):  # cast per batch: never the whole set in float32
+        for lo in range(0, len(self.ids), batch):  # cast per batch: a narrower store never holds the set in float32 too
             got = self.gather(slice(lo, lo + batch), "cpu")
             parts.append({n: {"dense": [d.to(store) for d in f["dense"]], "pooled": f["pooled"].to(store)}
                           for n, f in got.items()})
