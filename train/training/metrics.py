@@ -48,7 +48,8 @@ class ThresholdSweep(Metric):
     Counted from one histogram instead of a thresholds x pixels comparison: each pixel's bin is the number of
     thresholds at or below its probability (a uint8 count, one comparison per threshold; NaN is at none), so it is
     predicted foreground at exactly the thresholds below its bin; one ``bincount`` of (bin, foreground) codes and
-    reverse cumulative sums give tp / fp. (torch.bucketize and masked selects took 6x longer on the CPU.)
+    reverse cumulative sums give tp / fp. (torch.bucketize and masked selects: 49 instead of 6.5 ms for 32 x 160 x
+    160 pixels on one CPU thread.)
 
     >>> s = ThresholdSweep((0.3, 0.6))
     >>> s.update(torch.tensor([0.2, 0.3, 0.7, 0.6]), torch.tensor([0, 1, 1, 0]))
