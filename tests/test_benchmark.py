@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import script_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,7 @@ def test_json_has_the_goal_keys_and_hardware(summary):
         assert key in summary
     assert set(summary["goals"]) == {"routed_over_sum_of_singles", "top1_over_single", "cache_speedup"}
     assert summary["hardware"]["device"] == "cpu"
+    assert summary["hardware"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_ratios_are_computed_from_the_measured_medians(summary):

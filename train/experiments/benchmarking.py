@@ -71,7 +71,9 @@ OPTIONS = ("bf16", "channels_last", "sdpa", "compile")
 def hardware(device: torch.device) -> dict:
     info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(),
+            # the vector ISA torch's CPU kernels use (AVX2, AVX512): time ratios between models differ with it
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -934,9 +936,10 @@ def step_models(args, cfg, cmp) -> tuple[dict, str]:
 
 
 def print_step_table(summary: dict) -> None:
+    hw = summary["hardware"]
     for size in summary["sizes"]:
         print(f"training step, task {size['task']}, batch {size['batch']}, crop {size['resolution']} px, "
-              f"features {summary['features']}; {summary['hardware']['torch_threads']} thread(s)")
+              f"features {summary['features']}; {hw['cpu']} ({hw['cpu_capability']}), {hw['torch_threads']} thread(s)")
         head = f"{'model':<22} {'median s':>9} {'q1-q3 s':>13} {'img/s':>7} {'GFLOP fwd':>10} {'GFLOP step':>11} {'params':>10}"
         print(head)
         print("-" * len(head))
