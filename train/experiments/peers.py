@@ -16,8 +16,9 @@ normalization, as the extractors pad); the logits are cropped back to the input 
 
 The U-Nets run in channels_last (weights and activations; the logits come back contiguous): on the CPU a peer's
 training step at batch 16, 160 px, one thread (an Intel Xeon) takes 1.3 instead of 1.7-1.8 s (frozen) and 1.6 instead
-of 2.1-2.2 s (fine-tuned; on an AMD EPYC the gain inside the comparison was 5-7 %); the same function up to float rounding (channels_last's BatchNorm rounds a few times coarser;
-tests/test_peers.py), and the same results at the comparison's full budget (docs/performance.md).
+of 2.1-2.2 s (fine-tuned; on an AMD EPYC the gain inside the comparison was 5-7 %); the same function up to float
+rounding (channels_last's BatchNorm rounds a few times coarser; tests/test_peers.py), and the same results at the
+comparison's full budget (docs/performance.md).
 
 Needs the optional extra ``pip install -e ".[peers]"`` (segmentation-models-pytorch).
 
